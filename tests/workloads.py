@@ -1,0 +1,223 @@
+"""Real threaded CPython workloads that tests start as separate processes.
+
+Each workload is a small script run by a chosen interpreter. It prints "ready"
+once its threads run, then works until killed. Tests read the process from
+outside, exactly as the exporter does in production.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_PRELUDE = """
+import os, sys, threading, time
+N = int(os.environ.get("WORKLOAD_THREADS", "3"))
+if os.environ.get("WORKLOAD_SWITCH_INTERVAL"):
+    sys.setswitchinterval(float(os.environ["WORKLOAD_SWITCH_INTERVAL"]))
+def start(fn, n=N):
+    ts = [threading.Thread(target=fn, daemon=True) for _ in range(n)]
+    for t in ts:
+        t.start()
+    return ts
+def ready():
+    sys.stdout.write("ready\\n"); sys.stdout.flush()
+def forever():
+    while True:
+        time.sleep(3600)
+"""
+
+SCRIPTS = {
+    # N pure-Python CPU threads: serialized on the GIL.
+    "cpu": """
+def work():
+    x = 0
+    while True:
+        for i in range(10000):
+            x += i * i
+start(work); ready(); forever()
+""",
+    # json.dumps holds the GIL too.
+    "json": """
+import json
+doc = {"k%d" % i: [i, str(i), {"v": i * 1.5}] for i in range(200)}
+def work():
+    while True:
+        json.dumps(doc)
+start(work); ready(); forever()
+""",
+    # hashlib releases the GIL on buffers over 2 KiB.
+    "hashlib": """
+import hashlib
+buf = os.urandom(2 * 1024 * 1024)
+def work():
+    while True:
+        hashlib.sha256(buf).digest()
+start(work); ready(); forever()
+""",
+    "zlib": """
+import zlib
+buf = os.urandom(1024 * 1024)
+def work():
+    while True:
+        zlib.compress(buf, 1)
+start(work); ready(); forever()
+""",
+    "sleep": """
+def work():
+    while True:
+        time.sleep(0.005)
+start(work); ready(); forever()
+""",
+    # One CPU thread alone: GIL held, nobody waits.
+    "single": """
+def work():
+    x = 0
+    while True:
+        for i in range(10000):
+            x += i * i
+start(work, 1); ready(); forever()
+""",
+    # One CPU thread starving I/O-like threads that wake every 2 ms.
+    "starved": """
+def cpu():
+    x = 0
+    while True:
+        for i in range(10000):
+            x += i * i
+def io():
+    while True:
+        time.sleep(0.002)
+        sum(range(50))
+start(cpu, 1); start(io); ready(); forever()
+""",
+    # Threads that start and end all the time (counter monotonicity).
+    "churn": """
+def short():
+    x = 0
+    for i in range(20000):
+        x += i
+    time.sleep(0.01)
+def spawner():
+    while True:
+        ts = start(short, N)
+        for t in ts:
+            t.join()
+start(spawner, 1); ready(); forever()
+""",
+    # Idle: only the main thread, asleep.
+    "idle": """
+ready(); forever()
+""",
+}
+
+
+@dataclass
+class Workload:
+    name: str
+    proc: subprocess.Popen
+    python: str
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> "Workload":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_workload(name: str, python: str | None = None, threads: int = 3,
+                   switch_interval: float | None = None, argv_tag: str = "",
+                   user: str | None = None, timeout: float = 20.0) -> Workload:
+    """Start workload `name` under interpreter `python` and wait until it runs.
+
+    `argv_tag` is appended to argv so that configs can match this process by cmdline.
+    """
+    python = python or sys.executable
+    code = _PRELUDE + textwrap.dedent(SCRIPTS[name])
+    env = dict(os.environ, WORKLOAD_THREADS=str(threads))
+    env.pop("PYTHONPATH", None)
+    if switch_interval is not None:
+        env["WORKLOAD_SWITCH_INTERVAL"] = repr(switch_interval)
+    argv = [python, "-u", "-c", code, "gil-workload", name]
+    if argv_tag:
+        argv.append(argv_tag)
+    kwargs = {}
+    if user is not None:
+        kwargs["user"] = user
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=env, text=True, **kwargs)
+    deadline = time.monotonic() + timeout
+    line = proc.stdout.readline() if proc.stdout else ""
+    if line.strip() != "ready" or time.monotonic() > deadline:
+        proc.kill()
+        raise RuntimeError(f"workload {name} under {python} did not start: {line!r}")
+    return Workload(name, proc, python)
+
+
+def pyenv_pythons(min_version: tuple[int, int] = (3, 8)) -> dict[str, str]:
+    """Map "3.X" -> interpreter path for every CPython that pyenv has installed.
+
+    Falls back to the running interpreter when pyenv is absent.
+    """
+    found: dict[str, str] = {}
+    root = os.environ.get("PYENV_ROOT")
+    if not root and shutil.which("pyenv"):
+        root = subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip()
+    root = root or str(Path.home() / ".pyenv")
+    versions = Path(root) / "versions"
+    if versions.is_dir():
+        for d in sorted(versions.iterdir()):
+            parts = d.name.split(".")
+            if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+                continue
+            if (int(parts[0]), int(parts[1])) < min_version:
+                continue
+            exe = d / "bin" / "python"
+            if exe.exists():
+                found[f"{parts[0]}.{parts[1]}"] = str(exe)
+    if not found:
+        found[f"{sys.version_info[0]}.{sys.version_info[1]}"] = sys.executable
+    return dict(sorted(found.items(), key=lambda kv: tuple(int(p) for p in kv[0].split("."))))
+
+
+def task_ctx_switches(pid: int) -> tuple[int, int]:
+    """Ground truth for tests: voluntary/involuntary switches summed over /proc/PID/task/*/status."""
+    vol = invol = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        vol += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        invol += int(line.split()[1])
+        except FileNotFoundError:
+            continue
+    return vol, invol
+
+
+def kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
