@@ -1,0 +1,192 @@
+"""Command line: the daemon (`gil-exporter`) and `gil-exporter diagnose PID`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+
+from exporter import __version__
+
+DEFAULT_PORT = 10057
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+
+log = logging.getLogger("gil-exporter")
+
+
+class _LogfmtFormatter(logging.Formatter):
+    """node_exporter-style logfmt lines: ts=... level=... msg=..."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        msg = record.getMessage().replace('"', '\\"')
+        line = f'ts={ts} level={record.levelname.lower()} source={record.module} msg="{msg}"'
+        if record.exc_info and logging.getLogger().isEnabledFor(logging.DEBUG):
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    host = host.strip("[]")
+    return (host or "0.0.0.0", int(port))
+
+
+def _daemon_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gil-exporter",
+        description="Prometheus exporter for CPython GIL contention, read from outside the target processes. "
+                    "Subcommand: `gil-exporter diagnose PID` for a one-shot verdict.")
+    p.add_argument("--config", "--config.file", dest="config", metavar="FILE",
+                   help="YAML config of target processes (default: every CPython process)")
+    p.add_argument("--web.listen-address", dest="listen", type=_listen_address, default=DEFAULT_LISTEN,
+                   metavar="HOST:PORT", help=f"address to serve on (default {DEFAULT_LISTEN})")
+    p.add_argument("--web.telemetry-path", dest="metrics_path", default="/metrics", metavar="PATH",
+                   help="path of the metrics endpoint (default /metrics)")
+    p.add_argument("--log.level", dest="log_level", default="info",
+                   choices=["debug", "info", "warn", "warning", "error"], help="log level (default info)")
+    p.add_argument("--config.check", dest="check", action="store_true",
+                   help="validate the config file and exit (0 valid, 2 invalid)")
+    p.add_argument("--version", action="version", version=f"gil-exporter {__version__}")
+    return p
+
+
+def _diagnose_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gil-exporter diagnose",
+                                description="Measure one process for a while and say whether the GIL holds it back. "
+                                            "Exit 0: no contention, 1: contention, 2: error.")
+    p.add_argument("pid", type=int, help="process to examine")
+    p.add_argument("--seconds", type=float, default=5.0, help="how long to measure (default 5)")
+    p.add_argument("--rate-hz", type=float, default=100.0, help="GIL samples per second (default 100)")
+    p.add_argument("--json", action="store_true", help="print the figures and verdict as JSON")
+    p.add_argument("--log.level", dest="log_level", default="warning",
+                   choices=["debug", "info", "warn", "warning", "error"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "diagnose":
+        args = _diagnose_parser().parse_args(argv[1:])
+        _setup_logging(args.log_level)
+        from exporter.diagnose import run_diagnose
+        return run_diagnose(args.pid, args.seconds, args.rate_hz, args.json)
+    args = _daemon_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    return run_daemon(args)
+
+
+def _load(path: str | None):
+    from exporter.config import default_config, load_config
+    return default_config() if path is None else load_config(path)
+
+
+def run_daemon(args) -> int:
+    from prometheus_client import CollectorRegistry
+
+    from exporter.collector import GilCollector
+    from exporter.config import ConfigError
+    from exporter.http import ExporterServer
+    from exporter.monitor import Monitor
+
+    try:
+        config = _load(args.config)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config or 'default config'}: OK")
+        return 0
+
+    monitor = Monitor(config, pod_resolver=_pod_resolver())
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GilCollector(monitor))
+    try:
+        server = ExporterServer(args.listen, registry, monitor, args.metrics_path)
+    except OSError as e:
+        print(f"gil-exporter: cannot listen on {args.listen[0]}:{args.listen[1]}: {e.strerror or e}",
+              file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+    reload_requested = threading.Event()
+
+    def on_stop(signum, frame):
+        stop.set()
+
+    def on_hup(signum, frame):
+        reload_requested.set()
+        stop.set()  # wake the main loop; it clears this when it only reloads
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+
+    monitor.start()
+    server.start()
+    host, port = server.address
+    shown = f"[{host}]" if ":" in host else host
+    log.info("gil-exporter %s listening; landing page http://%s:%d/ metrics http://%s:%d%s; config: %s",
+             __version__, shown, port, shown, port, args.metrics_path, args.config or "every CPython process")
+    print(f"gil-exporter {__version__}: landing page http://{shown}:{port}/  metrics http://{shown}:{port}"
+          f"{args.metrics_path}", file=sys.stderr, flush=True)
+
+    while True:
+        stop.wait()
+        if reload_requested.is_set():
+            reload_requested.clear()
+            stop.clear()
+            try:
+                new = _load(args.config)
+            except ConfigError as e:
+                log.error("reload failed, keeping the running config: %s", e)
+                continue
+            monitor.reload(new)
+            log.info("config reloaded from %s", args.config or "defaults")
+            continue
+        break
+
+    log.info("shutting down")
+    server.stop()
+    monitor.stop()
+    return 0
+
+
+def _pod_resolver():
+    """Labels pods on Kubernetes; None elsewhere."""
+    try:
+        from exporter import kube
+    except ImportError:
+        return None
+    resolver = kube.PodResolver.from_environment()
+    if resolver is None:
+        return None
+
+    def labels(pid: int):
+        from exporter import procfs
+        ref = kube.parse_cgroup(procfs.cgroup(pid))
+        if ref is None:
+            return ()
+        meta = resolver.resolve(ref)
+        if meta is None:
+            return ()
+        return (("namespace", meta.namespace), ("pod", meta.pod), ("container", meta.container))
+
+    return labels
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""Export: a prometheus_client custom collector that yields families at scrape time.
+
+Per-process series carry `target` and `pid`, plus `namespace`, `pod` and
+`container` on Kubernetes (absent, not empty, elsewhere), so families are built
+from samples with per-sample label sets.
+"""
+from __future__ import annotations
+
+import time
+
+from prometheus_client.core import Metric
+
+from exporter import __version__
+from exporter.monitor import Monitor, ProcessView
+
+
+def _family(name: str, doc: str, kind: str, unit: str = "") -> Metric:
+    return Metric(name, doc, kind, unit)
+
+
+class GilCollector:
+    def __init__(self, monitor: Monitor):
+        self.monitor = monitor
+
+    def describe(self):
+        return []  # collected lazily; nothing to check at registration
+
+    def collect(self):
+        started = time.perf_counter()
+        views = self.monitor.snapshot()
+        host = self.monitor.host()
+        families = list(self._process_families(views))
+        families.extend(self._gil_families(views))
+        families.extend(self._host_families(host))
+        families.extend(self._exporter_families())
+        yield from families
+        took = _family("pygil_exporter_scrape_duration_seconds",
+                       "Time this scrape took to collect, in seconds.", "gauge")
+        took.add_sample("pygil_exporter_scrape_duration_seconds", {}, time.perf_counter() - started)
+        yield took
+
+    @staticmethod
+    def _process_families(views: list[ProcessView]):
+        info = _family("pygil_target_info", "A monitored process: what it runs and whether its GIL can be read "
+                       "(gil_probe=\"ok\" or the reason it cannot).", "gauge")
+        threads = _family("pygil_process_threads", "Threads in the process.", "gauge")
+        cpu = _family("pygil_process_cpu_seconds", "CPU time used by the process, in seconds.", "counter")
+        cores = _family("pygil_process_cpu_cores",
+                        "CPU cores used over the exporter's window (1.0 = one full core).", "gauge")
+        ctx = _family("pygil_process_context_switches",
+                      "Context switches summed over every thread of the process, monotonic when threads end.",
+                      "counter")
+        ctx_rate = _family("pygil_process_context_switches_per_second",
+                           "Context switches per second over the exporter's window, summed over every thread.",
+                           "gauge")
+        for v in views:
+            labels = v.labels
+            info.add_sample("pygil_target_info", {
+                **labels, "python_version": v.python_version, "implementation": v.implementation,
+                "exe": v.exe, "gil_probe": v.gil_probe}, 1)
+            threads.add_sample("pygil_process_threads", labels, v.threads)
+            cpu.add_sample("pygil_process_cpu_seconds_total", {**labels, "mode": "user"}, v.cpu_user_seconds)
+            cpu.add_sample("pygil_process_cpu_seconds_total", {**labels, "mode": "system"}, v.cpu_system_seconds)
+            ctx.add_sample("pygil_process_context_switches_total", {**labels, "type": "voluntary"},
+                           v.voluntary_total)
+            ctx.add_sample("pygil_process_context_switches_total", {**labels, "type": "involuntary"},
+                           v.involuntary_total)
+            f = v.figures
+            if f is not None:
+                cores.add_sample("pygil_process_cpu_cores", labels, f.cpu_cores)
+                ctx_rate.add_sample("pygil_process_context_switches_per_second",
+                                    {**labels, "type": "voluntary"}, f.voluntary_per_second)
+                ctx_rate.add_sample("pygil_process_context_switches_per_second",
+                                    {**labels, "type": "involuntary"}, f.involuntary_per_second)
+        return info, threads, cpu, cores, ctx, ctx_rate
+
+    @staticmethod
+    def _gil_families(views: list[ProcessView]):
+        enabled = _family("pygil_gil_enabled", "1 if the target has a GIL, 0 for a free-threaded build "
+                          "(absent when unknown).", "gauge")
+        interval = _family("pygil_gil_switch_interval_seconds",
+                           "The target's GIL switch interval (sys.getswitchinterval()), in seconds.", "gauge")
+        held = _family("pygil_gil_held_seconds", "Time the GIL was held, in seconds (sampled).", "counter")
+        wait = _family("pygil_gil_wait_seconds",
+                       "Thread-seconds spent waiting for the GIL (2 threads waiting 1 s add 2).", "counter")
+        contended = _family("pygil_gil_contended_seconds",
+                            "Time the GIL was held while at least one thread waited for it, in seconds.", "counter")
+        switches = _family("pygil_gil_switches", "GIL handoffs between threads.", "counter")
+        waiting = _family("pygil_gil_waiting_threads",
+                          "Mean number of threads waiting for the GIL over the exporter's window.", "gauge")
+        score = _family("pygil_gil_contention_score",
+                        "GIL contention over the exporter's window, 0-1. method=\"gil_state\": fraction of time "
+                        "the GIL was held with a waiter; method=\"procfs\": estimate from /proc alone.", "gauge")
+        for v in views:
+            labels = v.labels
+            if v.gil_enabled is not None:
+                enabled.add_sample("pygil_gil_enabled", labels, 1 if v.gil_enabled else 0)
+            g = v.gil
+            if g is not None and g.samples > 0:
+                interval.add_sample("pygil_gil_switch_interval_seconds", labels, g.interval_seconds)
+                held.add_sample("pygil_gil_held_seconds_total", labels, g.held_seconds)
+                wait.add_sample("pygil_gil_wait_seconds_total", labels, g.wait_seconds)
+                contended.add_sample("pygil_gil_contended_seconds_total", labels, g.contended_seconds)
+                switches.add_sample("pygil_gil_switches_total", labels, g.switches)
+            f = v.figures
+            if f is not None and f.waiting_threads is not None:
+                waiting.add_sample("pygil_gil_waiting_threads", labels, f.waiting_threads)
+            if v.score is not None:
+                score.add_sample("pygil_gil_contention_score", {**labels, "method": v.score_method}, v.score)
+        return enabled, interval, held, wait, contended, switches, waiting, score
+
+    @staticmethod
+    def _host_families(host):
+        cpus = _family("pygil_host_cpus", "CPUs of the host the exporter sees.", "gauge")
+        cpus.add_sample("pygil_host_cpus", {}, host.cpus)
+        util = _family("pygil_host_cpu_utilization_ratio",
+                       "Busy fraction of each CPU over the exporter's window, 0-1.", "gauge")
+        for i, u in enumerate(host.utilization or ()):
+            util.add_sample("pygil_host_cpu_utilization_ratio", {"cpu": str(i)}, u)
+        return cpus, util
+
+    def _exporter_families(self):
+        build = _family("pygil_exporter_build_info", "gil-exporter's version.", "gauge")
+        build.add_sample("pygil_exporter_build_info", {"version": __version__}, 1)
+        errors = _family("pygil_exporter_errors", "Unexpected errors inside the exporter, by stage.", "counter")
+        for reason in ("scan", "tick", "host", "gil_locate", "procfs_permission", "kube"):
+            errors.add_sample("pygil_exporter_errors_total", {"reason": reason}, self.monitor.errors[reason])
+        for reason, n in sorted(self.monitor.errors.items()):
+            if reason not in ("scan", "tick", "host", "gil_locate", "procfs_permission", "kube"):
+                errors.add_sample("pygil_exporter_errors_total", {"reason": reason}, n)
+        dropped = _family("pygil_exporter_dropped_processes",
+                          "Matching processes left out because a target hit limits.max_processes_per_target.",
+                          "gauge")
+        for name in sorted({t.name for t in self.monitor.config.targets}):
+            dropped.add_sample("pygil_exporter_dropped_processes", {"target": name},
+                               self.monitor.dropped.get(name, 0))
+        return build, errors, dropped

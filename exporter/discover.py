@@ -1,0 +1,136 @@
+"""Discover: which running processes belong to which configured target.
+
+A process is identified by (pid, start_time), so a reused PID is a new process.
+The first target whose matchers all hold claims a process (as in
+process-exporter), so a process is never counted twice.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+
+from exporter import procfs
+from exporter.config import Config, Match, Target
+
+log = logging.getLogger(__name__)
+
+# Interpreter executables: python, python3, python3.12, python3.13t, pypy3 is not CPython.
+_PYTHON_EXE = re.compile(r"(^|/)python[0-9.]*t?$")
+_LIBPYTHON = re.compile(r"/libpython[0-9.]+t?\.so")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    target: str
+    info: procfs.ProcessInfo
+
+    @property
+    def key(self) -> tuple[int, float]:
+        return (self.info.pid, self.info.start_time)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    candidates: tuple[Candidate, ...]
+    dropped: dict = field(default_factory=dict)  # target -> processes left out by the per-target cap
+
+
+def is_cpython(pid: int, exe: str) -> bool:
+    """A CPython interpreter, or a program that embeds libpython (uwsgi, ...)."""
+    if _PYTHON_EXE.search(exe):
+        return True
+    try:
+        return any(_LIBPYTHON.search(m.path) for m in procfs.maps(pid))
+    except (procfs.ProcessGone, PermissionError):
+        return False
+
+
+def _cgroup_matches(pid: int, pattern: re.Pattern) -> bool:
+    try:
+        return pattern.search(procfs.cgroup(pid)) is not None
+    except (procfs.ProcessGone, PermissionError):
+        return False
+
+
+class Discoverer:
+    def __init__(self, config: Config):
+        self.config = config
+        self._self_pid = os.getpid()
+        # (pid, start_time) -> is CPython; reading maps is the costly check, do it once.
+        self._python_cache: dict[tuple[int, float], bool] = {}
+
+    def _is_python(self, info: procfs.ProcessInfo) -> bool:
+        key = (info.pid, info.start_time)
+        hit = self._python_cache.get(key)
+        if hit is None:
+            hit = self._python_cache[key] = is_cpython(info.pid, info.exe)
+        return hit
+
+    def matches(self, match: Match, info: procfs.ProcessInfo, pidfile_pids: dict[str, int | None]) -> bool:
+        if match.pid is not None and info.pid != match.pid:
+            return False
+        if match.pidfile is not None and pidfile_pids.get(match.pidfile) != info.pid:
+            return False
+        if match.comm is not None and info.comm != match.comm:
+            return False
+        if match.user is not None and match.user not in (info.user, str(info.uid)):
+            return False
+        if match.exe is not None and not match.exe.search(info.exe):
+            return False
+        if match.cmdline is not None and not match.cmdline.search(" ".join(info.cmdline)):
+            return False
+        if match.cgroup is not None and not _cgroup_matches(info.pid, match.cgroup):
+            return False
+        if match.python and not self._is_python(info):
+            return False
+        return True
+
+    def scan(self) -> ScanResult:
+        targets: tuple[Target, ...] = self.config.targets
+        pidfile_pids = {t.match.pidfile: procfs.read_pidfile(t.match.pidfile)
+                        for t in targets if t.match.pidfile is not None}
+        wanted_pids = self._restricting_pids(targets, pidfile_pids)
+        pids = procfs.pids() if wanted_pids is None else sorted(wanted_pids)
+        found: dict[str, list[Candidate]] = {t.name: [] for t in targets}
+        alive: set[tuple[int, float]] = set()
+        for pid in pids:
+            if pid == self._self_pid:
+                continue
+            try:
+                info = procfs.process_info(pid)
+            except (procfs.ProcessGone, PermissionError):
+                continue
+            if not info.exe and not info.cmdline:
+                continue  # kernel thread or zombie
+            alive.add((pid, info.start_time))
+            for target in targets:
+                if self.matches(target.match, info, pidfile_pids):
+                    found[target.name].append(Candidate(target.name, info))
+                    break
+        self._python_cache = {k: v for k, v in self._python_cache.items() if k in alive}
+        cap = self.config.limits.max_processes_per_target
+        out: list[Candidate] = []
+        dropped: dict[str, int] = {}
+        for name, cands in found.items():
+            cands.sort(key=lambda c: (c.info.start_time, c.info.pid))  # oldest first: stable under churn
+            if len(cands) > cap:
+                dropped[name] = len(cands) - cap
+            out.extend(cands[:cap])
+        return ScanResult(tuple(out), dropped)
+
+    @staticmethod
+    def _restricting_pids(targets, pidfile_pids) -> set[int] | None:
+        """When every target names its pid or pidfile, read only those processes."""
+        pids: set[int] = set()
+        for t in targets:
+            if t.match.pid is not None:
+                pids.add(t.match.pid)
+            elif t.match.pidfile is not None:
+                p = pidfile_pids.get(t.match.pidfile)
+                if p is not None:
+                    pids.add(p)
+            else:
+                return None
+        return pids

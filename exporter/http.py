@@ -1,0 +1,121 @@
+"""HTTP: /metrics, a landing page at /, and /healthz, on the standard library's server."""
+from __future__ import annotations
+
+import html
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from exporter import __version__
+from exporter.monitor import Monitor
+
+log = logging.getLogger(__name__)
+
+
+def _fmt(x, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def landing_page(monitor: Monitor, metrics_path: str) -> str:
+    rows = []
+    for v in monitor.snapshot():
+        f = v.figures
+        ctx = None if f is None else f.voluntary_per_second + f.involuntary_per_second
+        interval = None if v.gil is None or v.gil.samples == 0 else v.gil.interval_seconds * 1000
+        score = None if v.score is None else v.score
+        method = "" if v.score is None else f" ({v.score_method})"
+        rows.append(
+            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
+                v.target, v.pid, v.python_version or "?",
+                v.threads, _fmt(f and f.cpu_cores, ".2f"), _fmt(ctx, ".0f"),
+                _fmt(score, ".2f") + method, _fmt(f and f.waiting_threads, ".2f"),
+                _fmt(f and f.held_ratio, ".2f"), _fmt(interval, ".1f"), v.gil_probe)) + "</tr>")
+    body = "\n".join(rows) or '<tr><td colspan="11">No target process found yet.</td></tr>'
+    source = html.escape(monitor.config.source or "none (every CPython process)")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>gil-exporter</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}</style>
+</head><body>
+<h1>gil-exporter {__version__}</h1>
+<p><a href="{html.escape(metrics_path)}">Metrics</a> · <a href="/healthz">Health</a> · config: {source}
+ · window {monitor.config.window_seconds:g} s</p>
+<table><tr><th>target</th><th>pid</th><th>Python</th><th>threads</th><th>cores used</th>
+<th>context switches/s</th><th>GIL contention score</th><th>waiting threads</th><th>GIL held ratio</th>
+<th>switch interval (ms)</th><th>GIL probe</th></tr>
+{body}
+</table></body></html>
+"""
+
+
+class ExporterServer:
+    """Serves one registry and the landing page; stops cleanly on request."""
+
+    def __init__(self, address: tuple[str, int], registry: CollectorRegistry, monitor: Monitor,
+                 metrics_path: str = "/metrics"):
+        self.registry = registry
+        self.monitor = monitor
+        self.metrics_path = metrics_path
+        handler = self._handler()
+        self.httpd = ThreadingHTTPServer(address, handler)
+        self.httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.httpd.server_address[:2]
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = f"gil-exporter/{__version__}"
+            protocol_version = "HTTP/1.1"
+            timeout = 30  # a slow client cannot hold a worker thread forever
+
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                path = urlsplit(self.path).path
+                if path == server.metrics_path:
+                    encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                    try:
+                        body = encoder(server.registry)
+                    except Exception as e:
+                        log.error("scrape failed: %s: %s", type(e).__name__, e)
+                        self._send(500, "text/plain; charset=utf-8", b"scrape failed\n")
+                        return
+                    self._send(200, content_type, body)
+                elif path == "/":
+                    page = landing_page(server.monitor, server.metrics_path).encode()
+                    self._send(200, "text/html; charset=utf-8", page)
+                elif path == "/healthz":
+                    self._send(200, "text/plain; charset=utf-8", b"ok\n")
+                else:
+                    self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+            def do_HEAD(self):  # noqa: N802
+                self.do_GET()
+
+            def _send(self, code: int, content_type: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def log_message(self, fmt, *args):
+                log.debug("http %s %s", self.address_string(), fmt % args)
+
+        return Handler
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

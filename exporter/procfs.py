@@ -1,0 +1,201 @@
+"""All raw /proc reading and parsing, in one place (after psutil's _pslinux.py).
+
+Process-level figures that psutil reads well (cmdline, exe, uids, CPU times, start
+time, host per-CPU times) come from psutil. What psutil gets wrong or does not
+offer is parsed here: context switches summed over every task (psutil counts the
+main thread only on Linux, psutil issue 1467), /proc/PID/maps, /proc/PID/cgroup
+and /proc/PID/task/TID/syscall.
+
+Every function raises ProcessGone when the process vanished and PermissionError
+when access is denied; callers treat both as normal operation.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import psutil
+
+PROC = "/proc"
+
+
+class ProcessGone(Exception):
+    """The process (or the one we knew under this PID) no longer exists."""
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """Identity and matching attributes of a process, read once per scan."""
+
+    pid: int
+    start_time: int  # clock ticks after boot (/proc/PID/stat field 22); (pid, start_time) survives PID reuse
+    comm: str
+    cmdline: tuple[str, ...]
+    exe: str
+    uid: int
+    user: str
+
+
+@dataclass(frozen=True)
+class ProcessStat:
+    """Per-tick figures of one process."""
+
+    threads: int
+    cpu_user: float  # seconds
+    cpu_system: float  # seconds
+
+
+@dataclass(frozen=True)
+class MapEntry:
+    start: int
+    end: int
+    perms: str
+    offset: int
+    path: str
+
+
+def pids() -> list[int]:
+    return psutil.pids()
+
+
+def _process(pid: int) -> psutil.Process:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess as e:
+        raise ProcessGone(pid) from e
+
+
+def process_info(pid: int) -> ProcessInfo:
+    """Identity and matchable attributes. exe/cmdline may be empty for kernel threads."""
+    proc = _process(pid)
+    try:
+        with proc.oneshot():
+            start = start_time(pid)
+            comm = proc.name()
+            uid = proc.uids().real
+            try:
+                cmdline = tuple(proc.cmdline())
+            except psutil.AccessDenied:
+                cmdline = ()
+            try:
+                exe = proc.exe()
+            except (psutil.AccessDenied, FileNotFoundError):
+                exe = ""
+            try:
+                user = proc.username()
+            except KeyError:  # uid with no passwd entry
+                user = str(uid)
+    except psutil.NoSuchProcess as e:
+        raise ProcessGone(pid) from e
+    except psutil.AccessDenied as e:
+        raise PermissionError(f"access denied to /proc/{pid}") from e
+    return ProcessInfo(pid, start, comm, cmdline, exe, uid, user)
+
+
+def start_time(pid: int) -> int:
+    """Start time in clock ticks after boot: one small read. A zombie counts as gone."""
+    try:
+        with open(f"{PROC}/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise ProcessGone(pid) from e
+    # comm may contain spaces and parentheses: fields start after the last ')'.
+    fields = data[data.rfind(b")") + 2:].split()
+    if not fields or fields[0] in (b"Z", b"X"):
+        raise ProcessGone(pid)
+    return int(fields[19])
+
+
+def process_stat(pid: int) -> ProcessStat:
+    proc = _process(pid)
+    try:
+        with proc.oneshot():
+            times = proc.cpu_times()
+            threads = proc.num_threads()
+    except psutil.NoSuchProcess as e:
+        raise ProcessGone(pid) from e
+    except psutil.AccessDenied as e:
+        raise PermissionError(f"access denied to /proc/{pid}/stat") from e
+    return ProcessStat(threads=threads, cpu_user=times.user, cpu_system=times.system)
+
+
+_VOL = b"\nvoluntary_ctxt_switches:"
+_INVOL = b"\nnonvoluntary_ctxt_switches:"
+
+
+def parse_ctx_switches(status: bytes) -> tuple[int, int]:
+    """(voluntary, involuntary) from the text of a /proc/.../status file."""
+    def field(key: bytes) -> int:
+        i = status.rfind(key)
+        if i < 0:
+            return 0
+        j = i + len(key)
+        k = status.find(b"\n", j)
+        return int(status[j:k if k >= 0 else None])
+    return field(_VOL), field(_INVOL)
+
+
+def task_ctx_switches(pid: int) -> dict[int, tuple[int, int]]:
+    """Per-thread (voluntary, involuntary) context switches, for every task of pid."""
+    base = f"{PROC}/{pid}/task"
+    try:
+        tids = os.listdir(base)
+    except FileNotFoundError as e:
+        raise ProcessGone(pid) from e
+    out: dict[int, tuple[int, int]] = {}
+    for tid in tids:
+        try:
+            with open(f"{base}/{tid}/status", "rb") as f:
+                out[int(tid)] = parse_ctx_switches(f.read())
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # thread ended between listdir and open
+    if not out and not os.path.exists(f"{PROC}/{pid}"):
+        raise ProcessGone(pid)
+    return out
+
+
+def parse_maps(text: str) -> list[MapEntry]:
+    entries = []
+    for line in text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 5:
+            continue
+        start, _, end = parts[0].partition("-")
+        path = parts[5] if len(parts) == 6 else ""
+        entries.append(MapEntry(int(start, 16), int(end, 16), parts[1], int(parts[2], 16), path))
+    return entries
+
+
+def maps(pid: int) -> list[MapEntry]:
+    try:
+        with open(f"{PROC}/{pid}/maps", errors="surrogateescape") as f:
+            return parse_maps(f.read())
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise ProcessGone(pid) from e
+
+
+def cgroup(pid: int) -> str:
+    try:
+        with open(f"{PROC}/{pid}/cgroup", errors="surrogateescape") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise ProcessGone(pid) from e
+
+
+def host_cpu_times() -> list[tuple[float, float]]:
+    """Per CPU (busy seconds, total seconds) since boot. iowait counts as idle."""
+    out = []
+    for t in psutil.cpu_times(percpu=True):
+        total = sum(t)
+        idle = t.idle + getattr(t, "iowait", 0.0)
+        out.append((total - idle, total))
+    return out
+
+
+def read_pidfile(path: str) -> int | None:
+    """PID from a pidfile, None when missing or malformed (normal: the service is down)."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
