@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone on a fresh machine:
+#   ./tests/run.sh [pytest args]
+# Sets up .venv (the exporter and test deps), Debian's prometheus (promtool and the
+# server, never started as a service) and .venv-helm (pyenv's 3.12 with helm-sdkpy),
+# then runs pytest. .ci/run calls exactly this.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[test]'
+
+bash tests/setup/prometheus.sh
+bash tests/setup/helm.sh
+
+exec .venv/bin/python -m pytest -v -p no:cacheprovider "$@"
