@@ -1,0 +1,259 @@
+"""The daemon against real threaded CPython processes, read from outside through /proc."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from harness import exporter_command, write_config
+from workloads import start_workload, task_ctx_switches
+
+FAST = """
+scan_interval_seconds: 1
+window_seconds: 3
+"""
+
+
+def _config(tmp_path, tag, extra=""):
+    return write_config(tmp_path, f"""
+targets:
+  - name: work
+    match:
+      cmdline: 'gil-workload .* {tag}$'
+{FAST}{extra}""")
+
+
+class TruthRecorder:
+    """Records the ground truth (sum over /proc/PID/task/*/status) every 50 ms."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.samples = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.samples.append((time.monotonic(), task_ctx_switches(self.pid)))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+            time.sleep(0.05)
+
+    def range_between(self, t0, t1):
+        return [v for t, v in self.samples if t0 <= t <= t1]
+
+    def stop(self):
+        self._stop.set()
+        self._t.join()
+
+
+def _pid_series(exp, name, pid, **labels):
+    return exp.series(name, pid=pid, **labels)
+
+
+def test_context_switches_threads_and_cores_match_proc(exporter, tmp_path):
+    with start_workload("cpu", threads=4, argv_tag="daemon-cpu") as w:
+        exp = exporter("--config", str(_config(tmp_path, "daemon-cpu")))
+        truth = TruthRecorder(w.pid)
+        try:
+            exp.wait_for(lambda: exp.value("pygil_process_cpu_cores", pid=w.pid) is not None)
+            time.sleep(4)  # a full 3 s window
+            for _ in range(3):
+                before = time.monotonic()
+                samples = exp.scrape()
+                after = time.monotonic()
+
+                def get(name, **labels):
+                    return [s.value for s in samples if s.name == name and s.labels.get("pid") == str(w.pid)
+                            and all(s.labels.get(k) == v for k, v in labels.items())]
+
+                vol = get("pygil_process_context_switches_total", type="voluntary")[0]
+                invol = get("pygil_process_context_switches_total", type="involuntary")[0]
+                # The exporter serves its last tick (<= 1 s old): compare with the truth over that span.
+                window = truth.range_between(before - 1.5, after)
+                assert window, "no ground truth recorded"
+                lo_v, hi_v = min(v for v, _ in window), max(v for v, _ in window)
+                lo_i, hi_i = min(i for _, i in window), max(i for _, i in window)
+                assert 0.9 * lo_v <= vol <= 1.1 * hi_v, (vol, lo_v, hi_v)
+                assert 0.9 * lo_i <= invol <= 1.1 * hi_i, (invol, lo_i, hi_i)
+                # Threads: main + 4 workers, exact.
+                assert get("pygil_process_threads") == [5.0]
+                assert len(os.listdir(f"/proc/{w.pid}/task")) == 5
+                cores = get("pygil_process_cpu_cores")[0]
+                assert 0.75 <= cores <= 1.2, cores  # pure-Python threads: one core at a time
+                rate = get("pygil_process_context_switches_per_second", type="voluntary")[0]
+                assert rate > 0
+                time.sleep(1)
+        finally:
+            truth.stop()
+
+
+def test_gil_releasing_work_uses_more_than_one_core(exporter, tmp_path):
+    with start_workload("hashlib", threads=3, argv_tag="daemon-hash") as w:
+        exp = exporter("--config", str(_config(tmp_path, "daemon-hash")))
+        exp.wait_for(lambda: exp.value("pygil_process_cpu_cores", pid=w.pid) is not None)
+        time.sleep(4)
+        cores = exp.value("pygil_process_cpu_cores", pid=w.pid)
+        host_cpus = exp.value("pygil_host_cpus")
+        assert host_cpus == os.cpu_count()
+        if host_cpus >= 2:
+            assert cores > 1.3, cores
+        util = exp.series("pygil_host_cpu_utilization_ratio")
+        assert len(util) == host_cpus
+        assert all(0.0 <= s.value <= 1.0 for s in util)
+        assert sum(s.value for s in util) > 1.0  # hashlib keeps the cores busy
+
+
+def test_counters_monotonic_when_threads_end(exporter, tmp_path):
+    with start_workload("churn", threads=4, argv_tag="daemon-churn") as w:
+        exp = exporter("--config", str(_config(tmp_path, "daemon-churn")))
+        exp.wait_for(lambda: exp.value("pygil_process_threads", pid=w.pid) is not None)
+        last = {"voluntary": 0.0, "involuntary": 0.0}
+        thread_counts = set()
+        for _ in range(24):
+            for kind in last:
+                v = exp.value("pygil_process_context_switches_total", pid=w.pid, type=kind)
+                assert v >= last[kind], (kind, v, last[kind])
+                last[kind] = v
+            thread_counts.add(exp.value("pygil_process_threads", pid=w.pid))
+            time.sleep(0.25)
+        assert last["voluntary"] > 0
+        assert len(thread_counts) > 1, "threads did not come and go during the test"
+        # The sum over live threads alone goes down when threads end; ours must exceed it.
+        live_vol, _ = task_ctx_switches(w.pid)
+        assert last["voluntary"] >= 0.9 * live_vol
+
+
+def test_exit_disappears_and_new_process_is_picked_up(exporter, tmp_path):
+    exp = exporter("--config", str(_config(tmp_path, "daemon-life")))
+    with start_workload("sleep", threads=2, argv_tag="daemon-life") as first:
+        exp.wait_for(lambda: exp.value("pygil_process_threads", pid=first.pid) is not None)
+        first.stop()
+        # Gone at the very next scrape.
+        assert exp.series("pygil_process_threads", pid=first.pid) == []
+        assert exp.series("pygil_target_info", pid=first.pid) == []
+    with start_workload("sleep", threads=2, argv_tag="daemon-life") as second:
+        # Picked up within a scan (1 s here) plus a tick.
+        exp.wait_for(lambda: exp.value("pygil_process_threads", pid=second.pid) == 3.0, timeout=10)
+        info = exp.series("pygil_target_info", pid=second.pid)[0]
+        assert info.labels["target"] == "work"
+
+
+def test_target_info_reads_version_from_target(exporter, tmp_path):
+    from workloads import pyenv_pythons
+    pythons = pyenv_pythons()
+    version, python = list(pythons.items())[0]
+    real = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
+                          capture_output=True, text=True).stdout.strip()
+    with start_workload("idle", python=python, argv_tag="daemon-version") as w:
+        exp = exporter("--config", str(_config(tmp_path, "daemon-version")))
+        info = exp.wait_for(lambda: [s for s in exp.series("pygil_target_info", pid=w.pid)
+                                     if s.labels["python_version"]])[0]
+        assert info.labels["python_version"] == real
+        assert info.labels["implementation"] == "cpython"
+        assert os.path.realpath(info.labels["exe"]) == os.path.realpath(python) or "python" in info.labels["exe"]
+    print(f"target_info version check ran on Python {real}")
+
+
+def test_no_config_finds_every_cpython_process(exporter):
+    with start_workload("sleep", threads=2, argv_tag="daemon-noconfig") as w:
+        exp = exporter()
+        info = exp.wait_for(lambda: exp.series("pygil_target_info", pid=w.pid), timeout=15)[0]
+        assert info.labels["target"] == "python"
+        # The exporter never reports itself.
+        assert exp.series("pygil_target_info", pid=exp.proc.pid) == []
+
+
+def test_landing_page_and_health(exporter, tmp_path):
+    with start_workload("cpu", threads=2, argv_tag="daemon-landing") as w:
+        exp = exporter("--config", str(_config(tmp_path, "daemon-landing")))
+        exp.wait_for(lambda: exp.value("pygil_process_cpu_cores", pid=w.pid) is not None)
+        status, page = exp.get("/")
+        assert status == 200
+        assert "<table" in page and f"<td>{w.pid}</td>" in page and "<td>work</td>" in page
+        for column in ("threads", "cores used", "context switches/s", "GIL contention score",
+                       "waiting threads", "GIL held ratio", "switch interval"):
+            assert column in page
+        assert exp.get("/healthz") == (200, "ok\n")
+        assert exp.get("/nope")[0] == 404
+        build = exp.series("pygil_exporter_build_info")
+        assert len(build) == 1 and build[0].labels["version"]
+
+
+def test_sigterm_exits_zero_quickly(exporter, tmp_path):
+    exp = exporter("--config", str(_config(tmp_path, "daemon-term")))
+    exp.scrape()
+    started = time.monotonic()
+    exp.signal(signal.SIGTERM)
+    assert exp.proc.wait(timeout=5) == 0
+    assert time.monotonic() - started < 5
+
+
+def test_sigint_exits_zero(exporter, tmp_path):
+    exp = exporter("--config", str(_config(tmp_path, "daemon-int")))
+    exp.signal(signal.SIGINT)
+    assert exp.proc.wait(timeout=5) == 0
+
+
+def test_sighup_reload_good_and_broken(exporter, tmp_path):
+    with start_workload("sleep", threads=1, argv_tag="daemon-hup-a") as a, \
+            start_workload("sleep", threads=1, argv_tag="daemon-hup-b") as b:
+        path = _config(tmp_path, "daemon-hup-a")
+        exp = exporter("--config", str(path))
+        exp.wait_for(lambda: exp.series("pygil_target_info", pid=a.pid))
+        # A broken file: logged, the old targets keep being served.
+        path.write_text("targets:\n  - name: [unclosed\n")
+        exp.signal(signal.SIGHUP)
+        exp.wait_for(lambda: "reload failed" in exp.log_text(), timeout=10)
+        assert ":2:" in exp.log_text().split("reload failed", 1)[1].splitlines()[0]
+        time.sleep(2.5)
+        assert exp.series("pygil_target_info", pid=a.pid)
+        assert exp.proc.poll() is None
+        # A good file: the new target replaces the old one.
+        path.write_text(f"targets:\n  - name: other\n    match:\n      cmdline: 'daemon-hup-b$'\n{FAST}")
+        exp.signal(signal.SIGHUP)
+        exp.wait_for(lambda: exp.series("pygil_target_info", pid=b.pid, target="other"), timeout=10)
+        exp.wait_for(lambda: not exp.series("pygil_target_info", pid=a.pid), timeout=10)
+
+
+BAD_CONFIGS = {
+    "yaml_syntax": ("targets:\n  - name: a\n    match: {cmdline: 'x'\n", 4),
+    "unknown_key": ("targets:\n  - name: a\n    match:\n      cmdline: x\n    colour: red\n", 5),
+    "wrong_type": ("targets:\n  - name: a\n    match:\n      pid: twelve\n", 4),
+    "bad_regex": ("targets:\n  - name: a\n    match:\n      cmdline: 'gunicorn (['\n", 4),
+    "empty_targets": ("targets: []\n", 1),
+    "duplicate_name": ("targets:\n  - name: a\n    match: {comm: x}\n  - name: a\n    match: {comm: y}\n", 4),
+    "missing_name": ("targets:\n  - match:\n      comm: x\n", 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_at_start(tmp_path, case):
+    text, line = BAD_CONFIGS[case]
+    path = write_config(tmp_path, text)
+    r = subprocess.run(exporter_command() + ["--config", str(path), "--web.listen-address", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"{path}:{line}: "), (lines[0], line)
+    assert "Traceback" not in r.stderr
+
+
+def test_unreadable_config(tmp_path):
+    path = tmp_path / "missing.yaml"
+    r = subprocess.run(exporter_command() + ["--config", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"{path}:") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_version_flag():
+    r = subprocess.run(exporter_command() + ["--version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("gil-exporter ")
