@@ -110,14 +110,17 @@ class Discoverer:
                     found[target.name].append(Candidate(target.name, info))
                     break
         self._python_cache = {k: v for k, v in self._python_cache.items() if k in alive}
-        cap = self.config.limits.max_processes_per_target
+        limits = self.config.limits
         out: list[Candidate] = []
         dropped: dict[str, int] = {}
         for name, cands in found.items():
             cands.sort(key=lambda c: (c.info.start_time, c.info.pid))  # oldest first: stable under churn
-            if len(cands) > cap:
-                dropped[name] = len(cands) - cap
-            out.extend(cands[:cap])
+            keep = cands[:limits.max_processes_per_target]
+            room = max(0, limits.max_targets - len(out))  # the cap on processes of all targets together
+            keep = keep[:room]
+            if len(cands) > len(keep):
+                dropped[name] = len(cands) - len(keep)
+            out.extend(keep)
         return ScanResult(tuple(out), dropped)
 
     @staticmethod
