@@ -47,6 +47,12 @@ class Tick:
 
 
 @dataclass(frozen=True)
+class HostTick:
+    t: float
+    cpus: tuple  # per CPU (busy seconds, total seconds)
+
+
+@dataclass(frozen=True)
 class ProcessView:
     """Everything published about one process, as of the last tick."""
 
@@ -228,17 +234,17 @@ class Monitor:
 
     def _read_host(self, now: float) -> None:
         try:
-            self._host.append((now, procfs.host_cpu_times()))
+            self._host.append(HostTick(now, tuple(procfs.host_cpu_times())))
         except OSError as e:
             self.errors["host"] += 1
             log.error("reading host CPU times failed: %s", e)
             return
-        self._trim(self._host, lambda item: item[0], now)
+        self._trim(self._host, now)
 
-    def _trim(self, history: deque, when, now: float) -> None:
+    def _trim(self, history: deque, now: float) -> None:
         # Keep one sample older than the window so the window is always covered.
         horizon = now - self.config.window_seconds - 2 * self.tick_seconds
-        while len(history) > 2 and when(history[1]) < horizon:
+        while len(history) > 2 and history[1].t < horizon:
             history.popleft()
 
     def _read_process(self, key, state: _ProcessState) -> None:
@@ -268,7 +274,7 @@ class Monitor:
         now = time.monotonic()
         state.history.append(Tick(now, stat.threads, stat.cpu_user, stat.cpu_system,
                                   voluntary, involuntary, totals))
-        self._trim(state.history, lambda t: t.t, now)
+        self._trim(state.history, now)
 
     # -- locating the GIL (in a worker: ELF parsing can take a while) -------
     def _locate_due(self) -> None:
@@ -314,16 +320,16 @@ class Monitor:
 
     # -- views for export ------------------------------------------------------
     def host(self) -> HostView:
-        items = list(self._host)
+        items = deque(self._host)
         if not items:
             return HostView(0, None)
-        cpus = len(items[-1][1])
-        span = _window(deque(items, maxlen=len(items)), self.config.window_seconds)
+        cpus = len(items[-1].cpus)
+        span = _window(items, self.config.window_seconds)
         if span is None:
             return HostView(cpus, None)
-        (_, a), (_, b) = span
+        a, b = span
         util = []
-        for (busy0, total0), (busy1, total1) in zip(a, b):
+        for (busy0, total0), (busy1, total1) in zip(a.cpus, b.cpus):
             dt = total1 - total0
             util.append(min(1.0, max(0.0, (busy1 - busy0) / dt)) if dt > 0 else 0.0)
         return HostView(cpus, tuple(util))
@@ -331,7 +337,7 @@ class Monitor:
     def snapshot(self, check_alive: bool = True) -> list[ProcessView]:
         with self._lock:
             states = list(self._states.items())
-        host_cpus = len(self._host[-1][1]) if self._host else 0
+        host_cpus = len(self._host[-1].cpus) if self._host else 0
         views = []
         for key, state in states:
             if not state.history:
