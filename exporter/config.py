@@ -221,6 +221,8 @@ class _LineLoader(yaml.SafeLoader):
 
     def build(self, node: yaml.Node, path: Tuple[Any, ...], key_line: int, depth: int) -> Any:
         value_line = self.line_of(node.start_mark)
+        if isinstance(node, yaml.ScalarNode) and node.style in ("|", ">") and node.value:
+            value_line = min(value_line + 1, self.line_of(node.end_mark))  # content, not the indicator
         self.lines[path] = (key_line, value_line)
         self.nodes += 1
         if depth > _MAX_DEPTH:
@@ -318,7 +320,8 @@ def _yaml_error(file: str, text: str, exc: yaml.YAMLError) -> ConfigError:
         if exc.context and exc.problem:
             parts.append(exc.context)
         parts.append(problem)
-        message = "YAML syntax error: " + ": ".join(parts)
+        syntax = isinstance(exc, (yaml.scanner.ScannerError, yaml.parser.ParserError))
+        message = ("YAML syntax error: " if syntax else "YAML error: ") + ": ".join(parts)
         if "'\\t'" in problem:
             message += " (YAML does not allow tabs for indentation; use spaces)"
         return ConfigError(file, line, _one_line(message))
