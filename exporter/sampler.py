@@ -1,0 +1,298 @@
+"""Background GIL sampler: one daemon thread samples every target at ~100 Hz.
+
+Each tick happens at a jittered time (uniform in period * [1 - jitter, 1 + jitter]) so
+the samples cannot lock onto the target's 5 ms switch-interval rhythm. A tick reads
+every target with ONE os.pread of its GIL struct on a kept /proc/PID/mem fd, and
+accounts time-weighted (sample-and-hold): the state seen at one sample is taken to
+last until the next sample of that target.
+
+Every `check_every` seconds (staggered, one target per tick at most) a target is
+re-validated (same process, GIL struct shape, live holder) and its futex-blocked
+waiters are counted from /proc/PID/task/*/syscall as a cross-check.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, Hashable, List, Optional
+
+from .gil import GilLocation, GilReader, INTERVAL_MAX_US, INTERVAL_MIN_US, ProbeUnavailable
+
+__all__ = ["GilTotals", "GilSampler"]
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class GilTotals:
+    sampled_seconds: float      # wall time covered by samples (time-weighted, sample-and-hold)
+    held_seconds: float         # time the GIL was held
+    wait_seconds: float         # thread-seconds waiting (2 waiters for 1 s add 2)
+    contended_seconds: float    # held while >= 1 thread waited
+    switches: int               # GIL handoffs since the target was added
+    interval_seconds: float     # current switch interval (sys.getswitchinterval() of the target)
+    samples: int
+    futex_waiters_checked: int  # last /proc futex cross-check (-1 if none yet)
+
+
+class _Target:
+    __slots__ = ("key", "reader", "fd", "size", "addr", "unpack", "t", "locked", "waiters",
+                 "switch", "interval", "sampled", "held", "wait", "contended", "switches",
+                 "samples", "futex", "next_check", "bad_checks", "failure", "pid")
+
+    def __init__(self, key: Hashable, reader: Optional[GilReader], now: float, check_at: float) -> None:
+        self.key = key
+        self.reader = reader
+        if reader is not None:
+            self.fd = reader.fd
+            self.size = reader.size
+            self.addr = reader.address
+            self.unpack = reader.struct.unpack
+            self.pid = reader.pid
+        self.t = -1.0
+        self.locked = 0
+        self.waiters = 0
+        self.switch = 0
+        self.interval = 0
+        self.sampled = self.held = self.wait = self.contended = 0.0
+        self.switches = 0
+        self.samples = 0
+        self.futex = -1
+        self.next_check = check_at
+        self.bad_checks = 0
+        self.failure: Optional[str] = None
+
+    def totals(self) -> GilTotals:
+        return GilTotals(self.sampled, self.held, self.wait, self.contended, self.switches,
+                         self.interval / 1e6, self.samples, self.futex)
+
+
+class GilSampler:
+    """Samples the GIL of many targets from one daemon thread.
+
+    ``add(key, location)`` opens a reader (a failure to open is reported by
+    ``failure(key)``, never raised); ``totals(key)`` returns a consistent copy.
+    A target whose reads fail (exit, PID reuse, EPERM, validation) is dropped from
+    sampling: its last totals stay readable and ``failure(key)`` gives the reason,
+    until ``remove(key)``.
+    """
+
+    def __init__(self, rate_hz: float = 100.0, jitter: float = 0.5,
+                 check_every: float = 2.0) -> None:
+        if rate_hz <= 0:
+            raise ValueError("rate_hz must be > 0")
+        if not 0.0 <= jitter < 1.0:
+            raise ValueError("jitter must be in [0, 1)")
+        self.rate_hz = rate_hz
+        self.jitter = jitter
+        self.check_every = check_every
+        self._period = 1.0 / rate_hz
+        # Longest gap credited to one sample: beyond this the sampler was starved and
+        # holding the old state would invent data; the excess is simply not sampled.
+        self._max_gap = 3.0 * self._period * (1.0 + jitter)
+        self._lock = threading.Lock()
+        self._targets: Dict[Hashable, _Target] = {}
+        self._active: tuple = ()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._rng = random.Random()
+        self.ticks = 0
+        self.native_id = 0              # sampler thread's TID (for CPU accounting)
+
+    # ----------------------------------------------------------------- public API
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="gil-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        t = self._thread
+        if t is not None:
+            t.join(timeout=5.0)
+        self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        for key in self.keys():
+            self.remove(key)
+
+    def add(self, key: Hashable, location: GilLocation) -> None:
+        now = time.monotonic()
+        check_at = now + self._rng.uniform(0.2, 1.0) * self.check_every
+        try:
+            reader = GilReader(location)
+        except ProbeUnavailable as exc:
+            st = _Target(key, None, now, check_at)
+            st.failure = exc.reason
+        except OSError as exc:
+            st = _Target(key, None, now, check_at)
+            st.failure = _reason(exc)
+        else:
+            st = _Target(key, reader, now, check_at)
+        with self._lock:
+            old = self._targets.pop(key, None)
+            self._targets[key] = st
+            self._rebuild()
+        if old is not None and old.reader is not None:
+            old.reader.close()
+
+    def remove(self, key: Hashable) -> None:
+        with self._lock:
+            st = self._targets.pop(key, None)
+            self._rebuild()
+        if st is not None and st.reader is not None:
+            st.reader.close()
+
+    def totals(self, key: Hashable) -> Optional[GilTotals]:
+        with self._lock:
+            st = self._targets.get(key)
+            return None if st is None else st.totals()
+
+    def failure(self, key: Hashable) -> Optional[str]:
+        with self._lock:
+            st = self._targets.get(key)
+            return None if st is None else st.failure
+
+    def keys(self) -> list:
+        with self._lock:
+            return list(self._targets)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ----------------------------------------------------------------- internals
+    def _rebuild(self) -> None:
+        # called with the lock held
+        self._active = tuple(st for st in self._targets.values() if st.failure is None)
+
+    def _fail(self, st: _Target, reason: str) -> None:
+        # called with the lock held
+        if st.failure is None:
+            st.failure = reason
+        if st.reader is not None:
+            st.reader.close()
+        self._rebuild()
+
+    def _run(self) -> None:
+        try:
+            self.native_id = threading.get_native_id()
+        except AttributeError:  # pragma: no cover
+            self.native_id = 0
+        period = self._period
+        jitter = self.jitter
+        uniform = self._rng.uniform
+        monotonic = time.monotonic
+        sleep = time.sleep
+        stop = self._stop
+        next_t = monotonic() + period * uniform(0.0, 1.0)
+        while not stop.is_set():
+            delay = next_t - monotonic()
+            if delay > 0:
+                sleep(delay)
+            try:
+                self._tick(monotonic())
+            except Exception:  # never let the thread die; per-target errors are handled inside
+                pass
+            self.ticks += 1
+            now = monotonic()
+            next_t += period * (1.0 + uniform(-jitter, jitter))
+            if next_t < now:           # fell behind (starved): restart the schedule
+                next_t = now + period * uniform(1.0 - jitter, 1.0 + jitter)
+
+    def _tick(self, now: float) -> None:
+        pread = os.pread
+        max_gap = self._max_gap
+        failed = None
+        with self._lock:
+            for st in self._active:
+                try:
+                    data = pread(st.fd, st.size, st.addr)
+                except OSError as exc:
+                    failed = failed or []
+                    failed.append((st, _reason(exc, st.pid)))
+                    continue
+                if len(data) != st.size:
+                    failed = failed or []
+                    failed.append((st, "exited"))
+                    continue
+                interval, _holder, locked, switch, wrefs = st.unpack(data)
+                if locked & ~1:
+                    failed = failed or []
+                    failed.append((st, "validation_failed"))
+                    continue
+                waiters = wrefs >> 3
+                if st.samples:
+                    dt = now - st.t
+                    if dt > max_gap:
+                        dt = max_gap
+                    st.sampled += dt
+                    if st.locked:
+                        st.held += dt
+                        if st.waiters:
+                            st.contended += dt
+                    if st.waiters:
+                        st.wait += dt * st.waiters
+                    st.switches += (switch - st.switch) & _MASK64
+                st.t = now
+                st.locked = locked
+                st.waiters = waiters
+                st.switch = switch
+                st.interval = interval
+                st.samples += 1
+            if failed:
+                for st, reason in failed:
+                    self._fail(st, reason)
+            due = None
+            for st in self._active:
+                if st.next_check <= now:
+                    due = st
+                    break
+        if due is not None:
+            self._check(due, now)
+
+    def _check(self, st: _Target, now: float) -> None:
+        """Occasional re-validation and futex cross-check of one target (outside the lock)."""
+        st.next_check = now + self.check_every * self._rng.uniform(0.8, 1.2)
+        reason = None
+        futex = -1
+        try:
+            problem, futex = st.reader.recheck()
+            if not INTERVAL_MIN_US <= st.interval <= INTERVAL_MAX_US:
+                problem = problem or f"interval {st.interval} us out of range"
+            if problem:
+                # one miss is tolerated (take_gil sets locked just before last_holder)
+                st.bad_checks += 1
+                if st.bad_checks >= 2:
+                    reason = "validation_failed"
+                else:
+                    st.next_check = now + 0.05
+            else:
+                st.bad_checks = 0
+        except ProbeUnavailable as exc:
+            reason = exc.reason
+        except OSError as exc:
+            reason = _reason(exc, st.pid)
+        except Exception:
+            reason = "validation_failed"
+        with self._lock:
+            if futex >= 0:
+                st.futex = futex
+            if reason is not None:
+                self._fail(st, reason)
+
+
+def _reason(exc: OSError, pid: int = 0) -> str:
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return "permission_denied"
+    if exc.errno in (errno.ESRCH, errno.ENOENT):
+        return "exited"
+    if exc.errno == errno.EIO:
+        return "exited" if pid and not os.path.exists(f"/proc/{pid}") else "validation_failed"
+    return "exited" if pid and not os.path.exists(f"/proc/{pid}") else "validation_failed"
