@@ -66,7 +66,7 @@ def report(view: ProcessView) -> tuple[dict, score.Verdict]:
 
 def _line(label: str, value, fmt: str = "", unit: str = "") -> str:
     shown = "n/a" if value is None else (format(value, fmt) + unit)
-    return f"  {label:<28}{shown}"
+    return f"  {label:<32}{shown}"
 
 
 def render(figures: dict, v: score.Verdict) -> str:
