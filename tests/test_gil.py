@@ -1,0 +1,427 @@
+"""exporter.gil against real CPython processes (every pyenv CPython 3.8+), read from outside.
+
+Unit tests on data cover the parsers (debug offsets, free-threaded detection, layout
+table); everything else starts a real workload (tests/workloads.py) and reads it
+through /proc/PID/mem exactly as the exporter does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from workloads import kill_quietly, pyenv_pythons, start_workload  # noqa: E402
+
+from exporter import gil  # noqa: E402
+from exporter.gil import (  # noqa: E402
+    DEBUG_COOKIE, DEBUG_OFFSETS_LAYOUTS, KNOWN_GIL_OFFSETS, LAYOUTS, GilLayout, GilLocation,
+    GilReader, ProbeUnavailable, detect_free_threaded, futex_waiters, identify, locate,
+    parse_debug_offsets, version_from_hex, version_from_sys_version_buffer)
+
+PYTHONS = pyenv_pythons()
+VERSIONS = list(PYTHONS)
+NOBODY = 65534
+
+
+# ----------------------------------------------------------------- version report
+class _VersionReport:
+    """Registered once per session; prints which interpreter versions ran, with figures."""
+
+    def __init__(self) -> None:
+        self.rows: dict = {}
+
+    def record(self, version: str, what: str, value) -> None:
+        self.rows.setdefault(version, {})[what] = value
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if not self.rows:
+            return
+        terminalreporter.section("GIL probe: CPython versions exercised")
+        for version in sorted(self.rows, key=lambda v: tuple(int(x) for x in v.split("."))):
+            cells = ", ".join(f"{k}={v}" for k, v in sorted(self.rows[version].items()))
+            terminalreporter.write_line(f"{version}: {cells}")
+
+
+@pytest.fixture(scope="session")
+def report(request):
+    pm = request.config.pluginmanager
+    plugin = pm.get_plugin("gil-version-report")
+    if plugin is None:
+        plugin = _VersionReport()
+        pm.register(plugin, "gil-version-report")
+    return plugin
+
+
+def _exact_version(python: str) -> str:
+    return subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+# ----------------------------------------------------------------- unit tests on data
+def _debug_offsets_blob(minor: tuple, hexversion: int, free_threaded: int, gil: int,
+                        locked_rel: int = 16, holder_rel: int = 8) -> bytes:
+    t = DEBUG_OFFSETS_LAYOUTS[minor]
+    buf = bytearray(t["_end"] + 64)
+    buf[0:8] = DEBUG_COOKIE
+    vals = {"version": hexversion, "free_threaded": free_threaded,
+            "runtime_state.size": 2000, "runtime_state.interpreters_head": 40 + 1000,
+            "interpreter_state.size": 9000, "interpreter_state.threads_head": 7000,
+            "interpreter_state.ceval_gil": 100, "interpreter_state.gil_runtime_state": gil,
+            "interpreter_state.gil_runtime_state_enabled": gil + 999,
+            "interpreter_state.gil_runtime_state_locked": gil + locked_rel,
+            "interpreter_state.gil_runtime_state_holder": gil + holder_rel,
+            "thread_state.next": 8, "thread_state.interp": 16}
+    for name, off in t.items():
+        if not name.startswith("_"):
+            struct.pack_into("<Q", buf, off, vals[name])
+    return bytes(buf)
+
+
+def test_version_from_hex():
+    assert version_from_hex(0x030B07F0) == "3.11.7"
+    assert version_from_hex(0x030D00F0) == "3.13.0"
+    assert version_from_hex(0x030D00C1) == "3.13.0rc1"
+    assert version_from_hex(0x030E00A3) == "3.14.0a3"
+    assert version_from_hex(0x030C01B2) == "3.12.1b2"
+    with pytest.raises(ValueError):
+        version_from_hex(0x030D0001)
+
+
+def test_parse_debug_offsets_313():
+    blob = _debug_offsets_blob((3, 13), 0x030D00F0, 0, gil=96104 - 0)
+    offs = parse_debug_offsets(blob, (3, 13))
+    assert offs["version"] == 0x030D00F0
+    assert offs["free_threaded"] == 0
+    assert offs["interpreter_state.gil_runtime_state"] == 96104
+    assert offs["interpreter_state.gil_runtime_state_locked"] == 96104 + 16
+    assert gil.layout_from_debug_offsets(offs) == LAYOUTS[False]
+
+
+def test_parse_debug_offsets_314_layout_differs():
+    blob = _debug_offsets_blob((3, 14), 0x030E00F0, 0, gil=5000)
+    offs = parse_debug_offsets(blob, (3, 14))
+    assert offs["interpreter_state.ceval_gil"] == 100
+    assert gil.layout_from_debug_offsets(offs) == LAYOUTS[False]
+    # The same bytes read with the 3.13 table are a different (wrong) structure:
+    assert DEBUG_OFFSETS_LAYOUTS[(3, 13)]["interpreter_state.ceval_gil"] != \
+        DEBUG_OFFSETS_LAYOUTS[(3, 14)]["interpreter_state.ceval_gil"]
+
+
+def test_parse_debug_offsets_rejects_bad_input():
+    blob = _debug_offsets_blob((3, 13), 0x030D00F0, 0, gil=1000)
+    with pytest.raises(ValueError):
+        parse_debug_offsets(b"ydebugpy" + blob[8:])             # wrong cookie
+    with pytest.raises(ValueError):
+        parse_debug_offsets(blob[:100])                          # truncated
+    with pytest.raises(ValueError):
+        parse_debug_offsets(blob, (3, 12))                       # version mismatch
+    with pytest.raises(ValueError):
+        parse_debug_offsets(_debug_offsets_blob((3, 13), 0x030D00F0, 0, gil=1000)[:8]
+                            + struct.pack("<Q", 0x030F00F0) + blob[16:])   # unknown 3.15
+    weird = _debug_offsets_blob((3, 13), 0x030D00F0, 0, gil=1000, locked_rel=24)
+    with pytest.raises(ValueError):
+        gil.layout_from_debug_offsets(parse_debug_offsets(weird))   # not a layout we know
+
+
+def test_free_threaded_detection_on_data():
+    # _Py_DebugOffsets.free_threaded is the strongest evidence (3.13+)
+    blob = _debug_offsets_blob((3, 13), 0x030D00F0, 1, gil=1000)
+    assert detect_free_threaded(debug_free_threaded=parse_debug_offsets(blob)["free_threaded"])
+    assert not detect_free_threaded("/usr/lib/libpython3.13t.so.1.0", debug_free_threaded=0)
+    # names: libpython3.13t.so / python3.13t
+    assert detect_free_threaded("/usr/lib/libpython3.13t.so.1.0")
+    assert detect_free_threaded("", soname="libpython3.14t.so.1.0")
+    assert detect_free_threaded("/usr/bin/python3.13t")
+    assert detect_free_threaded(abiflags="td")
+    assert not detect_free_threaded("/usr/lib/libpython3.13.so.1.0")
+    assert not detect_free_threaded("/usr/lib/libpython3.7m.so.1.0")
+    assert not detect_free_threaded("/usr/lib/libpython3.8d.so.1.0")
+    assert not detect_free_threaded("/usr/bin/python3.13")
+    assert not detect_free_threaded("/usr/bin/python")
+
+
+def test_layout_table():
+    default, ft = LAYOUTS[False], LAYOUTS[True]
+    assert (default.interval, default.last_holder, default.locked, default.switch_number) == (0, 8, 16, 24)
+    assert default.cond == 32 and default.cond_wrefs == 68 and default.mutex == 80
+    assert default.read_size == 72
+    # free-threaded: `int enabled` first, every field moves by 8
+    for name in ("interval", "last_holder", "locked", "switch_number", "cond_wrefs"):
+        assert getattr(ft, name) == getattr(default, name) + 8
+    # one precompiled struct unpacks the whole read
+    st = gil._layout_struct(default)
+    assert st.size == default.read_size
+    buf = bytearray(default.read_size)
+    struct.pack_into("<Q", buf, 0, 12300)
+    struct.pack_into("<Q", buf, 8, 0x55550000)
+    struct.pack_into("<i", buf, 16, 1)
+    struct.pack_into("<Q", buf, 24, 77)
+    struct.pack_into("<I", buf, 68, (2 << 3) | 1)
+    assert st.unpack(bytes(buf)) == (12300, 0x55550000, 1, 77, (2 << 3) | 1)
+    assert all(isinstance(v, int) for v in KNOWN_GIL_OFFSETS.values())
+
+
+def test_sys_version_buffer_parser():
+    data = (b"\0" * 40 + b"3.10.13 (main, May  9 2026, 07:34:36) [GCC 12.2.0]\0" + b"\0" * 20
+            + b"/root/.pyenv/versions/3.10.13\0")
+    assert version_from_sys_version_buffer(data, "3.10") == "3.10.13"
+    assert version_from_sys_version_buffer(b"\x003.13.0rc1+ (heads/x:abc, Oct 1 2024) [Clang]\0") == "3.13.0rc1+"
+    assert version_from_sys_version_buffer(b"\0 nothing here \0", "3.9") == ""
+
+
+def test_elf_parse_failures_are_reasons_not_crashes(tmp_path):
+    lib = Path(PYTHONS[VERSIONS[-1]]).parent.parent / "lib"
+    so = next(lib.glob("libpython3*.so.1.0"))
+    truncated = tmp_path / "libpython3.99.so.1.0"
+    truncated.write_bytes(so.read_bytes()[:3000])
+    with pytest.raises(gil._NotElf):
+        gil._load_elf(str(truncated), str(truncated))
+    text = tmp_path / "python3"
+    text.write_text("#!/bin/sh\necho hi\n")
+    with pytest.raises(gil._NotElf):
+        gil._load_elf(str(text), str(text))
+    garbage = tmp_path / "python3g"
+    garbage.write_bytes(b"\x7fELF" + os.urandom(4000))
+    with pytest.raises(gil._NotElf):
+        gil._load_elf(str(garbage), str(garbage))
+    gil.clear_elf_cache()
+    info = gil._load_elf(str(so), str(so))
+    assert info.runtime and info.runtime[1] > 0 and info.build_id
+    assert gil._load_elf(str(so), str(so)) is info          # cached
+
+
+# ----------------------------------------------------------------- processes that are not CPython
+def test_identify_non_python_process():
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.2)
+        with pytest.raises(ProbeUnavailable) as ei:
+            identify(p.pid)
+        assert ei.value.reason == "not_cpython"
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_identify_python_named_binary_without_runtime(tmp_path):
+    fake = tmp_path / "python3.11"
+    shutil.copy("/bin/sleep", fake)
+    p = subprocess.Popen([str(fake), "30"])
+    try:
+        time.sleep(0.2)
+        with pytest.raises(ProbeUnavailable) as ei:
+            locate(p.pid)
+        assert ei.value.reason == "no_runtime_symbol"
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_identify_exited_process():
+    p = subprocess.Popen(["true"])
+    p.wait()
+    with pytest.raises(ProbeUnavailable) as ei:
+        identify(p.pid)
+    assert ei.value.reason == "exited"
+
+
+# ----------------------------------------------------------------- real interpreters
+@pytest.mark.parametrize("version", VERSIONS)
+def test_identify_exact_version(version, report):
+    python = PYTHONS[version]
+    with start_workload("idle", python) as w:
+        ident = identify(w.pid)
+    expected = _exact_version(python)
+    report.record(version, "version", ident.version)
+    assert ident.version == expected
+    assert ident.implementation == "cpython"
+    assert ident.libc == "glibc"
+    assert ident.free_threaded is False
+    assert os.path.basename(ident.binary).startswith(f"libpython{version}")
+    assert ident.runtime_address > 0
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_locate_methods_agree(version, report):
+    """Every strategy finds the same validated address; the preferred one is used."""
+    with start_workload("cpu", PYTHONS[version]) as w:
+        loc = locate(w.pid)
+        expected_method = "debug_offsets" if tuple(map(int, version.split("."))) >= (3, 13) else "offset_table"
+        assert loc.method == expected_method
+        found = {loc.method: loc.address}
+        for method in ("offset_table", "search"):
+            other = locate(w.pid, methods=(method,))
+            assert other.method == method
+            found[method] = other.address
+        report.record(version, "locate", loc.method)
+        assert len(set(found.values())) == 1, found
+        assert loc.layout == LAYOUTS[False]
+        r = GilReader(loc).read()
+        assert r.interval_us == 5000 and r.holder != 0
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_wrong_table_offset_falls_back_to_search(version, monkeypatch):
+    """A wrong table entry is rejected by validation; the search finds the real GIL."""
+    with start_workload("cpu", PYTHONS[version], switch_interval=0.0123) as w:
+        good = locate(w.pid, methods=("debug_offsets", "offset_table"))
+        off = good.address - good.identity.runtime_address
+        for wrong in (off + 8, off - 24, 0, 64):
+            monkeypatch.setitem(KNOWN_GIL_OFFSETS, version, wrong)
+            for k in list(KNOWN_GIL_OFFSETS):
+                if k.startswith(version + "."):
+                    monkeypatch.setitem(KNOWN_GIL_OFFSETS, k, wrong)
+            with pytest.raises(ProbeUnavailable) as ei:
+                locate(w.pid, methods=("offset_table",))
+            assert ei.value.reason == "validation_failed"
+            loc = locate(w.pid, methods=("offset_table", "search"))
+            assert loc.method == "search" and loc.address == good.address
+        # The search does not assume the default interval: this target uses 12.3 ms.
+        assert GilReader(loc).read().interval_us == 12300
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_switch_interval_read_exactly(version):
+    with start_workload("sleep", PYTHONS[version], switch_interval=0.0123) as w:
+        loc = locate(w.pid)
+        with GilReader(loc) as reader:
+            r = reader.read()
+    assert r.interval_us == 12300
+    assert r.interval_us / 1e6 == 0.0123
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_glibc_waiters_agree_with_proc_futex(version, report):
+    """__wrefs >> 3 against threads futex-blocked on the condvar, averaged over paired reads."""
+    with start_workload("cpu", PYTHONS[version]) as w:
+        loc = locate(w.pid)
+        reader = GilReader(loc)
+        glibc = proc = 0
+        pairs = 0
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline and pairs < 400:
+            glibc += reader.read().waiters
+            proc += futex_waiters(w.pid, loc.address, loc.layout)
+            pairs += 1
+            time.sleep(0.003)
+        reader.close()
+    ratio = glibc / proc if proc else float("inf")
+    report.record(version, "wrefs/futex", f"{glibc / pairs:.2f}/{proc / pairs:.2f}")
+    assert pairs >= 100
+    assert proc / pairs > 0.8          # 3 CPU threads: about 2 are always blocked
+    assert 0.75 <= ratio <= 1.25, (glibc / pairs, proc / pairs)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_validation_rejects_wrong_addresses(version):
+    """Addresses near the GIL, or elsewhere in _PyRuntime, never validate."""
+    with start_workload("cpu", PYTHONS[version]) as w:
+        loc = locate(w.pid)
+        target = gil._identify(w.pid)
+        fd = gil._open_mem(w.pid)
+        try:
+            rt = target.identity.runtime_address
+            view = gil._RuntimeView(w.pid, fd, rt, target.elf.runtime[1])
+            assert gil._validate(w.pid, fd, loc.address, loc.layout, target.maps, view) == ""
+            for wrong in (loc.address + 8, loc.address - 8, loc.address + 80, rt, rt + 64):
+                assert gil._validate(w.pid, fd, wrong, loc.layout, target.maps, view,
+                                     strict=True) != "", hex(wrong - rt)
+        finally:
+            os.close(fd)
+
+
+def test_reader_after_exit_and_pid_checks():
+    with start_workload("cpu", PYTHONS[VERSIONS[-1]]) as w:
+        loc = locate(w.pid)
+        reader = GilReader(loc)
+        assert reader.read().locked in (True, False)
+        assert reader.same_process()
+        kill_quietly(w.pid)
+        w.proc.wait(timeout=10)
+    with pytest.raises(ProbeUnavailable) as ei:
+        reader.read()
+    assert ei.value.reason == "exited"
+    assert not reader.same_process()
+    reader.close()
+    with pytest.raises(ProbeUnavailable):
+        GilReader(loc)
+    with pytest.raises(ProbeUnavailable) as ei:
+        futex_waiters(loc.pid, loc.address, loc.layout)
+    assert ei.value.reason == "exited"
+
+
+def test_free_threaded_and_musl_identities_are_refused(monkeypatch):
+    """locate() refuses what it cannot read, from the identity (no such build installed here)."""
+    with start_workload("idle", PYTHONS[VERSIONS[-1]]) as w:
+        real = gil._identify(w.pid)
+        for change, reason in (({"free_threaded": True}, "free_threaded"),
+                               ({"libc": "musl"}, "musl"),
+                               ({"libc": "unknown"}, "unknown_layout"),
+                               ({"version": "3.7.16"}, "unknown_layout")):
+            fake = gil._Target(gil.PythonIdentity(**{**real.identity.__dict__, **change}),
+                               real.elf, real.base, real.maps)
+            monkeypatch.setattr(gil, "_identify", lambda pid, fake=fake: fake)
+            with pytest.raises(ProbeUnavailable) as ei:
+                locate(w.pid)
+            assert ei.value.reason == reason
+
+
+def _run_as_nobody(fn) -> dict:
+    """Run fn() in a forked child that dropped to uid/gid nobody; return its JSON result."""
+    r, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            out = fn()
+        except BaseException as exc:  # report, never return into pytest
+            out = {"error": repr(exc)}
+        os.write(wfd, json.dumps(out).encode())
+        os._exit(0)
+    os.close(wfd)
+    chunks = []
+    while True:
+        b = os.read(r, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(b"".join(chunks) or b"{}")
+
+
+def test_permission_denied_as_other_user():
+    """Reader as uid nobody, target as root: no ptrace access -> permission_denied."""
+    with start_workload("cpu", PYTHONS[VERSIONS[-1]]) as w:
+        loc = locate(w.pid)
+
+        def probe():
+            out = {"uid": os.getuid()}
+            for name, call in (("identify", lambda: identify(w.pid)),
+                               ("locate", lambda: locate(w.pid)),
+                               ("reader", lambda: GilReader(loc)),
+                               ("futex", lambda: futex_waiters(w.pid, loc.address, loc.layout))):
+                try:
+                    call()
+                    out[name] = "no error"
+                except ProbeUnavailable as exc:
+                    out[name] = exc.reason
+            return out
+
+        out = _run_as_nobody(probe)
+    assert out.get("uid") == NOBODY, out
+    assert out == {"uid": NOBODY, "identify": "permission_denied", "locate": "permission_denied",
+                   "reader": "permission_denied", "futex": "permission_denied"}
