@@ -219,6 +219,14 @@ class _LineLoader(yaml.SafeLoader):
     def fail(self, line: int, message: str) -> ConfigError:
         return ConfigError(self.file, line, _one_line(message))
 
+    def scalar(self, node: yaml.ScalarNode, line: int) -> Any:
+        try:
+            return self.construct_object(node, deep=True)
+        except yaml.YAMLError:
+            raise
+        except Exception as exc:  # e.g. timestamp 2020-02-30: ValueError; !!int abc
+            raise self.fail(line, f"invalid value {_q(node.value)}: {exc}") from None
+
     def build(self, node: yaml.Node, path: Tuple[Any, ...], key_line: int, depth: int) -> Any:
         value_line = self.line_of(node.start_mark)
         if isinstance(node, yaml.ScalarNode) and node.style in ("|", ">") and node.value:
@@ -231,12 +239,7 @@ class _LineLoader(yaml.SafeLoader):
             raise self.fail(value_line, f"document too large: more than {_MAX_NODES} values (alias bomb?)")
 
         if isinstance(node, yaml.ScalarNode):
-            try:
-                return self.construct_object(node, deep=True)
-            except yaml.YAMLError:
-                raise
-            except Exception as exc:  # e.g. timestamp 2020-02-30: ValueError
-                raise self.fail(value_line, f"invalid value {_q(node.value)}: {exc}") from None
+            return self.scalar(node, value_line)
 
         if isinstance(node, yaml.SequenceNode):
             if node.tag != "tag:yaml.org,2002:seq":
@@ -267,7 +270,7 @@ class _LineLoader(yaml.SafeLoader):
                 line = self.line_of(key_node.start_mark)
                 if not isinstance(key_node, yaml.ScalarNode):
                     raise self.fail(line, "mapping keys must be plain strings, not lists or mappings")
-                key = self.build(key_node, path + ("<key>",), line, depth + 1)
+                key = self.scalar(key_node, line)
                 if not isinstance(key, str):
                     raise self.fail(line, f"key {_q(key_node.value)} must be a string (it reads as {_describe(key)}; quote it)")
                 if key in seen:
@@ -275,7 +278,6 @@ class _LineLoader(yaml.SafeLoader):
                     raise self.fail(line, f"duplicate key {_q(key)} in {where} (first on line {seen[key]})")
                 seen[key] = line
                 result[key] = self.build(value_node, path + (key,), line, depth + 1)
-            self.lines.pop(path + ("<key>",), None)
             return result
 
         raise self.fail(value_line, f"unsupported YAML node {type(node).__name__}")  # pragma: no cover

@@ -395,7 +395,7 @@ def test_schema_symlink_in_config_dir():
 # Properties: load_config returns a Config or raises ConfigError with a line inside the document
 
 _FAST = settings(
-    max_examples=150,
+    max_examples=int(os.environ.get("CONFIG_PROPERTY_EXAMPLES", "150")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
