@@ -56,6 +56,8 @@ def _daemon_parser() -> argparse.ArgumentParser:
                    metavar="HOST:PORT", help=f"address to serve on (default {DEFAULT_LISTEN})")
     p.add_argument("--web.telemetry-path", dest="metrics_path", default="/metrics", metavar="PATH",
                    help="path of the metrics endpoint (default /metrics)")
+    p.add_argument("--web.config.file", dest="web_config", metavar="FILE",
+                   help="TLS and basic auth, in the Prometheus exporter-toolkit format")
     p.add_argument("--log.level", dest="log_level", default="info",
                    choices=["debug", "info", "warn", "warning", "error"], help="log level (default info)")
     p.add_argument("--config.check", dest="check", action="store_true",
@@ -102,9 +104,12 @@ def run_daemon(args) -> int:
     from exporter.http import ExporterServer
     from exporter.monitor import Monitor
 
+    from exporter.webconfig import WebConfigError, load_web_config
+
     try:
         config = _load(args.config)
-    except ConfigError as e:
+        web = load_web_config(args.web_config) if args.web_config else None
+    except (ConfigError, WebConfigError) as e:
         print(str(e), file=sys.stderr)
         return 2
     if args.check:
@@ -115,7 +120,7 @@ def run_daemon(args) -> int:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GilCollector(monitor))
     try:
-        server = ExporterServer(args.listen, registry, monitor, args.metrics_path)
+        server = ExporterServer(args.listen, registry, monitor, args.metrics_path, web)
     except OSError as e:
         print(f"gil-exporter: cannot listen on {args.listen[0]}:{args.listen[1]}: {e.strerror or e}",
               file=sys.stderr)
@@ -139,10 +144,11 @@ def run_daemon(args) -> int:
     server.start()
     host, port = server.address
     shown = f"[{host}]" if ":" in host else host
-    log.info("gil-exporter %s listening; landing page http://%s:%d/ metrics http://%s:%d%s; config: %s",
-             __version__, shown, port, shown, port, args.metrics_path, args.config or "every CPython process")
-    print(f"gil-exporter {__version__}: landing page http://{shown}:{port}/  metrics http://{shown}:{port}"
-          f"{args.metrics_path}", file=sys.stderr, flush=True)
+    url = f"{server.scheme}://{shown}:{port}"
+    log.info("gil-exporter %s listening; landing page %s/ metrics %s%s; config: %s",
+             __version__, url, url, args.metrics_path, args.config or "every CPython process")
+    print(f"gil-exporter {__version__}: landing page {url}/  metrics {url}{args.metrics_path}",
+          file=sys.stderr, flush=True)
 
     while True:
         stop.wait()

@@ -1,8 +1,12 @@
 """HTTP: /metrics, a landing page at /, and /healthz, on the standard library's server."""
 from __future__ import annotations
 
+import base64
+import binascii
 import html
 import logging
+import socket
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -12,6 +16,7 @@ from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__
 from exporter.monitor import Monitor
+from exporter.webconfig import BasicAuth, WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +57,50 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{t
 """
 
 
+class _Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer that does the TLS handshake in the connection's own thread,
+    so a slow or plain-HTTP client can never hold up accept() for everyone else."""
+
+    daemon_threads = True
+    request_queue_size = 128
+    ssl_context: ssl.SSLContext | None = None
+    handshake_timeout = 10.0
+
+    def finish_request(self, request, client_address):
+        if self.ssl_context is not None:
+            request.settimeout(self.handshake_timeout)
+            try:
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError) as e:
+                log.debug("TLS handshake with %s failed: %s", client_address[0], e)
+                return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request, client_address):
+        log.debug("connection from %s ended with an error", client_address[0], exc_info=True)
+
+
 class ExporterServer:
     """Serves one registry and the landing page; stops cleanly on request."""
 
     def __init__(self, address: tuple[str, int], registry: CollectorRegistry, monitor: Monitor,
-                 metrics_path: str = "/metrics"):
+                 metrics_path: str = "/metrics", web: WebConfig | None = None):
         self.registry = registry
         self.monitor = monitor
         self.metrics_path = metrics_path
+        self.web = web or WebConfig()
+        self.auth = BasicAuth(self.web.users) if self.web.users else None
         handler = self._handler()
-        self.httpd = ThreadingHTTPServer(address, handler)
-        self.httpd.daemon_threads = True
+        server_class = _Server
+        if ":" in address[0]:
+            server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+        self.httpd = server_class(address, handler)
+        self.httpd.ssl_context = self.web.ssl_context
         self._thread: threading.Thread | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.web.ssl_context is not None else "http"
 
     @property
     def address(self) -> tuple[str, int]:
@@ -77,7 +114,29 @@ class ExporterServer:
             protocol_version = "HTTP/1.1"
             timeout = 30  # a slow client cannot hold a worker thread forever
 
+            def _authorized(self) -> bool:
+                if server.auth is None:
+                    return True
+                header = self.headers.get("Authorization", "")
+                scheme, _, value = header.partition(" ")
+                if scheme.lower() == "basic":
+                    try:
+                        user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+                    except (binascii.Error, UnicodeDecodeError):
+                        user = password = None
+                    if user is not None and server.auth.check(user, password):
+                        return True
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="gil-exporter"')
+                self.send_header("Content-Length", "13")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(b"unauthorized\n")
+                return False
+
             def do_GET(self):  # noqa: N802 (http.server's naming)
+                if not self._authorized():
+                    return
                 path = urlsplit(self.path).path
                 if path == server.metrics_path:
                     encoder, content_type = choose_encoder(self.headers.get("Accept", ""))

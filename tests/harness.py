@@ -15,7 +15,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
-_URL = re.compile(r"metrics (http://\S+?)(/\S*)\s*$", re.M)
+_URL = re.compile(r"metrics (https?://\S+?)(/\S*)\s*$", re.M)
 
 
 def exporter_command() -> list[str]:

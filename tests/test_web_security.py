@@ -1,0 +1,180 @@
+"""--web.config.file: real HTTPS, mTLS and basic auth; scrapers under load, huge headers, slow clients."""
+from __future__ import annotations
+
+import base64
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import bcrypt
+import pytest
+
+from harness import exporter_command, write_config
+from workloads import start_workload
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+             "-days", "2", "-subj", "/CN=test-ca", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext", cwd=d)
+    return d
+
+
+HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=10)).decode().replace("$2b$", "$2y$", 1)
+
+
+def _ctx(pki, client_cert=False):
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    if client_cert:
+        ctx.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
+    return ctx
+
+
+def _get(url, ctx=None, user=None, password=None, timeout=10):
+    req = urllib.request.Request(url)
+    if user is not None:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+def _targets(tmp_path):
+    return write_config(tmp_path, """
+targets:
+  - name: web
+    match:
+      cmdline: 'gil-workload .* web-sec$'
+scan_interval_seconds: 1
+window_seconds: 3
+""")
+
+
+def test_tls_and_basic_auth(exporter, tmp_path, pki):
+    web = write_config(tmp_path, f"""
+tls_server_config:
+  cert_file: {pki}/server.crt
+  key_file: {pki}/server.key
+basic_auth_users:
+  prometheus: '{HASH}'
+""", "web.yaml")
+    with start_workload("sleep", threads=1, argv_tag="web-sec") as w:
+        exp = exporter("--config", str(_targets(tmp_path)), "--web.config.file", str(web))
+        assert exp.base.startswith("https://")
+        ctx = _ctx(pki)
+        assert _get(exp.base + "/metrics", ctx)[0] == 401
+        assert _get(exp.base + "/metrics", ctx, "prometheus", "wrong")[0] == 401
+        assert _get(exp.base + "/metrics", ctx, "nobody", "s3cret")[0] == 401
+        for _ in range(20):
+            status, body = _get(exp.base + "/metrics", ctx, "prometheus", "s3cret")
+            assert status == 200
+            if f'pid="{w.pid}"' in body:
+                break
+            time.sleep(0.5)
+        assert f'pygil_process_threads{{pid="{w.pid}",target="web"}}' in body
+        # Plain HTTP to the TLS port: refused, and the server keeps serving.
+        plain = exp.base.replace("https://", "http://")
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            urllib.request.urlopen(plain + "/metrics", timeout=5).read()
+        assert _get(exp.base + "/healthz", ctx, "prometheus", "s3cret") == (200, "ok\n")
+
+
+def test_mutual_tls(exporter, tmp_path, pki):
+    web = write_config(tmp_path, f"""
+tls_server_config:
+  cert_file: {pki}/server.crt
+  key_file: {pki}/server.key
+  client_auth_type: RequireAndVerifyClientCert
+  client_ca_file: {pki}/ca.crt
+""", "web.yaml")
+    exp = exporter("--config", str(_targets(tmp_path)), "--web.config.file", str(web))
+    assert _get(exp.base + "/healthz", _ctx(pki, client_cert=True)) == (200, "ok\n")
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError, OSError)):
+        _get(exp.base + "/healthz", _ctx(pki, client_cert=False))
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("tls_server_config:\n  cert_file: /nonexistent.crt\n  key_file: /nonexistent.key\n", "cannot load"),
+    ("basic_auth_users:\n  bob: plaintext\n", "not a bcrypt hash"),
+    ("tls_config: {}\n", "unknown key"),
+    ("basic_auth_users: [\n", "not valid YAML"),
+])
+def test_bad_web_config_exits_2(tmp_path, text, fragment):
+    web = write_config(tmp_path, text, "web.yaml")
+    r = subprocess.run(exporter_command() + ["--web.config.file", str(web), "--web.listen-address", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert r.stderr.startswith(str(web)) and fragment in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fifty_concurrent_scrapers_slow_clients_and_huge_headers(exporter, tmp_path):
+    """Bounded load on loopback: 50 scrapers for 30 s while slow and oversized clients misbehave."""
+    with start_workload("cpu", threads=3, argv_tag="web-sec") as w:
+        exp = exporter("--config", str(_targets(tmp_path)))
+        exp.wait_for(lambda: exp.value("pygil_process_threads", pid=w.pid) == 4.0)
+        host, port = exp.base.rsplit("/", 1)[1].rsplit(":", 1)
+        port = int(port)
+
+        # 20 slow clients: connect, send half a request line, then stall.
+        slow = []
+        for _ in range(20):
+            s = socket.create_connection((host, port))
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            slow.append(s)
+        # A request with a 1 MiB header: rejected without harm.
+        big = socket.create_connection((host, port))
+        big.sendall(b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
+        big_reply = big.recv(64)
+        big.close()
+        assert big_reply.startswith(b"HTTP/1.") and b" 200 " not in big_reply
+
+        results = {"ok": 0, "bad": 0, "latencies": []}
+        lock = threading.Lock()
+        deadline = time.monotonic() + 30
+
+        def scraper():
+            while time.monotonic() < deadline:
+                t0 = time.perf_counter()
+                try:
+                    status, body = _get(exp.base + "/metrics", timeout=10)
+                    good = status == 200 and f'pygil_process_threads{{pid="{w.pid}",target="web"}} 4.0' in body \
+                        and body.rstrip().endswith(tuple("0123456789"))
+                except OSError:
+                    good = False
+                with lock:
+                    results["ok" if good else "bad"] += 1
+                    results["latencies"].append(time.perf_counter() - t0)
+
+        threads = [threading.Thread(target=scraper) for _ in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        for s in slow:
+            s.close()
+        lat = sorted(results["latencies"])
+        p99 = lat[int(0.99 * (len(lat) - 1))]
+        print(f"load: {results['ok']} good scrapes, {results['bad']} bad, p50 {lat[len(lat) // 2] * 1000:.1f} ms, "
+              f"p99 {p99 * 1000:.1f} ms with 50 scrapers + 20 stalled clients")
+        assert results["bad"] == 0
+        assert results["ok"] > 50
+        assert exp.proc.poll() is None
