@@ -111,6 +111,16 @@ def spawner():
             t.join()
 start(spawner, 1); ready(); forever()
 """,
+    # A step: idle for WORKLOAD_STEP_DELAY seconds, then N pure-Python CPU threads.
+    "step": """
+def work():
+    time.sleep(float(os.environ.get("WORKLOAD_STEP_DELAY", "5")))
+    x = 0
+    while True:
+        for i in range(10000):
+            x += i * i
+start(work); ready(); forever()
+""",
     # Idle: only the main thread, asleep.
     "idle": """
 ready(); forever()
