@@ -1,0 +1,235 @@
+"""Derive stage: a contention score and a verdict from one process's figures over one window.
+
+Pure functions over frozen dataclasses, no I/O. Two ways to score:
+
+* ``gil_state``: the sampler read the GIL itself (held flag, waiters, switch number); the score is
+  the fraction of the window the GIL was held while at least one thread waited for it.
+* ``procfs``: the target's memory cannot be read; the score is estimated from /proc alone (thread
+  count, CPU used, context-switch rates). See docs/procfs-heuristic.md for the reasoning and the
+  measurements behind every constant below.
+
+Free-threaded builds (GIL disabled) get no score at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: CPython's default switch interval (sys.getswitchinterval()), used when it was not read.
+DEFAULT_INTERVAL = 0.005
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One process over one window."""
+
+    threads: int
+    cpu_cores: float  # cores used over the window (1.0 = one full core)
+    voluntary_per_second: float  # context switches summed over every thread
+    involuntary_per_second: float
+    host_cpus: int
+    gil_enabled: bool | None = None  # None = unknown (no memory probe)
+    interval_seconds: float | None = None  # GIL switch interval, if read
+    held_ratio: float | None = None  # fraction of window the GIL was held
+    waiting_threads: float | None = None  # mean waiters
+    switches_per_second: float | None = None  # GIL handoffs/s
+    contended_ratio: float | None = None  # fraction of window held with >=1 waiter
+
+
+@dataclass(frozen=True)
+class Verdict:
+    contended: bool
+    kind: str  # see KINDS
+    headline: str  # one line for a person
+    advice: tuple[str, ...]  # what to change, concrete
+
+
+KINDS = (
+    "cpu_threads_serialized",
+    "io_starved_by_cpu",
+    "gil_released",
+    "free_threaded",
+    "idle",
+    "no_contention",
+)
+
+
+def _clamp(x: float, lo: float = 0.0, hi: float = 1.0) -> float:
+    if x != x:  # NaN
+        return lo
+    return lo if x < lo else hi if x > hi else x
+
+
+def _ramp(x: float, zero_at: float, one_at: float) -> float:
+    """0 at `zero_at`, 1 at `one_at`, linear in between (works both ways round)."""
+    return _clamp((x - zero_at) / (one_at - zero_at))
+
+
+def _interval(f: Figures) -> float:
+    if f.interval_seconds is not None and f.interval_seconds > 0:
+        return f.interval_seconds
+    return DEFAULT_INTERVAL
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+
+
+def gil_state_score(f: Figures) -> float | None:
+    """Fraction of the window the GIL was held with at least one waiter, clamped to [0, 1].
+
+    None when the GIL was not read (or the build has no GIL).
+    """
+    if f.gil_enabled is False or f.contended_ratio is None:
+        return None
+    return _clamp(f.contended_ratio)
+
+
+# Constants of the procfs heuristic, measured in docs/procfs-heuristic.md.
+#: Waiter evidence: voluntary switches/s times the switch interval ("waiter-equivalents": a thread
+#: waiting for the GIL wakes about once per interval). Below WAKE_NONE nothing waits, from
+#: WAKE_FULL on at least one thread waits all the time.
+WAKE_NONE = 0.25
+WAKE_FULL = 0.75
+#: Busy evidence: the GIL can only be held (hence contended) while Python code runs, so the
+#: contended fraction is at most about the CPU the process wants. What it wants is the cores it
+#: used plus the time its threads sat preempted (a holder preempted on a loaded host still holds
+#: the GIL): each involuntary switch counts PREEMPT_SECONDS (low end of the run delay per
+#: involuntary switch measured on the contended workloads). BUSY_FULL < 1 leaves further room.
+PREEMPT_SECONDS = 0.001
+BUSY_FULL = 0.7
+#: Parallel evidence: threads serialized on one GIL use at most about one core. The CPU used beyond
+#: PARALLEL_FROM cores must run without the GIL; at PARALLEL_NONE cores it is not GIL-bound at all.
+PARALLEL_FROM = 1.15
+PARALLEL_NONE = 1.6
+
+
+def procfs_factors(f: Figures) -> dict[str, float]:
+    """The three factors of procfs_score, for explanation and debugging."""
+    wake = f.voluntary_per_second * _interval(f)
+    factors = {
+        "waiter_equivalents": wake,
+        "wake": _ramp(wake, WAKE_NONE, WAKE_FULL),
+        "busy": _clamp((f.cpu_cores + f.involuntary_per_second * PREEMPT_SECONDS) / BUSY_FULL),
+        "serial": 1.0,
+    }
+    if f.host_cpus > 1:  # on one CPU nothing can run in parallel: no evidence either way
+        factors["serial"] = 1.0 - _ramp(f.cpu_cores, PARALLEL_FROM, PARALLEL_NONE)
+    if f.threads < 2:  # one thread cannot contend with itself
+        factors["wake"] = 0.0
+    return factors
+
+
+def procfs_score(f: Figures) -> float:
+    """Estimated contended fraction from /proc figures only (threads, cores, switch rates).
+
+    score = wake x busy x serial, each in [0, 1]:
+      wake   : some thread waits for the GIL (it wakes ~1/interval times a second)
+      busy   : some thread runs Python code, i.e. can hold the GIL (cores used + preempted)
+      serial : the process is capped near one core, not running in parallel in C code
+    """
+    fac = procfs_factors(f)
+    return _clamp(fac["wake"] * fac["busy"] * fac["serial"])
+
+
+def score(f: Figures) -> tuple[float | None, str]:
+    """(value, method): "gil_state" when GIL figures exist, else "procfs"; (None, "none") when
+    the build is free-threaded."""
+    if f.gil_enabled is False:
+        return None, "none"
+    g = gil_state_score(f)
+    if g is not None:
+        return g, "gil_state"
+    return procfs_score(f), "procfs"
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdict
+
+#: Handoffs per switch interval above which the GIL keeps going to threads that give it back
+#: quickly (I/O threads around one CPU hog) instead of rotating between CPU-bound threads, which
+#: hand off at most once per interval. Measured 0.14-0.92 (cpu, json) against 1.36-7.3 (starved).
+STARVED_HANDOFFS_PER_INTERVAL = 1.15
+#: procfs-only fallback (weaker, see docs/procfs-heuristic.md): voluntary switches per interval,
+#: per thread besides one, per core used (cores floored at STARVED_CORES_FLOOR). CPU-bound waiters
+#: wake about once per interval; I/O threads also block on their own. Measured 0.65-1.32 (cpu,
+#: json) against 1.55-3.4 (starved).
+STARVED_WAKES_PER_THREAD = 1.45
+STARVED_CORES_FLOOR = 0.5
+IDLE_CORES = 0.05
+#: CPU used without holding the GIL (cores - held) from which threads clearly run in parallel.
+RELEASED_CORES = 0.3
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:g} ms"
+
+
+def _starved(f: Figures) -> bool:
+    iv = _interval(f)
+    if f.switches_per_second is not None:
+        return f.switches_per_second * iv >= STARVED_HANDOFFS_PER_INTERVAL
+    others = max(1, f.threads - 1)
+    per_thread = f.voluntary_per_second * iv / others / max(f.cpu_cores, STARVED_CORES_FLOOR)
+    return per_thread >= STARVED_WAKES_PER_THREAD
+
+
+def _gil_released(f: Figures) -> bool:
+    if f.held_ratio is not None:
+        return f.cpu_cores - _clamp(f.held_ratio) >= RELEASED_CORES
+    return f.cpu_cores >= PARALLEL_FROM and f.host_cpus > 1
+
+
+def verdict(f: Figures, threshold: float = 0.5) -> Verdict:
+    """What is going on with this process's GIL, and what to change."""
+    iv = _interval(f)
+    cores = f"{f.cpu_cores:.2f} of {f.host_cpus} cores"
+    if f.gil_enabled is False:
+        return Verdict(False, "free_threaded",
+                       f"free-threaded build: no GIL to contend on ({f.threads} threads, {cores})",
+                       ("The GIL is off: if threads still do not scale, look at other locks "
+                        "(threading.Lock/RLock, queue.Queue, per-object locks on shared dicts and "
+                        "lists, logging handlers, the allocator), e.g. with py-spy dump --native "
+                        "or perf lock.",))
+    value, method = score(f)
+    assert value is not None
+    how = "measured from the GIL" if method == "gil_state" else "estimated from /proc"
+    pct = f"{value:.0%}"
+    held_idle = f.held_ratio is None or f.held_ratio < IDLE_CORES
+    if value < threshold and f.cpu_cores < IDLE_CORES and held_idle:
+        return Verdict(False, "idle",
+                       f"idle: {cores} used, {f.threads} threads, GIL contention {pct} ({how})",
+                       ())
+    if value >= threshold:
+        if _starved(f):
+            return Verdict(True, "io_starved_by_cpu",
+                           f"I/O threads starved by a CPU-bound thread: GIL contended {pct} of "
+                           f"the time ({how}), {f.threads} threads on {cores}",
+                           ("Move the CPU-bound work out of this process, or off the I/O threads "
+                            "and event loop onto a process pool: "
+                            "loop.run_in_executor(concurrent.futures.ProcessPoolExecutor(), fn, "
+                            "*args) from asyncio, or executor.submit from threads.",
+                            f"Every wake-up of an I/O thread waits up to the switch interval "
+                            f"({_ms(iv)}) for the GIL: sys.setswitchinterval(0.001) gets them the "
+                            f"GIL sooner but costs more switching overhead in the CPU thread; it "
+                            f"is a mitigation, not a fix."))
+        return Verdict(True, "cpu_threads_serialized",
+                       f"CPU-bound Python threads serialized on the GIL: contended {pct} of the "
+                       f"time ({how}), {f.threads} threads sharing {cores}",
+                       ("Threads add no CPU throughput here: move the CPU-bound work to processes "
+                        "(concurrent.futures.ProcessPoolExecutor or multiprocessing.Pool).",
+                        "Or move the hot loop to native code that releases the GIL (NumPy, "
+                        "Cython `with nogil`, a C/Rust extension), or run on a free-threaded "
+                        "build (python3.13t and later).",
+                        f"sys.setswitchinterval (now {_ms(iv)}) only changes how often threads "
+                        f"take turns, not the total throughput; raising it lowers switching "
+                        f"overhead, lowering it improves latency."))
+    if _gil_released(f):
+        held = "" if f.held_ratio is None else f", GIL held {f.held_ratio:.0%}"
+        return Verdict(False, "gil_released",
+                       f"threads run in parallel with the GIL mostly released: {cores}{held}, "
+                       f"contention {pct} ({how})",
+                       ("Threads are fine here: the work runs in C code that releases the GIL. "
+                        "Look elsewhere for slowness (I/O, locks, CPU quota, the host).",))
+    return Verdict(False, "no_contention",
+                   f"no GIL contention: {pct} ({how}), {f.threads} threads, {cores}",
+                   ())
