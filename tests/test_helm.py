@@ -388,3 +388,22 @@ def test_readme_documents_every_value():
 def test_schema_covers_every_top_level_value():
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert set(defaults()) == set(schema["properties"])
+
+
+def test_readme_sidecar_snippet():
+    """The documented sidecar pod spec: shared PID namespace, SYS_PTRACE only, the chart's port
+    name and pod label, the exporter's flags."""
+    readme = (CHART / "README.md").read_text()
+    section = readme[readme.index("## Sidecar mode"):readme.index("## Values")]
+    (snippet,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    spec = yaml.safe_load(snippet)["spec"]["template"]
+    sidecar_values = defaults()["sidecar"]
+    assert spec["metadata"]["labels"] == sidecar_values["podSelector"]
+    pod = spec["spec"]
+    assert pod["shareProcessNamespace"] is True
+    c = next(c for c in pod["containers"] if c["name"] == "gil-exporter")
+    assert c["ports"][0]["name"] == sidecar_values["portName"]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_PTRACE"]}
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert "--web.listen-address=:10057" in c["args"]
+    assert c["resources"]["limits"]
