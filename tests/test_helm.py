@@ -134,6 +134,12 @@ def helm(tmp_path_factory):
     charts = {
         "default": chart_copy(tmp, "default", base),
         "all-enabled": chart_copy(tmp, "all-enabled", merge(base, ALL_ON)),
+        "options": chart_copy(tmp, "options", merge(base, merge(ALL_ON, {
+            "fullnameOverride": "gilx", "podMetadata": {"enabled": False},
+            "listenAddress": "0.0.0.0:9999", "extraArgs": ["--web.telemetry-path=/metrics"],
+            "prometheusRule": {"disabledAlerts": ["GilExporterDown"], "jobRegex": "monitoring/gil.*",
+                               "runbookBaseUrl": "https://wiki.example.com/runbooks/"},
+            "dashboard": {"labels": {"grafana_dashboard": "gil"}}}))),
         # Negative controls: prove that the checks below can fail.
         "bad-values": chart_copy(tmp, "bad-values", merge(base, {"port": "not-a-port"}), probe=False),
         "lost-marker": chart_copy(
@@ -174,7 +180,7 @@ def test_examples_exist():
     assert {"kube-prometheus-stack", "sidecar", "dedicated-nodes"} <= set(EXAMPLES)
 
 
-@pytest.mark.parametrize("name", ["default", "all-enabled"] + [f"example-{e}" for e in EXAMPLES])
+@pytest.mark.parametrize("name", ["default", "all-enabled", "options"] + [f"example-{e}" for e in EXAMPLES])
 def test_lint_passes(helm, name):
     check_clean(helm[name])
     # Every template rendered (the probe reported it), no template's own `fail` fired.
@@ -407,3 +413,31 @@ def test_readme_sidecar_snippet():
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert "--web.listen-address=:10057" in c["args"]
     assert c["resources"]["limits"]
+
+
+def test_options(helm):
+    res = helm["options"]
+    ds = res.one("DaemonSet")
+    assert ds["metadata"]["name"] == "gilx"
+    pod = ds["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert "--web.listen-address=0.0.0.0:9999" in c["args"] and "--web.telemetry-path=/metrics" in c["args"]
+    # No pod metadata: no NODE_NAME, no token, no RBAC.
+    assert "NODE_NAME" not in {e["name"] for e in c.get("env") or []}
+    assert pod["automountServiceAccountToken"] is False
+    assert not res.kind("ClusterRole") and not res.kind("ClusterRoleBinding")
+    pr = res.one("PrometheusRule")
+    alerts = {r["alert"]: r for g in pr["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert set(alerts) == set(rulesfile.alerts()) - {"GilExporterDown"}
+    for a in alerts.values():
+        assert a["annotations"]["runbook_url"].startswith("https://wiki.example.com/runbooks/")
+    records = [r for g in pr["spec"]["groups"] for r in g["rules"] if "record" in r]
+    assert len(records) == 4
+    dash = [c for c in res.kind("ConfigMap") if c["metadata"]["name"] == "gilx-dashboard"]
+    assert dash[0]["metadata"]["labels"]["grafana_dashboard"] == "gil"
+
+
+def test_job_regex_override(tmp_path, helm):
+    rule = helm["example-sidecar"].one("PrometheusRule")
+    down = next(r for g in rule["spec"]["groups"] for r in g["rules"] if r.get("alert") == "GilExporterDown")
+    assert down["expr"] == rulesfile.alerts(rulesfile.derive(job_regex=".*gil.*"))["GilExporterDown"]["expr"]
