@@ -145,19 +145,24 @@ def score(f: Figures) -> tuple[float | None, str]:
 # ---------------------------------------------------------------------------------------------
 # Verdict
 
-#: Handoffs per switch interval above which the GIL keeps going to threads that give it back
-#: quickly (I/O threads around one CPU hog) instead of rotating between CPU-bound threads, which
-#: hand off at most once per interval. Measured 0.14-0.92 (cpu, json) against 1.36-7.3 (starved).
-STARVED_HANDOFFS_PER_INTERVAL = 1.15
+#: Handoffs per switch interval, per core used (cores floored at STARVED_CORES_FLOOR), above which
+#: the GIL keeps going to threads that give it back quickly (I/O threads around one CPU hog)
+#: instead of rotating between CPU-bound threads, which hand off at most about once per interval
+#: of CPU they get. Measured at most 0.97 (cpu, json) against at least 2.05 (starved).
+STARVED_HANDOFFS_PER_INTERVAL = 1.4
 #: procfs-only fallback (weaker, see docs/procfs-heuristic.md): voluntary switches per interval,
-#: per thread besides one, per core used (cores floored at STARVED_CORES_FLOOR). CPU-bound waiters
-#: wake about once per interval; I/O threads also block on their own. Measured 0.65-1.32 (cpu,
-#: json) against 1.55-3.4 (starved).
+#: per thread besides one, per core used. CPU-bound waiters wake about once per interval; I/O
+#: threads also block on their own. Measured 0.65-1.32 (cpu, json) against 1.55-3.4 (starved).
 STARVED_WAKES_PER_THREAD = 1.45
+#: Below this many cores the process is starved of CPU by the host and rates slow down with it;
+#: rates are divided by max(cores, floor) so that such windows do not look like starvation.
 STARVED_CORES_FLOOR = 0.5
 IDLE_CORES = 0.05
-#: CPU used without holding the GIL (cores - held) from which threads clearly run in parallel.
-RELEASED_CORES = 0.3
+#: gil_state: the GIL was held for at most this fraction of the CPU the process used: the rest
+#: ran in C code with the GIL released.
+RELEASED_HELD_PER_CORE = 0.5
+#: procfs: more than about one core used means part of the work runs without the GIL.
+RELEASED_CORES = PARALLEL_FROM
 
 
 def _ms(seconds: float) -> str:
@@ -165,18 +170,21 @@ def _ms(seconds: float) -> str:
 
 
 def _starved(f: Figures) -> bool:
+    """Contended: I/O-like threads starved by one CPU-bound thread (True) or CPU-bound threads
+    taking turns (False)."""
     iv = _interval(f)
+    cores = max(f.cpu_cores, STARVED_CORES_FLOOR)
     if f.switches_per_second is not None:
-        return f.switches_per_second * iv >= STARVED_HANDOFFS_PER_INTERVAL
+        return f.switches_per_second * iv / cores >= STARVED_HANDOFFS_PER_INTERVAL
     others = max(1, f.threads - 1)
-    per_thread = f.voluntary_per_second * iv / others / max(f.cpu_cores, STARVED_CORES_FLOOR)
-    return per_thread >= STARVED_WAKES_PER_THREAD
+    return f.voluntary_per_second * iv / others / cores >= STARVED_WAKES_PER_THREAD
 
 
 def _gil_released(f: Figures) -> bool:
     if f.held_ratio is not None:
-        return f.cpu_cores - _clamp(f.held_ratio) >= RELEASED_CORES
-    return f.cpu_cores >= PARALLEL_FROM and f.host_cpus > 1
+        return (f.cpu_cores >= 2 * IDLE_CORES
+                and _clamp(f.held_ratio) <= RELEASED_HELD_PER_CORE * min(f.cpu_cores, 1.0))
+    return f.cpu_cores >= RELEASED_CORES and f.host_cpus > 1
 
 
 def verdict(f: Figures, threshold: float = 0.5) -> Verdict:
