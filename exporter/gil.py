@@ -952,6 +952,8 @@ class GilReader:
         self._perm = tuple(order.index(n) for n in
                            ("interval", "last_holder", "locked", "switch_number", "cond_wrefs"))
         self.start_time = start_time(self.pid)
+        self._writable: Optional[_WritableRanges] = None
+        self._interps: set = set()       # interpreters already verified (recheck)
         self.fd = _open_mem(self.pid)
 
     def read_raw(self) -> Tuple[int, int, int, int, int]:
@@ -981,26 +983,47 @@ class GilReader:
         Returns (problem, futex_waiters): problem is "" when one snapshot of the struct
         and its mutex still has the GIL's shape and, if the GIL is locked, last_holder is
         a live thread state of the runtime's interpreter. Raises ProbeUnavailable when
-        the process exited, was replaced, or denies access.
+        the process exited, was replaced, or denies access. Costs a few /proc reads;
+        the writable mappings and the verified interpreter are cached between calls.
         """
         if not self.same_process():
             raise ProbeUnavailable("exited", f"pid {self.pid} exited or was replaced")
         loc = self.location
-        maps = _read_maps(self.pid)
-        writable = _WritableRanges(maps)
         data = _pread_exact(self.fd, loc.layout.mutex + 40, self.address, self.pid)
-        ntasks = len(_task_ids(self.pid)) + 4
-        if not _structural_ok(data, 0, loc.layout, writable, ntasks):
-            return "GIL struct lost its shape", -1
+        tids = _task_ids(self.pid)
+        for attempt in range(2):
+            if self._writable is None or attempt:
+                self._writable = _WritableRanges(_read_maps(self.pid))
+            problem = self._recheck_snapshot(data, len(tids))
+            if not problem:
+                break
+        if problem:
+            return problem, -1
+        return "", futex_waiters(self.pid, self.address, loc.layout)
+
+    def _recheck_snapshot(self, data: bytes, ntasks: int) -> str:
+        loc = self.location
+        writable = self._writable
+        if not _structural_ok(data, 0, loc.layout, writable, ntasks + 4):
+            return "GIL struct lost its shape"
         locked, = _I32.unpack_from(data, loc.layout.locked)
         holder, = _U64.unpack_from(data, loc.layout.last_holder)
         if locked and holder:
             rt = loc.identity.runtime_address
+            try:
+                interp, = _U64.unpack(_pread_exact(self.fd, 8, holder + TSTATE_INTERP_OFFSET, self.pid))
+            except ProbeUnavailable as exc:
+                if exc.reason == "validation_failed":
+                    return "last_holder is not readable"
+                raise
+            if interp in self._interps:
+                return ""
             runtime = _RuntimeView(self.pid, self.fd, rt, max(loc.runtime_size, 8))
             bad = _tstate_ok(self.pid, self.fd, holder, writable, runtime)
             if bad:
-                return bad, -1
-        return "", futex_waiters(self.pid, self.address, loc.layout)
+                return bad
+            self._interps.add(interp)
+        return ""
 
     def same_process(self) -> bool:
         """False if the PID now names another process (or none)."""

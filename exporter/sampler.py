@@ -82,7 +82,7 @@ class GilSampler:
     """
 
     def __init__(self, rate_hz: float = 100.0, jitter: float = 0.5,
-                 check_every: float = 2.0) -> None:
+                 check_every: float = 5.0) -> None:
         if rate_hz <= 0:
             raise ValueError("rate_hz must be > 0")
         if not 0.0 <= jitter < 1.0:
@@ -101,6 +101,7 @@ class GilSampler:
         self._thread: Optional[threading.Thread] = None
         self._rng = random.Random()
         self.ticks = 0
+        self._next_check = 0.0          # earliest time any target is due for re-validation
         self.native_id = 0              # sampler thread's TID (for CPU accounting)
 
     # ----------------------------------------------------------------- public API
@@ -139,6 +140,7 @@ class GilSampler:
         with self._lock:
             old = self._targets.pop(key, None)
             self._targets[key] = st
+            self._next_check = min(self._next_check, check_at) if self._next_check else check_at
             self._rebuild()
         if old is not None and old.reader is not None:
             old.reader.close()
@@ -186,76 +188,92 @@ class GilSampler:
         except AttributeError:  # pragma: no cover
             self.native_id = 0
         period = self._period
-        jitter = self.jitter
-        uniform = self._rng.uniform
+        lo = period * (1.0 - self.jitter)         # next tick in period * [1-j, 1+j)
+        span = 2.0 * period * self.jitter
+        rand = self._rng.random
         monotonic = time.monotonic
         sleep = time.sleep
-        stop = self._stop
-        next_t = monotonic() + period * uniform(0.0, 1.0)
-        while not stop.is_set():
+        is_set = self._stop.is_set
+        lock = self._lock
+        pread = os.pread
+        max_gap = self._max_gap
+        ticks = 0
+        next_t = monotonic() + period * rand()
+        while not is_set():
             delay = next_t - monotonic()
             if delay > 0:
                 sleep(delay)
-            try:
-                self._tick(monotonic())
-            except Exception:  # never let the thread die; per-target errors are handled inside
-                pass
-            self.ticks += 1
             now = monotonic()
-            next_t += period * (1.0 + uniform(-jitter, jitter))
-            if next_t < now:           # fell behind (starved): restart the schedule
-                next_t = now + period * uniform(1.0 - jitter, 1.0 + jitter)
-
-    def _tick(self, now: float) -> None:
-        pread = os.pread
-        max_gap = self._max_gap
-        failed = None
-        with self._lock:
-            for st in self._active:
-                try:
-                    data = pread(st.fd, st.size, st.addr)
-                except OSError as exc:
-                    failed = failed or []
-                    failed.append((st, _reason(exc, st.pid)))
-                    continue
-                if len(data) != st.size:
-                    failed = failed or []
-                    failed.append((st, "exited"))
-                    continue
-                interval, _holder, locked, switch, wrefs = st.unpack(data)
-                if locked & ~1:
-                    failed = failed or []
-                    failed.append((st, "validation_failed"))
-                    continue
-                waiters = wrefs >> 3
-                if st.samples:
-                    dt = now - st.t
-                    if dt > max_gap:
-                        dt = max_gap
-                    st.sampled += dt
-                    if st.locked:
-                        st.held += dt
+            failed = None
+            # Hot path: one pread per target, sample-and-hold accounting, nothing else.
+            with lock:
+                for st in self._active:
+                    try:
+                        data = pread(st.fd, st.size, st.addr)
+                        interval, _holder, locked, switch, wrefs = st.unpack(data)
+                    except Exception as exc:      # OSError, or short read (struct.error)
+                        if failed is None:
+                            failed = []
+                        failed.append((st, exc))
+                        continue
+                    if locked & ~1:
+                        if failed is None:
+                            failed = []
+                        failed.append((st, None))
+                        continue
+                    if st.samples:
+                        dt = now - st.t
+                        if dt > max_gap:
+                            dt = max_gap
+                        st.sampled += dt
+                        if st.locked:
+                            st.held += dt
+                            if st.waiters:
+                                st.contended += dt
                         if st.waiters:
-                            st.contended += dt
-                    if st.waiters:
-                        st.wait += dt * st.waiters
-                    st.switches += (switch - st.switch) & _MASK64
-                st.t = now
-                st.locked = locked
-                st.waiters = waiters
-                st.switch = switch
-                st.interval = interval
-                st.samples += 1
-            if failed:
-                for st, reason in failed:
-                    self._fail(st, reason)
-            due = None
+                            st.wait += dt * st.waiters
+                        if switch != st.switch:
+                            st.switches += (switch - st.switch) & _MASK64
+                    st.t = now
+                    st.locked = locked
+                    st.waiters = wrefs >> 3
+                    st.switch = switch
+                    st.interval = interval
+                    st.samples += 1
+            ticks += 1
+            self.ticks = ticks
+            if failed is not None or now >= self._next_check:
+                try:
+                    self._housekeeping(now, failed)
+                except Exception:  # never let the thread die
+                    pass
+            next_t += lo + span * rand()
+            if next_t < now:           # fell behind (starved): restart the schedule
+                next_t = now + lo + span * rand()
+
+    def _housekeeping(self, now: float, failed) -> None:
+        """Record failures from the hot path; re-validate at most one due target."""
+        due = None
+        with self._lock:
+            for st, exc in failed or ():
+                if exc is None:
+                    reason = "validation_failed"
+                elif isinstance(exc, OSError):
+                    reason = _reason(exc, st.pid)
+                else:   # short read: the target's memory is gone
+                    reason = "exited"
+                self._fail(st, reason)
+            soonest = now + self.check_every
             for st in self._active:
-                if st.next_check <= now:
+                if st.next_check <= now and due is None:
                     due = st
-                    break
+                elif st.next_check < soonest:
+                    soonest = st.next_check
+            self._next_check = soonest
         if due is not None:
             self._check(due, now)
+            with self._lock:
+                self._next_check = min(self._next_check, due.next_check)
 
     def _check(self, st: _Target, now: float) -> None:
         """Occasional re-validation and futex cross-check of one target (outside the lock)."""
