@@ -381,7 +381,11 @@ class Monitor:
                 **kw,
             )
         value, method = (None, "none")
-        if figures is not None:
+        # While the GIL is being located, or is located but not yet sampled over a window,
+        # publish no score rather than a procfs score that flips to gil_state moments later.
+        settling = state.probe == "pending" or state.locating or (
+            state.location is not None and (figures is None or figures.contended_ratio is None))
+        if figures is not None and not settling:
             value, method = score.score(figures)
         info = state.candidate.info
         return ProcessView(
