@@ -391,11 +391,11 @@ class Monitor:
         return ProcessView(
             target=state.candidate.target,
             pid=info.pid,
-            exe=info.exe,
+            exe=_utf8(info.exe),
             python_version=ident.version if ident else "",
             implementation=ident.implementation if ident else "unknown",
             gil_probe=state.probe,
-            kube=state.kube,
+            kube=tuple((k, _utf8(v)) for k, v in state.kube),
             threads=last.threads,
             cpu_user_seconds=last.cpu_user,
             cpu_system_seconds=last.cpu_system,
@@ -407,6 +407,11 @@ class Monitor:
             score=value,
             score_method=method,
         )
+
+
+def _utf8(text: str) -> str:
+    """Label-safe text: /proc gives undecodable bytes as surrogates, which UTF-8 output rejects."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _alive(key) -> bool:
