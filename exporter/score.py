@@ -93,10 +93,12 @@ WAKE_FULL = 0.75
 #: Busy evidence: the GIL can only be held (hence contended) while Python code runs, so the
 #: contended fraction is at most about the CPU the process wants. What it wants is the cores it
 #: used plus the time its threads sat preempted (a holder preempted on a loaded host still holds
-#: the GIL): each involuntary switch counts PREEMPT_SECONDS (low end of the run delay per
-#: involuntary switch measured on the contended workloads). BUSY_FULL < 1 leaves further room.
-PREEMPT_SECONDS = 0.001
-BUSY_FULL = 0.7
+#: the GIL): each involuntary switch counts PREEMPT_SECONDS (/proc/PID/task/*/schedstat run delay
+#: per involuntary switch measured 0.35-2 ms on the GIL-bound workloads at load 3, 2.3-6 ms at
+#: load 7.5 on 2 cores; an idle host has few involuntary switches, so this term then vanishes).
+#: BUSY_FULL < 1 leaves further room.
+PREEMPT_SECONDS = 0.002
+BUSY_FULL = 0.6
 #: Parallel evidence: threads serialized on one GIL use at most about one core. The CPU used beyond
 #: PARALLEL_FROM cores must run without the GIL; at PARALLEL_NONE cores it is not GIL-bound at all.
 PARALLEL_FROM = 1.15
