@@ -105,13 +105,18 @@ PARALLEL_FROM = 1.15
 PARALLEL_NONE = 1.6
 
 
+def _wanted_cores(f: Figures) -> float:
+    """Cores the process wanted: used, plus time its threads sat preempted (estimated)."""
+    return f.cpu_cores + f.involuntary_per_second * PREEMPT_SECONDS
+
+
 def procfs_factors(f: Figures) -> dict[str, float]:
     """The three factors of procfs_score, for explanation and debugging."""
     wake = f.voluntary_per_second * _interval(f)
     factors = {
         "waiter_equivalents": wake,
         "wake": _ramp(wake, WAKE_NONE, WAKE_FULL),
-        "busy": _clamp((f.cpu_cores + f.involuntary_per_second * PREEMPT_SECONDS) / BUSY_FULL),
+        "busy": _clamp(_wanted_cores(f) / BUSY_FULL),
         "serial": 1.0,
     }
     if f.host_cpus > 1:  # on one CPU nothing can run in parallel: no evidence either way
@@ -147,17 +152,19 @@ def score(f: Figures) -> tuple[float | None, str]:
 # ---------------------------------------------------------------------------------------------
 # Verdict
 
-#: Handoffs per switch interval, per core used (cores floored at STARVED_CORES_FLOOR), above which
-#: the GIL keeps going to threads that give it back quickly (I/O threads around one CPU hog)
-#: instead of rotating between CPU-bound threads, which hand off at most about once per interval
-#: of CPU they get. Measured at most 0.97 (cpu, json) against at least 2.05 (starved).
-STARVED_HANDOFFS_PER_INTERVAL = 1.4
+#: gil_state: handoffs per switch interval, per core wanted (cores used + preempted time, within
+#: [STARVED_CORES_FLOOR, 1]) above which the GIL keeps going to threads that give it back quickly
+#: (I/O threads around one CPU hog) instead of rotating between CPU-bound threads, which hand off
+#: at most about once per interval. Measured at most 0.94 (cpu, json, 2-10 threads, 3.8-3.13,
+#: idle to overloaded host) against at least 1.25 (starved).
+STARVED_HANDOFFS_PER_INTERVAL = 1.1
 #: procfs-only fallback (weaker, see docs/procfs-heuristic.md): voluntary switches per interval,
-#: per thread besides one, per core used. CPU-bound waiters wake about once per interval; I/O
-#: threads also block on their own. Measured 0.65-1.32 (cpu, json) against 1.55-3.4 (starved).
-STARVED_WAKES_PER_THREAD = 1.45
-#: Below this many cores the process is starved of CPU by the host and rates slow down with it;
-#: rates are divided by max(cores, floor) so that such windows do not look like starvation.
+#: per thread besides one, per core used (floored). CPU-bound waiters wake about once per
+#: interval; I/O threads also block on their own. Measured at most 1.33 (cpu, json) against at
+#: least 1.47 (starved) except one window where starved got 0.2 core (1.06).
+STARVED_WAKES_PER_THREAD = 1.4
+#: Below this many cores the host starves the process of CPU and every rate slows down with it:
+#: rates are divided by max(cores, floor) so that such windows still classify.
 STARVED_CORES_FLOOR = 0.5
 IDLE_CORES = 0.05
 #: gil_state: the GIL was held for at most this fraction of the CPU the process used: the rest
@@ -175,10 +182,11 @@ def _starved(f: Figures) -> bool:
     """Contended: I/O-like threads starved by one CPU-bound thread (True) or CPU-bound threads
     taking turns (False)."""
     iv = _interval(f)
-    cores = max(f.cpu_cores, STARVED_CORES_FLOOR)
     if f.switches_per_second is not None:
-        return f.switches_per_second * iv / cores >= STARVED_HANDOFFS_PER_INTERVAL
+        wanted = _clamp(_wanted_cores(f), STARVED_CORES_FLOOR, 1.0)
+        return f.switches_per_second * iv / wanted >= STARVED_HANDOFFS_PER_INTERVAL
     others = max(1, f.threads - 1)
+    cores = max(f.cpu_cores, STARVED_CORES_FLOOR)
     return f.voluntary_per_second * iv / others / cores >= STARVED_WAKES_PER_THREAD
 
 

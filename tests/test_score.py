@@ -96,8 +96,8 @@ def measure(pid: int, window: float = 3.0, gil: bool = False) -> Figures:
 
 
 def measure_workload(name: str, python: str, window: float = 3.0, gil: bool = False,
-                     settle: float = 0.5) -> Figures:
-    with start_workload(name, python) as w:
+                     settle: float = 0.5, **start_kw) -> Figures:
+    with start_workload(name, python, **start_kw) as w:
         time.sleep(settle)  # let every thread reach its steady state
         return measure(w.pid, window, gil=gil)
 
@@ -292,6 +292,12 @@ def test_verdict_on_a_loaded_host():
         assert score.procfs_score(procfs_only(LOADED[name])) <= LOW
     assert score.verdict(procfs_only(LOADED["cpu"])).kind == "cpu_threads_serialized"
     assert score.verdict(procfs_only(LOADED["starved"])).kind == "io_starved_by_cpu"
+    # CPU threads with a 50 ms switch interval still take turns at most once per interval
+    slow = fig(threads=4, cpu_cores=0.41, voluntary_per_second=67, involuntary_per_second=1174,
+               gil_enabled=True, interval_seconds=0.05, held_ratio=1.0, waiting_threads=1.96,
+               switches_per_second=16, contended_ratio=1.0)
+    v = score.verdict(slow)
+    assert v.kind == "cpu_threads_serialized" and "50 ms" in v.advice[-1]
 
 
 def test_verdict_threshold():
@@ -360,6 +366,43 @@ def test_procfs_score_separates_real_workloads(version):
 
 # ----------------------------------------------------------------------------- measuring mode
 
+# Cases where the procfs heuristic is expected to be wrong (docs/procfs-heuristic.md,
+# "Limits"). Measuring mode only (--extra): added to workloads.SCRIPTS at run time.
+EXTRA_SCRIPTS = {
+    # One thread busy in Python that blocks very often (an event loop under heavy I/O), idle
+    # helper threads: nothing waits for the GIL.
+    "busy_blocking": """
+def work():
+    x = 0
+    while True:
+        for i in range(2000):
+            x += i * i
+        time.sleep(0.0002)
+ev = threading.Event()
+start(ev.wait); start(work, 1); ready(); forever()
+""",
+    # One thread hashing (GIL released, ~1 core) and threads waking every 5 ms.
+    "hash1_sleepers": """
+import hashlib
+buf = os.urandom(2 * 1024 * 1024)
+def work():
+    while True:
+        hashlib.sha256(buf).digest()
+def nap():
+    while True:
+        time.sleep(0.005)
+start(nap); start(work, 1); ready(); forever()
+""",
+}
+EXTRA_CASES = (  # (label, workload, start_workload keyword arguments)
+    ("cpu, 20 threads", "cpu", {"threads": 20}),
+    ("cpu, interval 1 ms", "cpu", {"switch_interval": 0.001}),
+    ("cpu, interval 50 ms", "cpu", {"switch_interval": 0.05}),
+    ("starved, interval 1 ms", "starved", {"switch_interval": 0.001}),
+    ("busy_blocking", "busy_blocking", {}),
+    ("hash1_sleepers", "hash1_sleepers", {}),
+)
+
 
 def _main(argv: list[str]) -> None:
     import argparse
@@ -368,6 +411,8 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--workloads", default=",".join(CONTENDED + NOT_CONTENDED))
     ap.add_argument("--window", type=float, default=3.0)
     ap.add_argument("--gil", action="store_true", help="also sample the GIL (exporter.gil)")
+    ap.add_argument("--extra", action="store_true",
+                    help="measure the EXTRA_CASES (known limits) instead of the workloads")
     args = ap.parse_args(argv)
     cols = ["version", "workload", "threads", "cores", "vol/s", "invol/s", "vol x interval",
             "procfs score", "procfs kind"]
@@ -376,12 +421,17 @@ def _main(argv: list[str]) -> None:
                  "gil kind"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
+    cases = [(name, name, {}) for name in args.workloads.split(",")]
+    if args.extra:
+        import workloads
+        workloads.SCRIPTS.update(EXTRA_SCRIPTS)
+        cases = list(EXTRA_CASES)
     for version in args.versions.split(","):
-        for name in args.workloads.split(","):
-            f = measure_workload(name, PYTHONS[version], args.window, gil=args.gil)
+        for label, name, kw in cases:
+            f = measure_workload(name, PYTHONS[version], args.window, gil=args.gil, **kw)
             p = procfs_only(f)
             fac = score.procfs_factors(p)
-            row = [version, name, f.threads, f"{f.cpu_cores:.2f}",
+            row = [version, label, f.threads, f"{f.cpu_cores:.2f}",
                    f"{f.voluntary_per_second:.0f}", f"{f.involuntary_per_second:.0f}",
                    f"{fac['waiter_equivalents']:.2f}", f"{score.procfs_score(p):.2f}",
                    score.verdict(p).kind]
