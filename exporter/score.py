@@ -127,7 +127,11 @@ def procfs_factors(f: Figures) -> dict[str, float]:
 
 
 def procfs_score(f: Figures) -> float:
-    """Estimated contended fraction from /proc figures only (threads, cores, switch rates).
+    """Evidence of GIL contention in [0, 1] from /proc figures only (threads, cores, switch
+    rates), read without touching the target's memory.
+
+    It agrees with gil_state_score on which side of the verdict threshold a process lies, but is
+    not an estimate of the contended fraction: clearly contended processes saturate at 1.0.
 
     score = wake x busy x serial, each in [0, 1]:
       wake   : some thread waits for the GIL (it wakes ~1/interval times a second)
@@ -160,9 +164,9 @@ def score(f: Figures) -> tuple[float | None, str]:
 STARVED_HANDOFFS_PER_INTERVAL = 1.1
 #: procfs-only fallback (weaker, see docs/procfs-heuristic.md): voluntary switches per interval,
 #: per thread besides one, per core used (floored). CPU-bound waiters wake about once per
-#: interval; I/O threads also block on their own. Measured at most 1.33 (cpu, json) against at
-#: least 1.47 (starved) except one window where starved got 0.2 core (1.06).
-STARVED_WAKES_PER_THREAD = 1.4
+#: interval; I/O threads also block on their own. Measured at most 1.39 (cpu, json) against
+#: 1.58-3.4 (starved), except windows where the host left starved under 0.6 core (1.06-1.47).
+STARVED_WAKES_PER_THREAD = 1.5
 #: Below this many cores the host starves the process of CPU and every rate slows down with it:
 #: rates are divided by max(cores, floor) so that such windows still classify.
 STARVED_CORES_FLOOR = 0.5
@@ -211,6 +215,10 @@ def verdict(f: Figures, threshold: float = 0.5) -> Verdict:
     value, method = score(f)
     assert value is not None
     how = "measured from the GIL" if method == "gil_state" else "estimated from /proc"
+    probe = () if method == "gil_state" else (
+        "This is estimated from /proc counters alone: give the exporter ptrace access to the "
+        "target (CAP_SYS_PTRACE, or the same user with kernel.yama.ptrace_scope=0) to measure "
+        "the GIL itself.",)
     pct = f"{value:.0%}"
     held_idle = f.held_ratio is None or f.held_ratio < IDLE_CORES
     if value < threshold and f.cpu_cores < IDLE_CORES and held_idle:
@@ -229,7 +237,7 @@ def verdict(f: Figures, threshold: float = 0.5) -> Verdict:
                             f"Every wake-up of an I/O thread waits up to the switch interval "
                             f"({_ms(iv)}) for the GIL: sys.setswitchinterval(0.001) gets them the "
                             f"GIL sooner but costs more switching overhead in the CPU thread; it "
-                            f"is a mitigation, not a fix."))
+                            f"is a mitigation, not a fix.") + probe)
         return Verdict(True, "cpu_threads_serialized",
                        f"CPU-bound Python threads serialized on the GIL: contended {pct} of the "
                        f"time ({how}), {f.threads} threads sharing {cores}",
@@ -240,7 +248,7 @@ def verdict(f: Figures, threshold: float = 0.5) -> Verdict:
                         "build (python3.13t and later).",
                         f"sys.setswitchinterval (now {_ms(iv)}) only changes how often threads "
                         f"take turns, not the total throughput; raising it lowers switching "
-                        f"overhead, lowering it improves latency."))
+                        f"overhead, lowering it improves latency.") + probe)
     if _gil_released(f):
         held = "" if f.held_ratio is None else f", GIL held {f.held_ratio:.0%}"
         return Verdict(False, "gil_released",

@@ -236,6 +236,8 @@ def test_verdict_io_starved_gil_state():
     assert v.contended and v.kind == "io_starved_by_cpu"
     assert "run_in_executor" in v.advice[0] and "ProcessPoolExecutor" in v.advice[0]
     assert "setswitchinterval" in v.advice[1] and "5 ms" in v.advice[1]
+    assert not any("ptrace" in a for a in v.advice)  # measured: no advice to enable the probe
+    assert any("ptrace" in a for a in score.verdict(PROCFS["starved"]).advice)
 
 
 def test_verdict_procfs_kinds():
@@ -291,7 +293,8 @@ def test_verdict_on_a_loaded_host():
     for name in ("hashlib", "single"):
         assert score.procfs_score(procfs_only(LOADED[name])) <= LOW
     assert score.verdict(procfs_only(LOADED["cpu"])).kind == "cpu_threads_serialized"
-    assert score.verdict(procfs_only(LOADED["starved"])).kind == "io_starved_by_cpu"
+    starved = fig(threads=5, cpu_cores=0.60, voluntary_per_second=1032, involuntary_per_second=559)
+    assert score.verdict(starved).kind == "io_starved_by_cpu"
     # CPU threads with a 50 ms switch interval still take turns at most once per interval
     slow = fig(threads=4, cpu_cores=0.41, voluntary_per_second=67, involuntary_per_second=1174,
                gil_enabled=True, interval_seconds=0.05, held_ratio=1.0, waiting_threads=1.96,
