@@ -207,7 +207,7 @@ def verdict(f: Figures, threshold: float = 0.5) -> Verdict:
     cores = f"{f.cpu_cores:.2f} of {f.host_cpus} cores"
     if f.gil_enabled is False:
         return Verdict(False, "free_threaded",
-                       f"free-threaded build: no GIL to contend on ({f.threads} threads, {cores})",
+                       f"free-threaded build: no GIL to contend on ({f.threads} threads, {cores} used)",
                        ("The GIL is off: if threads still do not scale, look at other locks "
                         "(threading.Lock/RLock, queue.Queue, per-object locks on shared dicts and "
                         "lists, logging handlers, the allocator), e.g. with py-spy dump --native "
@@ -219,43 +219,48 @@ def verdict(f: Figures, threshold: float = 0.5) -> Verdict:
         "This is estimated from /proc counters alone: give the exporter ptrace access to the "
         "target (CAP_SYS_PTRACE, or the same user with kernel.yama.ptrace_scope=0) to measure "
         "the GIL itself.",)
-    pct = f"{value:.0%}"
+    if method == "gil_state":
+        amount = f"GIL contended {value:.0%} of the time ({how})"
+    else:  # evidence, not a fraction of time
+        amount = f"GIL contention score {value:.2f} ({how})"
+    threads = f"{f.threads} thread{'' if f.threads == 1 else 's'}"
+    iv_text = _ms(iv) if f.interval_seconds else f"{_ms(iv)} unless changed"
     held_idle = f.held_ratio is None or f.held_ratio < IDLE_CORES
     if value < threshold and f.cpu_cores < IDLE_CORES and held_idle:
         return Verdict(False, "idle",
-                       f"idle: {cores} used, {f.threads} threads, GIL contention {pct} ({how})",
+                       f"idle: {cores} used, {threads}, {amount}",
                        ())
     if value >= threshold:
         if _starved(f):
             return Verdict(True, "io_starved_by_cpu",
-                           f"I/O threads starved by a CPU-bound thread: GIL contended {pct} of "
-                           f"the time ({how}), {f.threads} threads on {cores}",
+                           f"I/O threads starved by a CPU-bound thread: {amount}, {threads} on "
+                           f"{cores}",
                            ("Move the CPU-bound work out of this process, or off the I/O threads "
                             "and event loop onto a process pool: "
                             "loop.run_in_executor(concurrent.futures.ProcessPoolExecutor(), fn, "
                             "*args) from asyncio, or executor.submit from threads.",
                             f"Every wake-up of an I/O thread waits up to the switch interval "
-                            f"({_ms(iv)}) for the GIL: sys.setswitchinterval(0.001) gets them the "
+                            f"({iv_text}) for the GIL: sys.setswitchinterval(0.001) gets them the "
                             f"GIL sooner but costs more switching overhead in the CPU thread; it "
                             f"is a mitigation, not a fix.") + probe)
         return Verdict(True, "cpu_threads_serialized",
-                       f"CPU-bound Python threads serialized on the GIL: contended {pct} of the "
-                       f"time ({how}), {f.threads} threads sharing {cores}",
+                       f"CPU-bound Python threads serialized on the GIL: {amount}, {threads} "
+                       f"sharing {cores}",
                        ("Threads add no CPU throughput here: move the CPU-bound work to processes "
                         "(concurrent.futures.ProcessPoolExecutor or multiprocessing.Pool).",
                         "Or move the hot loop to native code that releases the GIL (NumPy, "
                         "Cython `with nogil`, a C/Rust extension), or run on a free-threaded "
                         "build (python3.13t and later).",
-                        f"sys.setswitchinterval (now {_ms(iv)}) only changes how often threads "
+                        f"sys.setswitchinterval (now {iv_text}) only changes how often threads "
                         f"take turns, not the total throughput; raising it lowers switching "
                         f"overhead, lowering it improves latency.") + probe)
     if _gil_released(f):
         held = "" if f.held_ratio is None else f", GIL held {f.held_ratio:.0%}"
         return Verdict(False, "gil_released",
                        f"threads run in parallel with the GIL mostly released: {cores}{held}, "
-                       f"contention {pct} ({how})",
+                       f"{amount}",
                        ("Threads are fine here: the work runs in C code that releases the GIL. "
                         "Look elsewhere for slowness (I/O, locks, CPU quota, the host).",))
     return Verdict(False, "no_contention",
-                   f"no GIL contention: {pct} ({how}), {f.threads} threads, {cores}",
+                   f"no GIL contention: {amount}, {threads}, {cores}",
                    ())
