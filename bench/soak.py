@@ -71,6 +71,28 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_links(pid: int) -> list[str]:
+    out = []
+    for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            out.append(f"{fd}->{os.readlink(f'/proc/{pid}/fd/{fd}')}")
+        except OSError:
+            pass
+    return out
+
+
+def steady_fds(pid: int, samples: int = 20, every: float = 0.1) -> list[str]:
+    """The smallest fd set seen over `samples` readings: a leaked fd stays in every reading,
+    one the daemon holds for a moment (a /proc read, a scrape connection) does not."""
+    best = None
+    for _ in range(samples):
+        links = fd_links(pid)
+        if best is None or len(links) < len(best):
+            best = links
+        time.sleep(every)
+    return best or []
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -99,6 +121,8 @@ class Child:
     reused_from: int | None = None  # the pid it was meant to reuse (== its pid when achieved)
     seen: bool = False  # present in /metrics at least once
     seen_ok: bool = False  # last scrape showed gil_probe="ok" (the sampler reads it)
+    ended: float | None = None
+    how: str = ""
     ever_ok: bool = False
 
     @property
@@ -173,6 +197,9 @@ class Soak:
         self.errors_last: dict[str, float] = {}
         self.reuse_queue: list[int] = []
         self.seen_pids: dict[int, set] = {}  # pid -> start times shown in /metrics
+        self.history: dict[int, list[Child]] = {}  # pid -> every child that had it
+        self.diagnosed: set[int] = set()
+        self.fd_sets: list[list[str]] = []  # exporter fds after warm-up, at the end
         self.can_reuse = can_set_last_pid()
         self.exporter: Exporter | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="gil-soak-")
@@ -233,11 +260,13 @@ class Soak:
             else:
                 child.reused_from = None
         self.live[p.pid] = child
+        self.history.setdefault(p.pid, []).append(child)
         self.stats.started += 1
         self.stats.max_children = max(self.stats.max_children, len(self.live))
         return child
 
-    def _ended(self, child: Child) -> None:
+    def _ended(self, child: Child, how: str = "") -> None:
+        child.ended, child.how = time.monotonic(), how or f"rc={child.popen.returncode}"
         self.live.pop(child.pid, None)
         if child.seen:
             self.stats.seen_in_metrics += 1
@@ -283,7 +312,7 @@ class Soak:
                 self.stats.killed_tracked += 1
             if child.seen_ok:
                 self.stats.killed_mid_sample += 1
-            self._ended(child)
+            self._ended(child, "killed")
             n += 1
         return n
 
@@ -297,6 +326,7 @@ class Soak:
             self.stats.killed += 1
             if child.seen_ok:
                 self.stats.killed_mid_sample += 1
+            child.ended, child.how = time.monotonic(), "killed (quiesce)"
             self.live.pop(child.pid, None)
             if child.seen:
                 self.stats.seen_in_metrics += 1
@@ -337,7 +367,10 @@ class Soak:
                 child = live_before.get(pid)
                 if child is None:
                     self.stats.dead_series += 1
-                    self.stats.note(f"{s.name} for pid {pid}, which was dead before the scrape")
+                    if pid not in self.diagnosed:
+                        self.diagnosed.add(pid)
+                        self.stats.note(f"{s.name} for pid {pid}, which was dead before the scrape: "
+                                        + self.diagnose(pid))
                     continue
                 if s.name == "pygil_target_info" and s.labels.get("gil_probe") == "ok":
                     ok.add(pid)
@@ -374,6 +407,23 @@ class Soak:
             self.last = {k: v for k, v in self.last.items() if (k[0], k[1]) in alive}
         return shown
 
+    def diagnose(self, pid: int) -> str:
+        now = time.monotonic()
+        parts = []
+        for c in self.history.get(pid, []):
+            parts.append(f"child {c.workload}/{c.python} start={c.start} spawned {now - c.spawned:.2f}s ago, "
+                         f"ended {now - c.ended:.2f}s ago ({c.how})" if c.ended else "alive")
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                st = {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+            parts.append(f"now /proc/{pid}: Name={st.get('Name')} Tgid={st.get('Tgid')} State={st.get('State')} "
+                         f"PPid={st.get('PPid')} start={start_time(pid)}")
+        except OSError as exc:
+            parts.append(f"now /proc/{pid}: {exc.strerror}")
+        lines = [line for line in self.exporter.log_text().splitlines() if f"pid={pid} " in line]
+        parts.append("log: " + " | ".join(lines[-6:]))
+        return "; ".join(parts)
+
     def quiesce(self) -> tuple[int, int]:
         """Kill every child, wait for two scans, check nothing is left; (fds, RSS KiB)."""
         self.kill_all()
@@ -383,7 +433,9 @@ class Soak:
             self.stats.leftover_after_quiesce += len(shown)
             self.stats.note(f"after quiesce, series for pids {sorted(shown)}")
         pid = self.exporter.proc.pid
-        return fd_count(pid), rss_kib(pid)
+        links = steady_fds(pid)
+        self.fd_sets.append(links)
+        return len(links), rss_kib(pid)
 
     def churn(self, until: float, count: int) -> None:
         """Spawn `count` children evenly (with jitter) until `until`; kill, reap and scrape meanwhile."""
@@ -441,6 +493,8 @@ class Soak:
             self.churn(time.monotonic() + self.seconds - warm_seconds, rest)
             if self.exporter.proc.poll() is None:
                 self.stats.fd_end, self.stats.rss_end_kib = self.quiesce()
+                if self.fd_sets[0] != self.fd_sets[-1]:
+                    self.stats.note(f"exporter fds after warm-up {self.fd_sets[0]}, at the end {self.fd_sets[-1]}")
         finally:
             self.kill_all()
             self.stats.exporter_alive = self.stats.exporter_alive and e.proc.poll() is None
