@@ -48,13 +48,22 @@ _BENCH_HOOKS = """
 import json as _json
 _COUNTS = [0] * 64
 _knocker = None
-if os.environ.get("BENCH_GILKNOCKER"):
+def _start_knocker(us):
+    global _knocker
     from gilknocker import KnockKnock
-    _knocker = KnockKnock(polling_interval_micros=int(os.environ["BENCH_GILKNOCKER"]))
+    _knocker = KnockKnock(polling_interval_micros=us)
     _knocker.start()
+if os.environ.get("BENCH_GILKNOCKER"):
+    _start_knocker(int(os.environ["BENCH_GILKNOCKER"]))
 def forever():
+    global _knocker
     for _line in sys.stdin:
         _cmd = _line.strip()
+        if _cmd == "kon" and _knocker is None:
+            _start_knocker(1000)
+        elif _cmd == "koff" and _knocker is not None:
+            _knocker.stop()
+            _knocker = None
         _out = {"count": sum(_COUNTS), "t": time.monotonic(), "cpu": time.process_time()}
         if _knocker is not None:
             _out["gilknocker"] = _knocker.contention_metric
@@ -151,6 +160,29 @@ sys.stdout.write(json.dumps(out) + "\\n")
 """
 
 
+_TOGGLE_CHILD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from exporter.gil import locate
+from exporter.sampler import GilSampler
+pid = int(sys.argv[1])
+rate = float(sys.argv[2])
+loc = locate(pid)
+s = None
+sys.stdout.write("go\\n"); sys.stdout.flush()
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "on" and s is None:
+        s = GilSampler(rate_hz=rate)
+        s.start()
+        s.add(pid, loc)
+    elif cmd == "off" and s is not None:
+        s.close()
+        s = None
+    sys.stdout.write("ok\\n"); sys.stdout.flush()
+"""
+
+
 def start_sampler_child(pids, seconds: float, rate: float = 100.0) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=str(ROOT)),
                           ",".join(map(str, pids)), str(seconds), str(rate)],
@@ -239,47 +271,73 @@ def section_pyspy(python: str, pyspy: str, seconds: float, rounds: int) -> list:
     return rows
 
 
-def section_slowdown(gk_python: str, seconds: float, rounds: int) -> dict:
-    """Paired A/B: two identical 3-thread CPU targets run at the same time; A is observed
-    (our sampler at 100 Hz, or gilknocker in-process at 1 ms), B is not. The throughput
-    ratio A/B cancels the load drift of a shared box; "off" (neither observed) is the
-    A/A control that shows the noise floor. Medians over rounds.
+def section_slowdown(gk_python: str, seconds: float, rounds: int, interval: float = 1.0,
+                     threads: int = 1) -> dict:
+    """Slowdown of ONE CPU target, observer switched on and off in alternation.
+
+    Adjacent 1 s intervals with the observer on and off are paired (order random within
+    each pair), which cancels the slow drift of a shared box. Observers: our sampler at
+    100 Hz (in a child process, started/stopped by command) and gilknocker at 1 ms polling
+    (started/stopped inside the target). Per pair: throughput ratio on/off (chunks per
+    wall second) and efficiency ratio (chunks per target CPU second). Reported: mean
+    ratio with a 95% interval (1.96 standard errors), and the median.
     """
-    modes = ["off", "ours", "gilknocker_1ms"]
-    ratios = {m: {"wall": [], "cpu": []} for m in modes}
-    for rnd in range(rounds):
-        order = modes[:]
-        random.shuffle(order)
-        for mode in order:
-            pair = [("A", 1000 if mode == "gilknocker_1ms" else 0), ("B", 0)]
-            random.shuffle(pair)                     # start order does not favour A
-            ts = {name: Target("cpucount", gk_python, gilknocker_us=gk) for name, gk in pair}
-            try:
-                time.sleep(1.0)                               # warm-up
-                child = start_sampler_child([ts["A"].pid], seconds + 1.0) if mode == "ours" else None
-                a0, b0 = ts["A"].query(), ts["B"].query()
-                time.sleep(seconds)
-                a1, b1 = ts["A"].query(), ts["B"].query()
-                if child is not None:
-                    finish_sampler_child(child)
-            finally:
-                for t in ts.values():
-                    t.stop()
-            wa = (a1["count"] - a0["count"]) / (a1["t"] - a0["t"])
-            wb = (b1["count"] - b0["count"]) / (b1["t"] - b0["t"])
-            ca = (a1["count"] - a0["count"]) / max(a1["cpu"] - a0["cpu"], 1e-9)
-            cb = (b1["count"] - b0["count"]) / max(b1["cpu"] - b0["cpu"], 1e-9)
-            ratios[mode]["wall"].append(wa / wb)
-            ratios[mode]["cpu"].append(ca / cb)
-            print(f"slowdown round {rnd} {mode}: A/B wall {wa / wb:.4f} ({wa:.0f}/{wb:.0f} chunks/s), "
-                  f"per CPU-s {ca / cb:.4f}", flush=True)
+    pairs = max(4, int(rounds * seconds / (2 * interval)))
     out = {}
-    for m in modes:
-        rw, rc = ratios[m]["wall"], ratios[m]["cpu"]
-        out[m] = {"median_ratio_wall": statistics.median(rw), "median_ratio_cpu": statistics.median(rc),
-                  "slowdown_wall_pct": (1 - statistics.median(rw)) * 100,
-                  "slowdown_cpu_pct": (1 - statistics.median(rc)) * 100,
-                  "iqr_wall_pct": _iqr(rw) * 100, "ratios_wall": rw, "ratios_cpu": rc}
+    for mode in ("ours_100hz", "ours_10khz", "gilknocker_1ms"):
+        t = Target("cpucount", gk_python, threads=threads)
+        child = None
+        ours = mode.startswith("ours")
+        try:
+            if ours:
+                rate = "100" if mode == "ours_100hz" else "10000"
+                child = subprocess.Popen([sys.executable, "-c", _TOGGLE_CHILD.format(root=str(ROOT)),
+                                          str(t.pid), rate], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         text=True)
+                assert child.stdout.readline().strip() == "go"
+
+            def set_on(on: bool) -> None:
+                if ours:
+                    child.stdin.write("on\n" if on else "off\n")
+                    child.stdin.flush()
+                    child.stdout.readline()
+                else:
+                    t.query("kon" if on else "koff")
+
+            time.sleep(1.0)
+            wall, eff = [], []
+            for _ in range(pairs):
+                res = {}
+                order = [True, False]
+                random.shuffle(order)
+                for on in order:
+                    set_on(on)
+                    time.sleep(0.1)
+                    a = t.query()
+                    time.sleep(interval)
+                    b = t.query()
+                    res[on] = ((b["count"] - a["count"]) / (b["t"] - a["t"]),
+                               (b["count"] - a["count"]) / max(b["cpu"] - a["cpu"], 1e-9))
+                set_on(False)
+                wall.append(res[True][0] / res[False][0])
+                eff.append(res[True][1] / res[False][1])
+        finally:
+            if child is not None:
+                child.stdin.close()
+                child.wait()
+                child.stdout.close()
+            t.stop()
+        row = {"pairs": pairs, "interval_s": interval, "threads": threads,
+               "ratios_wall": wall, "ratios_eff": eff}
+        for name, xs in (("wall", wall), ("eff", eff)):
+            m = statistics.fmean(xs)
+            se = statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
+            row[f"slowdown_{name}_pct"] = (1 - m) * 100
+            row[f"ci95_{name}_pct"] = 1.96 * se * 100
+            row[f"median_slowdown_{name}_pct"] = (1 - statistics.median(xs)) * 100
+        out[mode] = row
+        print(f"slowdown {mode}: wall {row['slowdown_wall_pct']:+.2f}% +- {row['ci95_wall_pct']:.2f}, "
+              f"per CPU-s {row['slowdown_eff_pct']:+.2f}% +- {row['ci95_eff_pct']:.2f} ({pairs} pairs)", flush=True)
     return out
 
 
@@ -353,14 +411,15 @@ def markdown(results: dict) -> str:
         lines.append(f"| median | | | | | {med:.3f} |")
         lines.append("")
     if "slowdown" in results:
-        lines.append("### Target slowdown: paired A/B, 3 pure-Python CPU threads each, A observed, B not")
+        th = next(iter(results["slowdown"].values()))["threads"]
+        lines.append(f"### Target slowdown: one CPU target ({th} thread(s)), observer on/off in alternating 1 s intervals")
         lines.append("")
-        lines.append("| mode (on A) | median A/B throughput | slowdown (wall) | IQR of A/B | median A/B work per CPU-s | slowdown (per CPU-s) | rounds |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("| observer | pairs | slowdown of throughput (mean ± 95%) | median | slowdown of work per target CPU-s (mean ± 95%) | median |")
+        lines.append("|---|---|---|---|---|---|")
         for m, r in results["slowdown"].items():
-            lines.append(f"| {m} | {r['median_ratio_wall']:.4f} | {r['slowdown_wall_pct']:+.2f}% | "
-                         f"{r['iqr_wall_pct']:.2f}% | {r['median_ratio_cpu']:.4f} | {r['slowdown_cpu_pct']:+.2f}% | "
-                         f"{len(r['ratios_wall'])} |")
+            lines.append(f"| {m} | {r['pairs']} | {r['slowdown_wall_pct']:+.2f}% ± {r['ci95_wall_pct']:.2f} | "
+                         f"{r['median_slowdown_wall_pct']:+.2f}% | {r['slowdown_eff_pct']:+.2f}% ± {r['ci95_eff_pct']:.2f} | "
+                         f"{r['median_slowdown_eff_pct']:+.2f}% |")
         lines.append("")
     if "accuracy" in results:
         lines.append("### Accuracy: our contended fraction vs gilknocker's contention_metric (1 ms polling)")
@@ -384,6 +443,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pyspy", default=shutil.which("py-spy") or "/tmp/bench-venv/bin/py-spy")
     ap.add_argument("--gk-venv-pattern", default="/tmp/gk{v}/bin/python")
     ap.add_argument("--accuracy-seconds", type=float, default=3.0)
+    ap.add_argument("--slowdown-threads", type=int, default=1)
     ap.add_argument("--json", default="")
     ap.add_argument("--md", default="")
     args = ap.parse_args(argv)
@@ -403,7 +463,8 @@ def main(argv=None) -> int:
     if "pyspy" in sections:
         results["pyspy"] = section_pyspy(target_python, args.pyspy, args.seconds, max(1, args.rounds // 2))
     if "slowdown" in sections:
-        results["slowdown"] = section_slowdown(gk.get(args.python, target_python), args.seconds, args.rounds)
+        results["slowdown"] = section_slowdown(gk.get(args.python, target_python), args.seconds, args.rounds,
+                                               threads=args.slowdown_threads)
     if "accuracy" in sections:
         results["accuracy"] = section_accuracy(gk, args.accuracy_seconds)
     results["meta"]["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -95,6 +95,9 @@ class GilSampler:
         # holding the old state would invent data; the excess is simply not sampled.
         self._max_gap = 3.0 * self._period * (1.0 + jitter)
         self._lock = threading.Lock()
+        # Held while a target is re-validated outside _lock: closing a reader waits for
+        # it, so a closed fd number cannot be reused under a running check.
+        self._check_lock = threading.Lock()
         self._targets: Dict[Hashable, _Target] = {}
         self._active: tuple = ()
         self._stop = threading.Event()
@@ -143,14 +146,16 @@ class GilSampler:
             self._next_check = min(self._next_check, check_at) if self._next_check else check_at
             self._rebuild()
         if old is not None and old.reader is not None:
-            old.reader.close()
+            with self._check_lock:
+                old.reader.close()
 
     def remove(self, key: Hashable) -> None:
         with self._lock:
             st = self._targets.pop(key, None)
             self._rebuild()
         if st is not None and st.reader is not None:
-            st.reader.close()
+            with self._check_lock:
+                st.reader.close()
 
     def totals(self, key: Hashable) -> Optional[GilTotals]:
         with self._lock:
@@ -271,7 +276,9 @@ class GilSampler:
                     soonest = st.next_check
             self._next_check = soonest
         if due is not None:
-            self._check(due, now)
+            with self._check_lock:
+                if due.reader is not None and due.reader.fd >= 0:
+                    self._check(due, now)
             with self._lock:
                 self._next_check = min(self._next_check, due.next_check)
 
@@ -282,7 +289,7 @@ class GilSampler:
         futex = -1
         try:
             problem, futex = st.reader.recheck()
-            if not INTERVAL_MIN_US <= st.interval <= INTERVAL_MAX_US:
+            if st.samples and not INTERVAL_MIN_US <= st.interval <= INTERVAL_MAX_US:
                 problem = problem or f"interval {st.interval} us out of range"
             if problem:
                 # one miss is tolerated (take_gil sets locked just before last_holder)

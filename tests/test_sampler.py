@@ -122,8 +122,9 @@ def test_many_targets_one_thread_and_jitter(sampler):
     """Several versions at once from the one sampler thread; each gets its own totals."""
     ws = [start_workload("sleep", PYTHONS[v]) for v in VERSIONS]
     try:
-        for w in ws:
-            sampler.add(w.pid, locate(w.pid))
+        locs = [locate(w.pid) for w in ws]
+        for w, loc in zip(ws, locs):
+            sampler.add(w.pid, loc)
         before = threading.active_count()
         time.sleep(2.0)
         assert threading.active_count() == before
@@ -283,3 +284,28 @@ def test_permission_lost_mid_run():
     assert out.get("before") is None and out.get("samples", 0) > 10, out
     assert out.get("after") == "permission_denied", out
     assert out.get("alive") is True
+
+
+def test_add_remove_churn_while_checking():
+    """add/remove from another thread while the sampler samples and re-validates constantly."""
+    s = GilSampler(rate_hz=200.0, check_every=0.01)
+    s.start()
+    try:
+        with start_workload("cpu", PYTHONS[VERSIONS[-1]]) as a, \
+                start_workload("sleep", PYTHONS[VERSIONS[0]]) as b:
+            la, lb = locate(a.pid), locate(b.pid)
+            s.add("stable", la)
+            for i in range(200):
+                s.add(("churn", i % 3), lb if i % 2 else la)
+                if i % 4 == 0:
+                    s.remove(("churn", (i + 1) % 3))
+                time.sleep(0.002)
+            assert s.is_alive()
+            assert s.failure("stable") is None, s.failure("stable")
+            for k in s.keys():
+                assert s.failure(k) is None, (k, s.failure(k))
+            t = s.totals("stable")
+            assert t.samples > 50 and t.futex_waiters_checked >= 0
+    finally:
+        s.close()
+    assert s.keys() == [] and not s.is_alive()
