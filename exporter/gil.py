@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from exporter import procfs
+
 __all__ = [
     "ProbeUnavailable", "PythonIdentity", "GilLayout", "GilLocation", "GilReading",
     "identify", "locate", "GilReader", "futex_waiters", "LAYOUTS", "KNOWN_GIL_OFFSETS",
@@ -266,14 +268,7 @@ def version_from_sys_version_buffer(data: bytes, major_minor: str = "") -> str:
 
 # --------------------------------------------------------------------------- /proc helpers
 
-@dataclass(frozen=True)
-class _Map:
-    start: int
-    end: int
-    perms: str
-    offset: int
-    inode: int
-    path: str
+_Map = procfs.MapEntry
 
 
 def _proc_error(exc: OSError, pid: int) -> ProbeUnavailable:
@@ -287,45 +282,27 @@ def _proc_error(exc: OSError, pid: int) -> ProbeUnavailable:
 
 def _read_maps(pid: int) -> List[_Map]:
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            text = f.read()
+        maps = procfs.maps(pid)
+    except procfs.ProcessGone as exc:
+        raise ProbeUnavailable("exited", f"pid {pid}") from exc
     except OSError as exc:
         raise _proc_error(exc, pid) from exc
-    if not text and not os.path.exists(f"/proc/{pid}"):
-        raise ProbeUnavailable("exited", f"pid {pid}")
-    maps = []
-    for line in text.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) < 5:
-            continue
-        lo, hi = parts[0].split("-")
-        maps.append(_Map(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16),
-                         int(parts[4]), parts[5] if len(parts) > 5 else ""))
     if not maps:
         # Zombies (exited, not reaped) and kernel threads have no mappings.
-        state = _proc_state(pid)
+        state = procfs.process_state(pid)
         raise ProbeUnavailable("exited" if state in ("Z", "X", "") else "not_cpython",
                                f"pid {pid} has no memory mappings (state {state or '?'})")
     return maps
 
 
-def _proc_state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return data[data.rindex(b")") + 2:].split()[0].decode()
-    except (OSError, ValueError, IndexError):
-        return ""
-
-
 def start_time(pid: int) -> int:
     """Field 22 of /proc/PID/stat (clock ticks since boot): identifies a process across PID reuse."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        return procfs.start_time(pid)
+    except procfs.ProcessGone as exc:
+        raise ProbeUnavailable("exited", f"pid {pid}") from exc
     except OSError as exc:
         raise _proc_error(exc, pid) from exc
-    return int(data[data.rindex(b")") + 2:].split()[19])
 
 
 class _WritableRanges:
@@ -379,30 +356,24 @@ def futex_waiters(pid: int, gil_address: int, layout: Optional[GilLayout] = None
         raise ProbeUnavailable("unsupported_arch", _host_arch())
     lo = gil_address + layout.cond
     hi = lo + 48
-    prefix = f"{nr} ".encode()
-    count = 0
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        calls = procfs.task_syscalls(pid)
+    except procfs.ProcessGone as exc:
+        raise ProbeUnavailable("exited", f"pid {pid}") from exc
     except OSError as exc:
         raise _proc_error(exc, pid) from exc
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/syscall", "rb") as f:
-                line = f.read()
-        except (FileNotFoundError, ProcessLookupError):
-            continue                      # thread ended meanwhile
-        except OSError as exc:
-            raise _proc_error(exc, pid) from exc
-        if line.startswith(prefix):
-            parts = line.split()
-            if len(parts) > 1 and lo <= int(parts[1], 16) < hi:
-                count += 1
+    count = 0
+    for call in calls.values():
+        if call[0] == nr and len(call) > 1 and lo <= call[1] < hi:
+            count += 1
     return count
 
 
 def _task_ids(pid: int) -> List[int]:
     try:
-        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        return procfs.task_ids(pid)
+    except procfs.ProcessGone as exc:
+        raise ProbeUnavailable("exited", f"pid {pid}") from exc
     except OSError as exc:
         raise _proc_error(exc, pid) from exc
 

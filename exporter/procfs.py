@@ -51,7 +51,8 @@ class MapEntry:
     end: int
     perms: str
     offset: int
-    path: str
+    inode: int
+    path: str  # as the target sees it; undecodable bytes kept as surrogates
 
 
 def pids() -> list[int]:
@@ -162,16 +163,57 @@ def parse_maps(text: str) -> list[MapEntry]:
             continue
         start, _, end = parts[0].partition("-")
         path = parts[5] if len(parts) == 6 else ""
-        entries.append(MapEntry(int(start, 16), int(end, 16), parts[1], int(parts[2], 16), path))
+        entries.append(MapEntry(int(start, 16), int(end, 16), parts[1], int(parts[2], 16), int(parts[4]), path))
     return entries
 
 
 def maps(pid: int) -> list[MapEntry]:
+    """Memory mappings. Empty for zombies and kernel threads."""
     try:
         with open(f"{PROC}/{pid}/maps", errors="surrogateescape") as f:
             return parse_maps(f.read())
     except (FileNotFoundError, ProcessLookupError) as e:
         raise ProcessGone(pid) from e
+
+
+def process_state(pid: int) -> str:
+    """One-letter state from /proc/PID/stat ("R", "S", "Z", ...), "" when unreadable."""
+    try:
+        with open(f"{PROC}/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2:].split()[0].decode()
+    except (OSError, ValueError, IndexError):
+        return ""
+
+
+def task_ids(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"{PROC}/{pid}/task")]
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise ProcessGone(pid) from e
+
+
+def task_syscalls(pid: int) -> dict[int, tuple[int, ...]]:
+    """Per thread: (syscall number, arg1..arg6, sp, pc) from /proc/PID/task/TID/syscall.
+
+    A running thread gives (-1,) and a blocked one without a syscall nothing. Needs
+    ptrace-read permission (PermissionError otherwise); never stops the target.
+    """
+    out: dict[int, tuple[int, ...]] = {}
+    for tid in task_ids(pid):
+        try:
+            with open(f"{PROC}/{pid}/task/{tid}/syscall", "rb") as f:
+                line = f.read().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # thread ended meanwhile
+        if not line or line[0] == b"running":
+            out[tid] = (-1,)
+            continue
+        try:
+            out[tid] = (int(line[0]),) + tuple(int(x, 16) for x in line[1:])
+        except ValueError:
+            continue
+    return out
 
 
 def cgroup(pid: int) -> str:
