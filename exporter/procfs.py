@@ -104,7 +104,23 @@ def start_time(pid: int) -> int:
     fields = data[data.rfind(b")") + 2:].split()
     if not fields or fields[0] in (b"Z", b"X"):
         raise ProcessGone(pid)
+    if not _is_thread_group_leader(pid):
+        # /proc/N also answers for a thread N of another process: a dead process's PID taken
+        # by a new thread in the same clock tick would otherwise look like the same process.
+        raise ProcessGone(pid)
     return int(fields[19])
+
+
+def _is_thread_group_leader(pid: int) -> bool:
+    try:
+        with open(f"{PROC}/{pid}/status", "rb") as f:
+            head = f.read(512)
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    i = head.find(b"\nTgid:")
+    if i < 0:
+        return True  # unknown layout: do not drop a live process
+    return int(head[i + 6:head.index(b"\n", i + 1)]) == pid
 
 
 def process_stat(pid: int) -> ProcessStat:
