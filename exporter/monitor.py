@@ -109,6 +109,7 @@ class _ProcessState:
     next_locate: float = 0.0
     locating: bool = False
     kube: tuple = ()
+    gil_base: GilTotals | None = None  # totals of earlier sampler sessions (probe lost, then re-located)
     threads: dict = field(default_factory=dict)  # tid -> (voluntary, involuntary), last seen
     ended: tuple = (0, 0)  # sums of threads that ended
     history: deque = field(default_factory=deque)
@@ -266,11 +267,12 @@ class Monitor:
         if self.sampler and state.location is not None:
             failure = self.sampler.failure(key)
             if failure:
+                state.gil_base = _add_totals(state.gil_base, self.sampler.totals(key))
                 state.probe, state.location = failure, None
                 state.next_locate = time.monotonic() + _RELOCATE_AFTER
                 self.sampler.remove(key)
             else:
-                totals = self.sampler.totals(key)
+                totals = _add_totals(state.gil_base, self.sampler.totals(key))
         now = time.monotonic()
         state.history.append(Tick(now, stat.threads, stat.cpu_user, stat.cpu_system,
                                   voluntary, involuntary, totals))
@@ -407,6 +409,23 @@ class Monitor:
             score=value,
             score_method=method,
         )
+
+
+def _add_totals(base: GilTotals | None, now: GilTotals | None) -> GilTotals | None:
+    """Counters that continue across sampler sessions of one process: a GIL that was lost
+    (validation failed) and found again must not restart its *_total series at zero."""
+    if base is None or now is None:
+        return now if now is not None else base
+    return GilTotals(
+        sampled_seconds=base.sampled_seconds + now.sampled_seconds,
+        held_seconds=base.held_seconds + now.held_seconds,
+        wait_seconds=base.wait_seconds + now.wait_seconds,
+        contended_seconds=base.contended_seconds + now.contended_seconds,
+        switches=base.switches + now.switches,
+        interval_seconds=now.interval_seconds,
+        samples=base.samples + now.samples,
+        futex_waiters_checked=now.futex_waiters_checked,
+    )
 
 
 def _utf8(text: str) -> str:
