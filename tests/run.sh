@@ -15,6 +15,7 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
 
+bash tests/setup/tools.sh
 bash tests/setup/prometheus.sh
 bash tests/setup/helm.sh
 
