@@ -13,6 +13,7 @@ waiters are counted from /proc/PID/task/*/syscall as a cross-check.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import random
 import threading
@@ -39,36 +40,34 @@ class GilTotals:
     futex_waiters_checked: int  # last /proc futex cross-check (-1 if none yet)
 
 
-class _Target:
-    __slots__ = ("key", "reader", "fd", "size", "addr", "unpack", "t", "locked", "waiters",
-                 "switch", "interval", "sampled", "held", "wait", "contended", "switches",
-                 "samples", "futex", "next_check", "bad_checks", "failure", "pid")
+# Per-target state is one tuple, replaced whole at every sample: the sampler thread is the
+# only writer, and readers (totals()) get a consistent copy by reading one attribute.
+# (t, locked, waiters, switch, interval_us, sampled, held, wait, contended, switches, samples)
+_EMPTY_STATE = (0.0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 0)
 
-    def __init__(self, key: Hashable, reader: Optional[GilReader], now: float, check_at: float) -> None:
+
+class _Target:
+    __slots__ = ("key", "reader", "pid", "read", "unpack", "size", "state", "futex",
+                 "next_check", "bad_checks", "failure")
+
+    def __init__(self, key: Hashable, reader: Optional[GilReader], check_at: float) -> None:
         self.key = key
         self.reader = reader
+        self.pid = reader.pid if reader is not None else 0
         if reader is not None:
-            self.fd = reader.fd
-            self.size = reader.size
-            self.addr = reader.address
+            fd, size, addr = reader.fd, reader.size, reader.address
+            self.size = size
+            self.read = functools.partial(os.pread, fd, size, addr)
             self.unpack = reader.struct.unpack
-            self.pid = reader.pid
-        self.t = -1.0
-        self.locked = 0
-        self.waiters = 0
-        self.switch = 0
-        self.interval = 0
-        self.sampled = self.held = self.wait = self.contended = 0.0
-        self.switches = 0
-        self.samples = 0
+        self.state = _EMPTY_STATE
         self.futex = -1
         self.next_check = check_at
         self.bad_checks = 0
         self.failure: Optional[str] = None
 
     def totals(self) -> GilTotals:
-        return GilTotals(self.sampled, self.held, self.wait, self.contended, self.switches,
-                         self.interval / 1e6, self.samples, self.futex)
+        _t, _l, _w, _s, interval, sampled, held, wait, contended, switches, samples = self.state
+        return GilTotals(sampled, held, wait, contended, switches, interval / 1e6, samples, self.futex)
 
 
 class GilSampler:
@@ -79,6 +78,12 @@ class GilSampler:
     A target whose reads fail (exit, PID reuse, EPERM, validation) is dropped from
     sampling: its last totals stay readable and ``failure(key)`` gives the reason,
     until ``remove(key)``.
+
+    Concurrency: the sampling thread takes no lock per tick. It reads the current tuple
+    of active targets, and each target's state is an immutable tuple it replaces whole.
+    add()/remove() swap the active tuple under a lock; readers of removed targets are
+    closed by the sampling thread itself at its next tick (never while it may still
+    read their fd), or at once when it is not running.
     """
 
     def __init__(self, rate_hz: float = 100.0, jitter: float = 0.5,
@@ -94,13 +99,11 @@ class GilSampler:
         # Longest gap credited to one sample: beyond this the sampler was starved and
         # holding the old state would invent data; the excess is simply not sampled.
         self._max_gap = 3.0 * self._period * (1.0 + jitter)
-        self._lock = threading.Lock()
-        # Held while a target is re-validated outside _lock: closing a reader waits for
-        # it, so a closed fd number cannot be reused under a running check.
-        self._check_lock = threading.Lock()
+        self._lock = threading.Lock()            # targets dict, active tuple, to-close list
         self._targets: Dict[Hashable, _Target] = {}
         self._active: tuple = ()
-        self._stop = threading.Event()
+        self._to_close: List[GilReader] = []
+        self._running = [False]
         self._thread: Optional[threading.Thread] = None
         self._rng = random.Random()
         self.ticks = 0
@@ -111,16 +114,17 @@ class GilSampler:
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
-        self._stop.clear()
+        self._running = [True]           # a fresh flag per thread: a stopped one never revives
         self._thread = threading.Thread(target=self._run, name="gil-sampler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._running[0] = False
         t = self._thread
         if t is not None:
             t.join(timeout=5.0)
         self._thread = None
+        self._close_pending()
 
     def close(self) -> None:
         self.stop()
@@ -128,64 +132,73 @@ class GilSampler:
             self.remove(key)
 
     def add(self, key: Hashable, location: GilLocation) -> None:
-        now = time.monotonic()
-        check_at = now + self._rng.uniform(0.2, 1.0) * self.check_every
+        check_at = time.monotonic() + self._rng.uniform(0.2, 1.0) * self.check_every
         try:
-            reader = GilReader(location)
+            st = _Target(key, GilReader(location), check_at)
         except ProbeUnavailable as exc:
-            st = _Target(key, None, now, check_at)
+            st = _Target(key, None, check_at)
             st.failure = exc.reason
         except OSError as exc:
-            st = _Target(key, None, now, check_at)
+            st = _Target(key, None, check_at)
             st.failure = _reason(exc)
-        else:
-            st = _Target(key, reader, now, check_at)
         with self._lock:
             old = self._targets.pop(key, None)
             self._targets[key] = st
             self._next_check = min(self._next_check, check_at) if self._next_check else check_at
             self._rebuild()
-        if old is not None and old.reader is not None:
-            with self._check_lock:
-                old.reader.close()
+            if old is not None:
+                self._retire(old)
+        if not self.is_alive():
+            self._close_pending()
 
     def remove(self, key: Hashable) -> None:
         with self._lock:
             st = self._targets.pop(key, None)
-            self._rebuild()
-        if st is not None and st.reader is not None:
-            with self._check_lock:
-                st.reader.close()
+            if st is not None:
+                self._rebuild()
+                self._retire(st)
+        if not self.is_alive():
+            self._close_pending()
 
     def totals(self, key: Hashable) -> Optional[GilTotals]:
-        with self._lock:
-            st = self._targets.get(key)
-            return None if st is None else st.totals()
+        st = self._targets.get(key)
+        return None if st is None else st.totals()
 
     def failure(self, key: Hashable) -> Optional[str]:
-        with self._lock:
-            st = self._targets.get(key)
-            return None if st is None else st.failure
+        st = self._targets.get(key)
+        return None if st is None else st.failure
 
     def keys(self) -> list:
         with self._lock:
             return list(self._targets)
 
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        t = self._thread
+        return t is not None and t.is_alive()
 
     # ----------------------------------------------------------------- internals
     def _rebuild(self) -> None:
-        # called with the lock held
+        # called with the lock held; one atomic swap of the tuple the hot path iterates
         self._active = tuple(st for st in self._targets.values() if st.failure is None)
 
+    def _retire(self, st: _Target) -> None:
+        # called with the lock held: the reader is closed later, by the sampling thread
+        if st.reader is not None:
+            self._to_close.append(st.reader)
+            st.reader = None
+
+    def _close_pending(self) -> None:
+        with self._lock:
+            pending, self._to_close = self._to_close, []
+        for reader in pending:
+            reader.close()
+
     def _fail(self, st: _Target, reason: str) -> None:
-        # called with the lock held
+        # called with the lock held, from the sampling thread
         if st.failure is None:
             st.failure = reason
-        if st.reader is not None:
-            st.reader.close()
         self._rebuild()
+        self._retire(st)
 
     def _run(self) -> None:
         try:
@@ -198,53 +211,48 @@ class GilSampler:
         rand = self._rng.random
         monotonic = time.monotonic
         sleep = time.sleep
-        is_set = self._stop.is_set
-        lock = self._lock
-        pread = os.pread
+        running = self._running          # a list, not Event.is_set(): no Python call per tick
         max_gap = self._max_gap
         ticks = 0
         next_t = monotonic() + period * rand()
-        while not is_set():
+        while running[0]:
             delay = next_t - monotonic()
             if delay > 0:
                 sleep(delay)
+            if self._to_close:
+                self._close_pending()
             now = monotonic()
             failed = None
-            # Hot path: one pread per target, sample-and-hold accounting, nothing else.
-            with lock:
-                for st in self._active:
-                    try:
-                        data = pread(st.fd, st.size, st.addr)
-                        interval, _holder, locked, switch, wrefs = st.unpack(data)
-                    except Exception as exc:      # OSError, or short read (struct.error)
-                        if failed is None:
-                            failed = []
-                        failed.append((st, exc))
-                        continue
-                    if locked & ~1:
-                        if failed is None:
-                            failed = []
-                        failed.append((st, None))
-                        continue
-                    if st.samples:
-                        dt = now - st.t
-                        if dt > max_gap:
-                            dt = max_gap
-                        st.sampled += dt
-                        if st.locked:
-                            st.held += dt
-                            if st.waiters:
-                                st.contended += dt
-                        if st.waiters:
-                            st.wait += dt * st.waiters
-                        if switch != st.switch:
-                            st.switches += (switch - st.switch) & _MASK64
-                    st.t = now
-                    st.locked = locked
-                    st.waiters = wrefs >> 3
-                    st.switch = switch
-                    st.interval = interval
-                    st.samples += 1
+            # Hot path: one pread per target and sample-and-hold accounting; no lock.
+            for st in self._active:
+                try:
+                    interval, _holder, locked, switch, wrefs = st.unpack(st.read())
+                except Exception as exc:      # OSError, or a short read (struct.error)
+                    if failed is None:
+                        failed = []
+                    failed.append((st, exc))
+                    continue
+                if locked & ~1:
+                    if failed is None:
+                        failed = []
+                    failed.append((st, None))
+                    continue
+                t0, l0, w0, s0, _, sampled, held, wait, contended, switches, n = st.state
+                if n:
+                    dt = now - t0
+                    if dt > max_gap:
+                        dt = max_gap
+                    sampled += dt
+                    if l0:
+                        held += dt
+                        if w0:
+                            contended += dt
+                    if w0:
+                        wait += dt * w0
+                    if switch != s0:
+                        switches += (switch - s0) & _MASK64
+                st.state = (now, locked, wrefs >> 3, switch, interval, sampled, held, wait,
+                            contended, switches, n + 1)
             ticks += 1
             self.ticks = ticks
             if failed is not None or now >= self._next_check:
@@ -255,6 +263,7 @@ class GilSampler:
             next_t += lo + span * rand()
             if next_t < now:           # fell behind (starved): restart the schedule
                 next_t = now + lo + span * rand()
+        self._close_pending()
 
     def _housekeeping(self, now: float, failed) -> None:
         """Record failures from the hot path; re-validate at most one due target."""
@@ -276,21 +285,23 @@ class GilSampler:
                     soonest = st.next_check
             self._next_check = soonest
         if due is not None:
-            with self._check_lock:
-                if due.reader is not None and due.reader.fd >= 0:
-                    self._check(due, now)
+            self._check(due, now)
             with self._lock:
                 self._next_check = min(self._next_check, due.next_check)
 
     def _check(self, st: _Target, now: float) -> None:
-        """Occasional re-validation and futex cross-check of one target (outside the lock)."""
+        """Occasional re-validation and futex cross-check of one target (sampling thread)."""
         st.next_check = now + self.check_every * self._rng.uniform(0.8, 1.2)
+        reader = st.reader
+        if reader is None:      # removed meanwhile; its reader is queued for closing
+            return
         reason = None
         futex = -1
+        interval, samples = st.state[4], st.state[10]
         try:
-            problem, futex = st.reader.recheck()
-            if st.samples and not INTERVAL_MIN_US <= st.interval <= INTERVAL_MAX_US:
-                problem = problem or f"interval {st.interval} us out of range"
+            problem, futex = reader.recheck()
+            if samples and not INTERVAL_MIN_US <= interval <= INTERVAL_MAX_US:
+                problem = problem or f"interval {interval} us out of range"
             if problem:
                 # one miss is tolerated (take_gil sets locked just before last_holder)
                 st.bad_checks += 1
@@ -306,11 +317,14 @@ class GilSampler:
             reason = _reason(exc, st.pid)
         except Exception:
             reason = "validation_failed"
-        with self._lock:
-            if futex >= 0:
-                st.futex = futex
-            if reason is not None:
-                self._fail(st, reason)
+        if futex >= 0:
+            st.futex = futex
+        if reason is not None:
+            with self._lock:
+                if self._targets.get(st.key) is st:
+                    self._fail(st, reason)
+                else:
+                    st.failure = st.failure or reason
 
 
 def _reason(exc: OSError, pid: int = 0) -> str:

@@ -439,3 +439,22 @@ def test_permission_denied_as_other_user():
     assert out.get("uid") == NOBODY, out
     assert out == {"uid": NOBODY, "identify": "permission_denied", "locate": "permission_denied",
                    "reader": "permission_denied", "futex": "permission_denied"}
+
+
+SYSTEM_PYTHONS = [p for p in ("/usr/bin/python3",) if os.path.exists(p)]
+
+
+@pytest.mark.parametrize("python", SYSTEM_PYTHONS or [pytest.param("none", marks=pytest.mark.skip("no system python"))])
+def test_distro_python_static_executable(python, report):
+    """A distro build (libpython linked into a non-PIE executable, its own offsets)."""
+    exact = _exact_version(python)
+    with start_workload("cpu", python, switch_interval=0.0123) as w:
+        ident = identify(w.pid)
+        assert ident.version == exact
+        assert os.path.realpath(ident.binary) == os.path.realpath(python)
+        loc = locate(w.pid)
+        found = locate(w.pid, methods=("search",))
+        assert found.address == loc.address
+        with GilReader(loc) as r:
+            assert r.read().interval_us == 12300
+    report.record(f"{exact.rsplit('.', 1)[0]}", "distro build", f"{python} {exact} {loc.method}")
