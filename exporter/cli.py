@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
-import threading
 import time
 
 from exporter import __version__
@@ -118,23 +116,24 @@ def run_daemon(args) -> int:
 
     monitor = Monitor(config, pod_resolver=_pod_resolver())
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GilCollector(monitor))
+    collector = GilCollector(monitor)
+    registry.register(collector)
     try:
-        server = ExporterServer(args.listen, registry, monitor, args.metrics_path, web)
+        server = ExporterServer(args.listen, registry, monitor, args.metrics_path, web, collector)
     except OSError as e:
         print(f"gil-exporter: cannot listen on {args.listen[0]}:{args.listen[1]}: {e.strerror or e}",
               file=sys.stderr)
         return 2
 
-    stop = threading.Event()
-    reload_requested = threading.Event()
+    # Signal handlers only set flags: taking a lock in a handler (Event.set) can deadlock the
+    # main thread if the signal lands while that thread holds the same lock.
+    pending = {"stop": False, "reload": False}
 
     def on_stop(signum, frame):
-        stop.set()
+        pending["stop"] = True
 
     def on_hup(signum, frame):
-        reload_requested.set()
-        stop.set()  # wake the main loop; it clears this when it only reloads
+        pending["reload"] = True
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
@@ -150,11 +149,10 @@ def run_daemon(args) -> int:
     print(f"gil-exporter {__version__}: landing page {url}/  metrics {url}{args.metrics_path}",
           file=sys.stderr, flush=True)
 
-    while True:
-        stop.wait()
-        if reload_requested.is_set():
-            reload_requested.clear()
-            stop.clear()
+    while not pending["stop"]:
+        time.sleep(0.1)
+        if pending["reload"]:
+            pending["reload"] = False
             try:
                 new = _load(args.config)
             except ConfigError as e:
@@ -162,8 +160,6 @@ def run_daemon(args) -> int:
                 continue
             monitor.reload(new)
             log.info("config reloaded from %s", args.config or "defaults")
-            continue
-        break
 
     log.info("shutting down")
     server.stop()

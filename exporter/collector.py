@@ -6,6 +6,8 @@ from samples with per-sample label sets.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 
 from prometheus_client.core import Metric
@@ -21,13 +23,23 @@ def _family(name: str, doc: str, kind: str, unit: str = "") -> Metric:
 class GilCollector:
     def __init__(self, monitor: Monitor):
         self.monitor = monitor
+        self._local = threading.local()
 
     def describe(self):
         return []  # collected lazily; nothing to check at registration
 
+    @contextlib.contextmanager
+    def pinned(self, alive: frozenset):
+        """Collect, in this thread, exactly the processes in `alive` (checked by the caller)."""
+        self._local.alive = alive
+        try:
+            yield
+        finally:
+            self._local.alive = None
+
     def collect(self):
         started = time.perf_counter()
-        views = self.monitor.snapshot()
+        views = self.monitor.snapshot(alive=getattr(self._local, "alive", None))
         host = self.monitor.host()
         families = list(self._process_families(views))
         families.extend(self._gil_families(views))

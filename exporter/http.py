@@ -8,6 +8,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -57,6 +58,47 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{t
 """
 
 
+class RenderedMetrics:
+    """The /metrics body, rendered at most once per monitor tick and set of live processes.
+
+    The figures only change when the monitor ticks (once a second), but a scrape must never
+    show a process that has exited since. So a scrape checks liveness (one small read per
+    process) and reuses the body rendered for the same tick and the same live processes;
+    after each tick the body is rendered ahead of time while someone is scraping, which keeps
+    the text formatting off the scrape's path.
+    """
+
+    PRERENDER_WHILE_SCRAPED = 120.0  # seconds after the last scrape
+
+    def __init__(self, registry: CollectorRegistry, monitor: Monitor, collector):
+        self.registry = registry
+        self.monitor = monitor
+        self.collector = collector
+        self._cache: dict[str, tuple] = {}  # content type -> (generation, alive, body)
+        self._lock = threading.Lock()
+        self._last_scrape = 0.0
+        self._last_accept = ""
+        monitor.tick_listeners.append(self._prerender)
+
+    def body(self, accept: str) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)
+        self._last_scrape, self._last_accept = time.monotonic(), accept
+        alive = self.monitor.alive_keys()
+        generation = self.monitor.generation
+        hit = self._cache.get(content_type)
+        if hit is not None and hit[0] == generation and hit[1] == alive:
+            return hit[2], content_type
+        with self._lock:
+            with self.collector.pinned(alive):
+                body = encoder(self.registry)
+            self._cache[content_type] = (generation, alive, body)
+        return body, content_type
+
+    def _prerender(self) -> None:
+        if time.monotonic() - self._last_scrape < self.PRERENDER_WHILE_SCRAPED:
+            self.body(self._last_accept)
+
+
 class _Server(ThreadingHTTPServer):
     """ThreadingHTTPServer that does the TLS handshake in the connection's own thread,
     so a slow or plain-HTTP client can never hold up accept() for everyone else."""
@@ -84,9 +126,10 @@ class ExporterServer:
     """Serves one registry and the landing page; stops cleanly on request."""
 
     def __init__(self, address: tuple[str, int], registry: CollectorRegistry, monitor: Monitor,
-                 metrics_path: str = "/metrics", web: WebConfig | None = None):
+                 metrics_path: str = "/metrics", web: WebConfig | None = None, collector=None):
         self.registry = registry
         self.monitor = monitor
+        self.rendered = RenderedMetrics(registry, monitor, collector) if collector is not None else None
         self.metrics_path = metrics_path
         self.web = web or WebConfig()
         self.auth = BasicAuth(self.web.users) if self.web.users else None
@@ -139,9 +182,13 @@ class ExporterServer:
                     return
                 path = urlsplit(self.path).path
                 if path == server.metrics_path:
-                    encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                    accept = self.headers.get("Accept", "")
                     try:
-                        body = encoder(server.registry)
+                        if server.rendered is not None:
+                            body, content_type = server.rendered.body(accept)
+                        else:
+                            encoder, content_type = choose_encoder(accept)
+                            body = encoder(server.registry)
                     except Exception as e:
                         log.error("scrape failed: %s: %s", type(e).__name__, e)
                         self._send(500, "text/plain; charset=utf-8", b"scrape failed\n")

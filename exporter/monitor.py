@@ -148,6 +148,8 @@ class Monitor:
         if config.sampling.enabled:
             self.sampler = GilSampler(rate_hz=config.sampling.rate_hz)
         self.ready = threading.Event()  # set after the first tick
+        self.generation = 0  # ticks done: what /metrics shows changes only when this does
+        self.tick_listeners: list[Callable[[], None]] = []
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -182,7 +184,14 @@ class Monitor:
                 self.errors["tick"] += 1
                 log.error("tick failed: %s: %s", type(e).__name__, e)
                 log.debug("tick failure", exc_info=True)
+            self.generation += 1
             self.ready.set()
+            for listener in list(self.tick_listeners):
+                try:
+                    listener()
+                except Exception as e:
+                    self.errors["tick"] += 1
+                    log.error("after-tick hook failed: %s: %s", type(e).__name__, e)
             self._stop.wait(max(0.05, self.tick_seconds - (time.monotonic() - started)))
 
     # -- one tick ----------------------------------------------------------
@@ -336,7 +345,14 @@ class Monitor:
             util.append(min(1.0, max(0.0, (busy1 - busy0) / dt)) if dt > 0 else 0.0)
         return HostView(cpus, tuple(util))
 
-    def snapshot(self, check_alive: bool = True) -> list[ProcessView]:
+    def alive_keys(self) -> frozenset:
+        """Keys of the tracked processes that are still running now (one small read each)."""
+        with self._lock:
+            keys = [k for k, st in self._states.items() if st.history]
+        return frozenset(k for k in keys if _alive(k))
+
+    def snapshot(self, check_alive: bool = True, alive: frozenset | None = None) -> list[ProcessView]:
+        """Views of the tracked processes; `alive` (from alive_keys()) skips the liveness reads."""
         with self._lock:
             states = list(self._states.items())
         host_cpus = len(self._host[-1].cpus) if self._host else 0
@@ -344,7 +360,10 @@ class Monitor:
         for key, state in states:
             if not state.history:
                 continue
-            if check_alive and not _alive(key):
+            if alive is not None:
+                if key not in alive:
+                    continue
+            elif check_alive and not _alive(key):
                 continue  # gone since the last tick: never publish a dead process
             views.append(self._view(state, host_cpus))
         views.sort(key=lambda v: (v.target, v.pid))
