@@ -27,7 +27,6 @@ import json
 import os
 import random
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -234,6 +233,40 @@ def section_cost(python: str, seconds: float, counts=(1, 10, 50)) -> list:
     return rows
 
 
+def section_hotloop(python: str, seconds: float, n: int = 50) -> dict:
+    """The hot path alone: the sampler run as a busy loop (no sleeping, warm caches)."""
+    targets = [Target("cpucount", python)]
+    try:
+        targets += [Target("sleep", python, threads=1) for _ in range(n - 1)]
+        r = run_sampler([t.pid for t in targets], seconds, rate=1e6)
+    finally:
+        for t in targets:
+            t.stop()
+    row = {"targets": n, "samples": r["samples"], "us_per_sample_thread": r["thread_cpu"] / r["samples"] * 1e6}
+    print(f"hotloop: {row}", flush=True)
+    return row
+
+
+def section_floor(seconds: float) -> dict:
+    """CPU of a bare Python thread that only does time.sleep(0.01): the wake-up floor of
+    any 100 Hz sampler written in Python on this machine."""
+    import threading
+    out = {}
+
+    def loop():
+        n = int(seconds * 100)
+        c0 = time.thread_time()
+        for _ in range(n):
+            time.sleep(0.01)
+        out["us_per_wakeup"] = (time.thread_time() - c0) / n * 1e6
+
+    th = threading.Thread(target=loop)
+    th.start()
+    th.join()
+    print(f"floor: {out}", flush=True)
+    return out
+
+
 def _parse_pyspy_samples(text: str) -> int:
     m = re.search(r"Samples:\s*(\d+)", text)
     return int(m.group(1)) if m else 0
@@ -399,6 +432,15 @@ def markdown(results: dict) -> str:
                          f"| {r['targets']} | {r['rate_per_target']:.1f} | {r['us_per_sample_thread']:.1f} | "
                          f"{r['us_per_sample_process']:.1f} | {r['cpu_percent']:.2f} | - |")
         lines.append("")
+    if "hotloop" in results:
+        h = results["hotloop"]
+        lines.append(f"Hot path alone (sampler as a busy loop over {h['targets']} targets, warm caches): "
+                     f"{h['us_per_sample_thread']:.2f} µs CPU per target-sample over {h['samples']} samples.")
+        lines.append("")
+    if "floor" in results:
+        lines.append(f"Wake-up floor: a Python thread doing nothing but time.sleep(0.01) costs "
+                     f"{results['floor']['us_per_wakeup']:.1f} µs CPU per wake-up here.")
+        lines.append("")
     if "pyspy" in results:
         lines.append("### Same target, same time: our sampler vs `py-spy record --nonblocking --gil -r 100`")
         lines.append("")
@@ -438,7 +480,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--sections", default="cost,pyspy,slowdown,accuracy")
+    ap.add_argument("--sections", default="cost,hotloop,floor,pyspy,slowdown,accuracy")
     ap.add_argument("--python", default="3.11", help="target version for cost/pyspy/slowdown")
     ap.add_argument("--pyspy", default=shutil.which("py-spy") or "/tmp/bench-venv/bin/py-spy")
     ap.add_argument("--gk-venv-pattern", default="/tmp/gk{v}/bin/python")
@@ -460,6 +502,10 @@ def main(argv=None) -> int:
     target_python = pythons[args.python]
     if "cost" in sections:
         results["cost"] = section_cost(target_python, args.seconds)
+    if "hotloop" in sections:
+        results["hotloop"] = section_hotloop(target_python, args.seconds)
+    if "floor" in sections:
+        results["floor"] = section_floor(args.seconds)
     if "pyspy" in sections:
         results["pyspy"] = section_pyspy(target_python, args.pyspy, args.seconds, max(1, args.rounds // 2))
     if "slowdown" in sections:

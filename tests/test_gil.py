@@ -24,7 +24,7 @@ from workloads import kill_quietly, pyenv_pythons, start_workload  # noqa: E402
 
 from exporter import gil  # noqa: E402
 from exporter.gil import (  # noqa: E402
-    DEBUG_COOKIE, DEBUG_OFFSETS_LAYOUTS, KNOWN_GIL_OFFSETS, LAYOUTS, GilLayout, GilLocation,
+    DEBUG_COOKIE, DEBUG_OFFSETS_LAYOUTS, KNOWN_GIL_OFFSETS, LAYOUTS, GilLocation,
     GilReader, ProbeUnavailable, detect_free_threaded, futex_waiters, identify, locate,
     parse_debug_offsets, version_from_hex, version_from_sys_version_buffer)
 
