@@ -88,17 +88,8 @@ class GilSampler:
 
     def __init__(self, rate_hz: float = 100.0, jitter: float = 0.5,
                  check_every: float = 5.0) -> None:
-        if rate_hz <= 0:
-            raise ValueError("rate_hz must be > 0")
-        if not 0.0 <= jitter < 1.0:
-            raise ValueError("jitter must be in [0, 1)")
-        self.rate_hz = rate_hz
-        self.jitter = jitter
+        self._schedule(rate_hz, jitter)
         self.check_every = check_every
-        self._period = 1.0 / rate_hz
-        # Longest gap credited to one sample: beyond this the sampler was starved and
-        # holding the old state would invent data; the excess is simply not sampled.
-        self._max_gap = 3.0 * self._period * (1.0 + jitter)
         self._lock = threading.Lock()            # targets dict, active tuple, to-close list
         self._targets: Dict[Hashable, _Target] = {}
         self._active: tuple = ()
@@ -109,6 +100,40 @@ class GilSampler:
         self.ticks = 0
         self._next_check = 0.0          # earliest time any target is due for re-validation
         self.native_id = 0              # sampler thread's TID (for CPU accounting)
+
+    # ----------------------------------------------------------------- schedule
+    def _schedule(self, rate_hz: float, jitter: float) -> None:
+        if not rate_hz > 0:
+            raise ValueError("rate_hz must be > 0")
+        if not 0.0 <= jitter < 1.0:
+            raise ValueError("jitter must be in [0, 1)")
+        period = 1.0 / rate_hz
+        self._rate_hz = rate_hz
+        self._jitter = jitter
+        self._period = period
+        # One tuple, swapped whole; the sampling thread picks up a new one at its next tick.
+        # (lo, span): next tick in period * [1 - jitter, 1 + jitter).
+        # max_gap: longest gap credited to one sample; beyond it the sampler was starved
+        # and holding the old state would invent data, so the excess is not sampled.
+        self._params = (period * (1.0 - jitter), 2.0 * period * jitter,
+                        3.0 * period * (1.0 + jitter))
+
+    @property
+    def rate_hz(self) -> float:
+        return self._rate_hz
+
+    @rate_hz.setter
+    def rate_hz(self, value: float) -> None:
+        """Changeable while running (config reload); applies from the next tick."""
+        self._schedule(value, self._jitter)
+
+    @property
+    def jitter(self) -> float:
+        return self._jitter
+
+    @jitter.setter
+    def jitter(self, value: float) -> None:
+        self._schedule(self._rate_hz, value)
 
     # ----------------------------------------------------------------- public API
     def start(self) -> None:
@@ -205,17 +230,19 @@ class GilSampler:
             self.native_id = threading.get_native_id()
         except AttributeError:  # pragma: no cover
             self.native_id = 0
-        period = self._period
-        lo = period * (1.0 - self.jitter)         # next tick in period * [1-j, 1+j)
-        span = 2.0 * period * self.jitter
+        params = self._params
+        lo, span, max_gap = params
         rand = self._rng.random
         monotonic = time.monotonic
         sleep = time.sleep
         running = self._running          # a list, not Event.is_set(): no Python call per tick
-        max_gap = self._max_gap
         ticks = 0
-        next_t = monotonic() + period * rand()
+        next_t = monotonic() + self._period * rand()
         while running[0]:
+            if self._params is not params:     # rate or jitter changed
+                params = self._params
+                lo, span, max_gap = params
+                next_t = min(next_t, monotonic() + lo + span * rand())
             delay = next_t - monotonic()
             if delay > 0:
                 sleep(delay)

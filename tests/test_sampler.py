@@ -212,6 +212,8 @@ def test_wrong_location_is_reported_not_published():
             while s.failure("bad") is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert s.failure("bad") == "validation_failed"
+            while s.totals("good").futex_waiters_checked < 0 and time.monotonic() < deadline + 2:
+                time.sleep(0.05)
             assert s.failure("good") is None
             assert s.totals("good").futex_waiters_checked >= 0
     finally:
@@ -309,3 +311,25 @@ def test_add_remove_churn_while_checking():
     finally:
         s.close()
     assert s.keys() == [] and not s.is_alive()
+
+
+def test_rate_change_while_running():
+    """The monitor sets sampler.rate_hz on config reload: it applies without a restart."""
+    s = GilSampler(rate_hz=100.0)
+    s.start()
+    try:
+        with start_workload("sleep", PYTHONS[VERSIONS[-1]]) as w:
+            s.add("k", locate(w.pid))
+            time.sleep(0.3)
+            s.rate_hz = 20.0
+            time.sleep(0.3)                       # let the new schedule take over
+            n0, t0 = s.totals("k").samples, time.monotonic()
+            time.sleep(2.0)
+            rate = (s.totals("k").samples - n0) / (time.monotonic() - t0)
+            assert 10 <= rate <= 24, rate
+            assert s.rate_hz == 20.0
+            with pytest.raises(ValueError):
+                s.rate_hz = 0
+            assert s.rate_hz == 20.0 and s.failure("k") is None and s.is_alive()
+    finally:
+        s.close()
