@@ -163,12 +163,15 @@ TSTATE_INTERP_OFFSET = 16
 FUTEX_SYSCALL = {"x86_64": 202, "aarch64": 98}
 EM_SUPPORTED = {"EM_X86_64": "x86_64", "EM_AARCH64": "aarch64"}
 
-# Plausible switch interval in microseconds. CPython stores (unsigned long)(1e6 * s) and
-# clamps 0 to 1, so 1 us is the floor. Nobody sets a switch interval above an hour; a
-# random word in static memory is usually 0, a small flag, a pointer (> 2**32) or
-# a hash, so [1 us, 1 h] keeps real values (default 5000, any sys.setswitchinterval)
-# and rejects most junk without assuming the default.
-INTERVAL_MIN_US = 1
+# Plausible switch interval in microseconds. CPython stores (unsigned long)(1e6 * s), so
+# sys.setswitchinterval(1e-7) stores 0 (take_gil then waits 1 us): 0 is legal once a GIL
+# is located, and the reader and sampler accept it. Locating wants [1 us, 1 h]: a zero word
+# is the commonest junk in static memory (measured: with 0 allowed, wrong table offsets on
+# 3.8-3.10 pass validation), while real intervals, default or set by the target, lie in it.
+# A target that set an interval below 1 us before we first saw it gets validation_failed
+# and the procfs score: honest, never a guess.
+INTERVAL_MIN_US = 0
+LOCATE_INTERVAL_MIN_US = 1
 INTERVAL_MAX_US = 3_600_000_000
 
 _LIBPY_RE = re.compile(r"libpython(\d+)\.(\d+)([a-z]*)\.so")
@@ -639,10 +642,10 @@ _U32 = struct.Struct("<I")
 
 
 def _structural_ok(data: bytes, off: int, layout: GilLayout, writable: _WritableRanges,
-                   ntasks: int) -> bool:
+                   ntasks: int, min_interval_us: int = LOCATE_INTERVAL_MIN_US) -> bool:
     """Cheap checks of one snapshot of a candidate GIL struct (plus its mutex) at `off`."""
     interval, = _U64.unpack_from(data, off + layout.interval)
-    if not INTERVAL_MIN_US <= interval <= INTERVAL_MAX_US:
+    if not min_interval_us <= interval <= INTERVAL_MAX_US:
         return False
     locked, pad = struct.unpack_from("<iI", data, off + layout.locked)
     if locked not in (0, 1) or pad != 0:
@@ -808,7 +811,7 @@ def _search(pid: int, fd: int, target: _Target, layout: GilLayout,
     unpack_q = _U64.unpack_from
     for off in range(0, last + 1, 8):
         iv, = unpack_q(data, off + layout.interval)
-        if not INTERVAL_MIN_US <= iv <= INTERVAL_MAX_US:
+        if not LOCATE_INTERVAL_MIN_US <= iv <= INTERVAL_MAX_US:
             continue
         if off not in exclude and _structural_ok(data, off, layout, writable, ntasks):
             out.append(off)
@@ -1007,7 +1010,7 @@ class GilReader:
     def _recheck_snapshot(self, data: bytes, ntasks: int) -> str:
         loc = self.location
         writable = self._writable
-        if not _structural_ok(data, 0, loc.layout, writable, ntasks + 4):
+        if not _structural_ok(data, 0, loc.layout, writable, ntasks + 4, INTERVAL_MIN_US):
             return "GIL struct lost its shape"
         locked, = _I32.unpack_from(data, loc.layout.locked)
         holder, = _U64.unpack_from(data, loc.layout.last_holder)

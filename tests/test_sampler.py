@@ -118,6 +118,46 @@ def test_switch_interval_exact(version, sampler):
     assert t.interval_seconds == 0.0123
 
 
+_TINY_INTERVAL_LATER = """
+import sys, threading, time
+def spin():
+    while True:
+        sum(range(1000))
+for _ in range(2):
+    threading.Thread(target=spin, daemon=True).start()
+print("ready", flush=True)
+time.sleep(1.0)
+sys.setswitchinterval(1e-7)   # stored as 0 us
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_switch_interval_below_one_microsecond(version):
+    """A located target that sets sys.setswitchinterval(1e-7) stores 0 µs: legal, reported as
+    0.0, and the location stays valid through the sampler's periodic re-check."""
+    import subprocess
+    p = subprocess.Popen([PYTHONS[version], "-c", _TINY_INTERVAL_LATER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        key = (p.pid, "tiny")
+        s = GilSampler(rate_hz=100.0, check_every=1.0)
+        s.start()
+        try:
+            s.add(key, locate(p.pid))
+            time.sleep(3.5)  # the change at 1 s, then re-checks at 1 s intervals
+            assert s.failure(key) is None
+            t = s.totals(key)
+        finally:
+            s.close()
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()
+    assert t.interval_seconds == 0.0
+    assert t.samples > 0
+
+
 def test_many_targets_one_thread_and_jitter(sampler):
     """Several versions at once from the one sampler thread; each gets its own totals."""
     ws = [start_workload("sleep", PYTHONS[v]) for v in VERSIONS]
