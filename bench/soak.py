@@ -20,7 +20,7 @@ warm-up versus at the end, both measured with no soak process left (after two sc
 
     .venv/bin/python bench/soak.py --seconds 600 --processes 1000
 
-prints a Markdown table and writes it, with the command, to BENCHMARKS-soak.md.
+prints a Markdown table; with --output FILE it also appends it, with the command, to FILE.
 """
 from __future__ import annotations
 
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=600)
     p.add_argument("--processes", type=int, default=1000)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--output", default=str(ROOT / "BENCHMARKS-soak.md"))
+    p.add_argument("--output", default="", help="append the results section to this Markdown file")
     args = p.parse_args(argv)
     soak = Soak(args.seconds, args.processes, seed=args.seed, log=lambda m: print(m, flush=True))
     print(f"soak {args.seconds:.0f}s, {args.processes} processes, tag {soak.tag}, "
@@ -573,9 +573,10 @@ def main(argv: list[str] | None = None) -> int:
                f"Pythons {s.pythons})\n\n{md}\n")
     if s.examples:
         section += "\nNotes:\n\n" + "\n".join("- " + x for x in s.examples) + "\n"
-    out = Path(args.output)
-    old = out.read_text() if out.exists() else "# Churn soak results\n"
-    out.write_text(old.rstrip("\n") + "\n\n" + section)
+    if args.output:
+        out = Path(args.output)
+        old = out.read_text() if out.exists() else "# Churn soak results\n"
+        out.write_text(old.rstrip("\n") + "\n\n" + section)
     return 0 if s.violations == 0 and s.exporter_alive and not s.tracebacks else 1
 
 
