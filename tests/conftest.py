@@ -8,6 +8,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Exporter  # noqa: E402
 
 
+class _VersionReport:
+    """Registered once per session; prints which interpreter versions ran, with figures."""
+
+    def __init__(self) -> None:
+        self.rows: dict = {}
+
+    def record(self, version: str, what: str, value) -> None:
+        self.rows.setdefault(version, {})[what] = value
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if not self.rows:
+            return
+        terminalreporter.section("GIL probe: CPython versions exercised")
+        for version in sorted(self.rows, key=lambda v: tuple(int(x) for x in v.split("."))):
+            cells = ", ".join(f"{k}={v}" for k, v in sorted(self.rows[version].items()))
+            terminalreporter.write_line(f"{version}: {cells}")
+
+
+@pytest.fixture(scope="session")
+def report(request):
+    """Per-version figures, printed at the end of the run (which CPython versions ran)."""
+    pm = request.config.pluginmanager
+    plugin = pm.get_plugin("gil-version-report")
+    if plugin is None:
+        plugin = _VersionReport()
+        pm.register(plugin, "gil-version-report")
+    return plugin
+
+
 @pytest.fixture
 def exporter():
     """Factory: start the real daemon with CLI args; every one started is stopped after the test."""

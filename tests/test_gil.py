@@ -33,35 +33,6 @@ VERSIONS = list(PYTHONS)
 NOBODY = 65534
 
 
-# ----------------------------------------------------------------- version report
-class _VersionReport:
-    """Registered once per session; prints which interpreter versions ran, with figures."""
-
-    def __init__(self) -> None:
-        self.rows: dict = {}
-
-    def record(self, version: str, what: str, value) -> None:
-        self.rows.setdefault(version, {})[what] = value
-
-    def pytest_terminal_summary(self, terminalreporter):
-        if not self.rows:
-            return
-        terminalreporter.section("GIL probe: CPython versions exercised")
-        for version in sorted(self.rows, key=lambda v: tuple(int(x) for x in v.split("."))):
-            cells = ", ".join(f"{k}={v}" for k, v in sorted(self.rows[version].items()))
-            terminalreporter.write_line(f"{version}: {cells}")
-
-
-@pytest.fixture(scope="session")
-def report(request):
-    pm = request.config.pluginmanager
-    plugin = pm.get_plugin("gil-version-report")
-    if plugin is None:
-        plugin = _VersionReport()
-        pm.register(plugin, "gil-version-report")
-    return plugin
-
-
 def _exact_version(python: str) -> str:
     return subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
                           capture_output=True, text=True, check=True).stdout.strip()

@@ -28,32 +28,6 @@ WINDOW = 3.0
 NOBODY = 65534
 
 
-class _VersionReport:
-    def __init__(self) -> None:
-        self.rows: dict = {}
-
-    def record(self, version: str, what: str, value) -> None:
-        self.rows.setdefault(version, {})[what] = value
-
-    def pytest_terminal_summary(self, terminalreporter):
-        if not self.rows:
-            return
-        terminalreporter.section("GIL probe: CPython versions exercised")
-        for version in sorted(self.rows, key=lambda v: tuple(int(x) for x in v.split("."))):
-            cells = ", ".join(f"{k}={v}" for k, v in sorted(self.rows[version].items()))
-            terminalreporter.write_line(f"{version}: {cells}")
-
-
-@pytest.fixture(scope="session")
-def report(request):
-    pm = request.config.pluginmanager
-    plugin = pm.get_plugin("gil-version-report")
-    if plugin is None:
-        plugin = _VersionReport()
-        pm.register(plugin, "gil-version-report")
-    return plugin
-
-
 @pytest.fixture
 def sampler():
     s = GilSampler(rate_hz=100.0)
