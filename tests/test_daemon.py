@@ -261,3 +261,22 @@ def test_unreadable_config(tmp_path):
 def test_version_flag():
     r = subprocess.run(exporter_command() + ["--version"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stdout.startswith("gil-exporter ")
+
+
+def test_process_cap_bites_and_says_so(exporter, tmp_path):
+    """limits.max_processes_per_target keeps the oldest processes and counts the rest."""
+    procs = [start_workload("idle", argv_tag="daemon-cap") for _ in range(3)]
+    try:
+        path = _config(tmp_path, "daemon-cap", "limits:\n  max_processes_per_target: 2\n")
+        exp = exporter("--config", str(path))
+        exp.wait_for(lambda: exp.value("pygil_exporter_dropped_processes", target="work") == 1.0)
+        pids = {s.labels["pid"] for s in exp.series("pygil_process_threads", target="work")}
+        assert pids == {str(procs[0].pid), str(procs[1].pid)}
+        procs[0].stop()
+        # The oldest left: the third process takes its place at the next scan.
+        exp.wait_for(lambda: {s.labels["pid"] for s in exp.series("pygil_process_threads", target="work")}
+                     == {str(procs[1].pid), str(procs[2].pid)}, timeout=10)
+        assert exp.value("pygil_exporter_dropped_processes", target="work") == 0.0
+    finally:
+        for p in procs:
+            p.stop()
