@@ -37,14 +37,20 @@ class ScanResult:
     dropped: dict = field(default_factory=dict)  # target -> processes left out by the per-target cap
 
 
-def is_cpython(pid: int, exe: str) -> bool:
+def is_cpython(info: procfs.ProcessInfo) -> bool:
     """A CPython interpreter, or a program that embeds libpython (uwsgi, ...)."""
-    if _PYTHON_EXE.search(exe):
+    if _PYTHON_EXE.search(info.exe):
         return True
     try:
-        return any(_LIBPYTHON.search(m.path) for m in procfs.maps(pid))
+        return any(_LIBPYTHON.search(m.path) for m in procfs.maps(info.pid))
     except (procfs.ProcessGone, PermissionError):
-        return False
+        pass
+    # Without ptrace-read access (another user's process, exporter not privileged) exe and
+    # maps are unreadable; argv[0] and comm are not, and still name the interpreter.
+    if not info.exe:
+        argv0 = info.cmdline[0] if info.cmdline else ""
+        return bool(_PYTHON_EXE.search(argv0) or _PYTHON_EXE.search(info.comm))
+    return False
 
 
 def _cgroup_matches(pid: int, pattern: re.Pattern) -> bool:
@@ -65,7 +71,7 @@ class Discoverer:
         key = (info.pid, info.start_time)
         hit = self._python_cache.get(key)
         if hit is None:
-            hit = self._python_cache[key] = is_cpython(info.pid, info.exe)
+            hit = self._python_cache[key] = is_cpython(info)
         return hit
 
     def matches(self, match: Match, info: procfs.ProcessInfo, pidfile_pids: dict[str, int | None]) -> bool:
