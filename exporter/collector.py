@@ -92,6 +92,10 @@ class GilCollector:
                           "(absent when unknown).", "gauge")
         interval = _family("pygil_gil_switch_interval_seconds",
                            "The target's GIL switch interval (sys.getswitchinterval()), in seconds.", "gauge")
+        sampled = _family("pygil_gil_sampled_seconds",
+                          "Time covered by GIL samples, in seconds: wall time, less any stretch in which the "
+                          "sampler itself was starved. Divide the other pygil_gil_*_seconds_total rates by its "
+                          "rate for exact fractions.", "counter")
         held = _family("pygil_gil_held_seconds", "Time the GIL was held, in seconds (sampled).", "counter")
         wait = _family("pygil_gil_wait_seconds",
                        "Thread-seconds spent waiting for the GIL (2 threads waiting 1 s add 2).", "counter")
@@ -110,6 +114,7 @@ class GilCollector:
             g = v.gil
             if g is not None and g.samples > 0:
                 interval.add_sample("pygil_gil_switch_interval_seconds", labels, g.interval_seconds)
+                sampled.add_sample("pygil_gil_sampled_seconds_total", labels, g.sampled_seconds)
                 held.add_sample("pygil_gil_held_seconds_total", labels, g.held_seconds)
                 wait.add_sample("pygil_gil_wait_seconds_total", labels, g.wait_seconds)
                 contended.add_sample("pygil_gil_contended_seconds_total", labels, g.contended_seconds)
@@ -119,7 +124,7 @@ class GilCollector:
                 waiting.add_sample("pygil_gil_waiting_threads", labels, f.waiting_threads)
             if v.score is not None:
                 score.add_sample("pygil_gil_contention_score", {**labels, "method": v.score_method}, v.score)
-        return enabled, interval, held, wait, contended, switches, waiting, score
+        return enabled, interval, sampled, held, wait, contended, switches, waiting, score
 
     @staticmethod
     def _host_families(host):
