@@ -297,35 +297,31 @@ class Soak:
             self._ended(child)
         return n
 
+    def _kill(self, child) -> None:
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.popen.wait()
+        self.stats.killed += 1
+        if child.seen_ok:
+            self.stats.killed_mid_sample += 1
+
     def kill_due(self, now: float) -> int:
         n = 0
         for child in list(self.live.values()):
             if child.kill_at is None or child.kill_at > now:
                 continue
-            try:
-                os.kill(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            child.popen.wait()
-            self.stats.killed += 1
+            self._kill(child)
             if child.seen:
                 self.stats.killed_tracked += 1
-            if child.seen_ok:
-                self.stats.killed_mid_sample += 1
             self._ended(child, "killed")
             n += 1
         return n
 
     def kill_all(self) -> None:
         for child in list(self.live.values()):
-            try:
-                os.kill(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            child.popen.wait()
-            self.stats.killed += 1
-            if child.seen_ok:
-                self.stats.killed_mid_sample += 1
+            self._kill(child)
             child.ended, child.how = time.monotonic(), "killed (quiesce)"
             self.live.pop(child.pid, None)
             if child.seen:

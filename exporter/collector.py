@@ -16,6 +16,9 @@ from exporter import __version__
 from exporter.monitor import Monitor, ProcessView
 
 
+ERROR_STAGES = ("scan", "tick", "host", "gil_locate", "procfs_permission", "kube")
+
+
 def _family(name: str, doc: str, kind: str, unit: str = "") -> Metric:
     return Metric(name, doc, kind, unit)
 
@@ -140,11 +143,9 @@ class GilCollector:
         build = _family("pygil_exporter_build_info", "gil-exporter's version.", "gauge")
         build.add_sample("pygil_exporter_build_info", {"version": __version__}, 1)
         errors = _family("pygil_exporter_errors", "Unexpected errors inside the exporter, by stage.", "counter")
-        for reason in ("scan", "tick", "host", "gil_locate", "procfs_permission", "kube"):
+        # The known stages always appear (at 0), so that rate() and alerts see them from the start.
+        for reason in sorted(set(ERROR_STAGES) | set(self.monitor.errors)):
             errors.add_sample("pygil_exporter_errors_total", {"reason": reason}, self.monitor.errors[reason])
-        for reason, n in sorted(self.monitor.errors.items()):
-            if reason not in ("scan", "tick", "host", "gil_locate", "procfs_permission", "kube"):
-                errors.add_sample("pygil_exporter_errors_total", {"reason": reason}, n)
         dropped = _family("pygil_exporter_dropped_processes",
                           "Matching processes left out because a target hit limits.max_processes_per_target.",
                           "gauge")

@@ -129,31 +129,28 @@ KNOWN_GIL_OFFSETS: Dict[str, int] = {
 # (3.14.0 adds interpreter_state.threads_main before gc, shifting the GIL fields by 8;
 # 3.14 alphas without it give a layout that layout_from_debug_offsets() or the live
 # validation rejects, and locate() falls back to the search).
+_DEBUG_OFFSETS_313: Dict[str, int] = {
+    "version": 8, "free_threaded": 16,
+    "runtime_state.size": 24, "runtime_state.interpreters_head": 40,
+    "interpreter_state.size": 48, "interpreter_state.next": 64,
+    "interpreter_state.threads_head": 72,
+    "interpreter_state.ceval_gil": 112, "interpreter_state.gil_runtime_state": 120,
+    "interpreter_state.gil_runtime_state_enabled": 128,
+    "interpreter_state.gil_runtime_state_locked": 136,
+    "interpreter_state.gil_runtime_state_holder": 144,
+    "thread_state.next": 168, "thread_state.interp": 176,
+    "_end": 184,
+}
 DEBUG_OFFSETS_LAYOUTS: Dict[Tuple[int, int], Dict[str, int]] = {
-    (3, 13): {
-        "version": 8, "free_threaded": 16,
-        "runtime_state.size": 24, "runtime_state.interpreters_head": 40,
-        "interpreter_state.size": 48, "interpreter_state.next": 64,
-        "interpreter_state.threads_head": 72,
-        "interpreter_state.ceval_gil": 112, "interpreter_state.gil_runtime_state": 120,
-        "interpreter_state.gil_runtime_state_enabled": 128,
-        "interpreter_state.gil_runtime_state_locked": 136,
-        "interpreter_state.gil_runtime_state_holder": 144,
-        "thread_state.next": 168, "thread_state.interp": 176,
-        "_end": 184,
-    },
-    (3, 14): {
-        "version": 8, "free_threaded": 16,
-        "runtime_state.size": 24, "runtime_state.interpreters_head": 40,
-        "interpreter_state.size": 48, "interpreter_state.next": 64,
-        "interpreter_state.threads_head": 72,
-        "interpreter_state.ceval_gil": 120, "interpreter_state.gil_runtime_state": 128,
-        "interpreter_state.gil_runtime_state_enabled": 136,
-        "interpreter_state.gil_runtime_state_locked": 144,
-        "interpreter_state.gil_runtime_state_holder": 152,
-        "thread_state.next": 192, "thread_state.interp": 200,
-        "_end": 208,
-    },
+    (3, 13): _DEBUG_OFFSETS_313,
+    # 3.14: the same fields, from the GIL's on 8 bytes later (threads_main came before gc).
+    (3, 14): {**_DEBUG_OFFSETS_313,
+              "interpreter_state.ceval_gil": 120, "interpreter_state.gil_runtime_state": 128,
+              "interpreter_state.gil_runtime_state_enabled": 136,
+              "interpreter_state.gil_runtime_state_locked": 144,
+              "interpreter_state.gil_runtime_state_holder": 152,
+              "thread_state.next": 192, "thread_state.interp": 200,
+              "_end": 208},
 }
 DEBUG_COOKIE = b"xdebugpy"
 

@@ -260,9 +260,9 @@ class Monitor:
     def _read_process(self, key, state: _ProcessState) -> None:
         pid = key[0]
         try:
-            if procfs.start_time(pid) != key[1]:
-                raise procfs.ProcessGone(pid)
             stat = procfs.process_stat(pid)
+            if stat.start_time != key[1]:
+                raise procfs.ProcessGone(pid)
             per_thread = procfs.task_ctx_switches(pid)
         except procfs.ProcessGone:
             with self._lock:
