@@ -2,7 +2,9 @@
 # The whole test suite, from a fresh clone on a fresh machine:
 #   ./tests/run.sh [pytest args]
 # Sets up .venv (the exporter and test deps), Debian's prometheus (promtool and the
-# server, never started as a service) and .venv-helm (pyenv's 3.12 with helm-sdkpy),
+# server, never started as a service), .venv-helm (pyenv's 3.12 with helm-sdkpy) and Debian's
+# chromium (landing page screenshots); the [test] extra brings the real servers (gunicorn,
+# uvicorn + FastAPI, waitress, python-dateutil) that the verdict tests load over loopback,
 # then runs pytest. .ci/run calls exactly this.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,5 +20,6 @@ fi
 bash tests/setup/tools.sh
 bash tests/setup/prometheus.sh
 bash tests/setup/helm.sh
+bash tests/setup/chromium.sh
 
 exec .venv/bin/python -m pytest -v -p no:cacheprovider "$@"
