@@ -67,6 +67,15 @@ def _score_text(v) -> str:
     return f"{v.score:.2f} ({v.score_method})"
 
 
+def _truncate(text: str, n: int) -> str:
+    """Head and tail of a long command line: the program and its last arguments (the app,
+    a tag) are what tell processes apart."""
+    if len(text) <= n:
+        return text
+    head = n * 2 // 5
+    return text[:head] + " … " + text[-(n - head - 3):]
+
+
 def _page(title: str, body: str) -> str:
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -86,7 +95,7 @@ def landing_page(monitor: Monitor, metrics_path: str) -> str:
     for v, status, verdict in judged:
         f = v.figures
         cmd = v.cmdline or v.exe or "?"
-        shown = cmd if len(cmd) <= CMDLINE_SHOWN else cmd[:CMDLINE_SHOWN - 1] + "…"
+        shown = _truncate(cmd, CMDLINE_SHOWN)
         headline = verdict.headline if verdict else (
             "locating the GIL" if v.gil_probe == "pending" else "collecting a first window")
         link = f'/process/{v.pid}'
@@ -127,37 +136,42 @@ tell. Click a PID for the verdict, advice and history, or run
 
 def sparkline(history, now: float, seconds: float = SPARK_SECONDS, width: int = 480,
               height: int = 60, threshold: float = 0.5) -> str:
-    """Inline SVG of the score over the last `seconds`: a line per stretch of known scores
-    (gaps where there was none), the alert threshold dashed."""
+    """Inline SVG of the score over the history kept (at most `seconds`, at least a minute
+    wide): a line per stretch of known scores (gaps where there was none), the alert threshold
+    dashed."""
+    points = [(t, s) for t, s in history if now - t <= seconds]
+    span = min(seconds, max(60.0, now - points[0][0])) if points else seconds
+
     def x(t):
-        return round(width * (1 - (now - t) / seconds), 1)
+        return round(width * (1 - (now - t) / span), 1)
 
     def y(s):
         return round(height - 2 - (height - 4) * max(0.0, min(1.0, s)), 1)
 
     segments, current = [], []
-    for t, s in history:
-        if now - t > seconds:
-            continue
+    for t, s in points:
         if s is None:
             if current:
                 segments.append(current)
             current = []
             continue
-        current.append(f"{x(t)},{y(s)}")
+        current.append((x(t), y(s)))
     if current:
         segments.append(current)
     lines = "".join(
-        f'<polyline points="{" ".join(seg)}" fill="none" stroke="#1565c0" stroke-width="1.5"/>'
-        if len(seg) > 1 else
-        f'<circle cx="{seg[0].split(",")[0]}" cy="{seg[0].split(",")[1]}" r="1.5" fill="#1565c0"/>'
+        '<polyline points="' + " ".join(f"{a},{b}" for a, b in seg)
+        + '" fill="none" stroke="#1565c0" stroke-width="2"/>' if len(seg) > 1 else
+        f'<circle cx="{seg[0][0]}" cy="{seg[0][1]}" r="2" fill="#1565c0"/>'
         for seg in segments)
     ty = y(threshold)
+    label = f"{span / 60:.0f} min" if span >= 120 else f"{span:.0f} s"
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" role="img" aria-label="contention score, last '
-            f'{seconds / 60:g} minutes" style="border:1px solid #ccc;background:#fafafa">'
+            f'{label}" style="border:1px solid #ccc;background:#fafafa">'
             f'<line x1="0" y1="{ty}" x2="{width}" y2="{ty}" stroke="#c62828" '
-            f'stroke-dasharray="4 3" stroke-width="1"/>{lines}</svg>')
+            f'stroke-dasharray="4 3" stroke-width="1"/>{lines}'
+            f'<text x="3" y="11" font-size="9" fill="#777">1</text>'
+            f'<text x="3" y="{height - 3}" font-size="9" fill="#777">0 · {label} ago</text></svg>')
 
 
 def process_page(monitor: Monitor, pid: int, metrics_path: str) -> str | None:
@@ -204,7 +218,7 @@ def process_page(monitor: Monitor, pid: int, metrics_path: str) -> str | None:
 <a href="{RUNBOOK_BASE}{runbook}">{runbook}</a> ·
 metrics: <a href="{html.escape(metrics_path)}">{html.escape(metrics_path)}</a>
 (series with <code>pid="{pid}"</code>)</p></section>
-<section id="history"><h2>Contention score, last {SPARK_SECONDS / 60:g} minutes</h2>
+<section id="history"><h2>Contention score, up to the last {SPARK_SECONDS / 60:g} minutes</h2>
 {sparkline(view.score_history, now)}
 <p>Dashed: the alert threshold (0.5). Gaps: no score (measuring, or unknown from /proc).</p></section>
 <section id="figures"><h2>Figures over the last {monitor.config.window_seconds:g} s</h2>
