@@ -110,6 +110,11 @@ PARALLEL_NONE = 1.6
 #: CAPPED_HOST_IDLE CPUs idle, so nothing but the process itself kept it near one core.
 CAPPED_CORES = 0.9
 CAPPED_HOST_IDLE = 0.5
+#: ... and its threads slept at most this often per second of CPU they used: threads taking turns
+#: on the GIL run for a good part of an interval between waits (measured 650-3,000 voluntary
+#: switches per core-second on CPU-bound servers, pools and loops), while a busy I/O server near
+#: one core blocks after every small request (6,600-13,900 on gunicorn with sqlite queries).
+CAPPED_MAX_WAKES_PER_CORE = 4000
 #: The verdict threshold the procfs number must stay clear of unless the signature above holds.
 THRESHOLD = 0.5
 
@@ -140,7 +145,8 @@ def procfs_factors(f: Figures) -> dict[str, float]:
     if f.threads < 2:  # one thread cannot contend with itself
         factors["wake"] = 0.0
     if (f.cpu_cores >= CAPPED_CORES and f.host_idle_cpus is not None
-            and f.host_idle_cpus >= CAPPED_HOST_IDLE):
+            and f.host_idle_cpus >= CAPPED_HOST_IDLE
+            and f.voluntary_per_second <= CAPPED_MAX_WAKES_PER_CORE * f.cpu_cores):
         factors["capped"] = 1.0
     return factors
 
@@ -156,8 +162,8 @@ def procfs_score(f: Figures) -> float | None:
         one core (C code without the GIL): no contention, a low number;
       * wanted cores below THRESHOLD: contention cannot reach the threshold; the number is
         wake x wanted, below THRESHOLD;
-      * capped near one core while the host had CPUs idle, and threads waking like GIL
-        waiters: contended, wake x serial (1.0 for the clear cases);
+      * capped near one core while the host had CPUs idle, threads waking like GIL waiters
+        but not after every small piece of work: contended, wake x serial (1.0 when clear);
       * anything else - a busy I/O server, or any busy process on a saturated host - looks the
         same from /proc as GIL contention: None.
     Measured on real servers and synthetic loops in docs/procfs-heuristic.md: no I/O-bound

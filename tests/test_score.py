@@ -239,6 +239,13 @@ def test_procfs_never_flags_io_bound_servers(name):
     assert score.procfs_factors(old)["wanted_cores"] > 1.0
 
 
+def test_procfs_unknown_for_a_busy_io_server_near_one_core():
+    # gunicorn with small sqlite queries at 2,000 requests/s used a core, contended 0.20-0.30:
+    # even with CPUs to spare it blocks after every small request, unlike GIL waiters
+    f = dataclasses.replace(SERVERS["gunicorn-sqlite"], host_idle_cpus=1.0, run_delay_cores=0.2)
+    assert score.procfs_score(f) is None
+
+
 def test_procfs_unknown_on_a_saturated_host():
     # The same CPU-bound server: a number with CPUs to spare, unknown when the host was full.
     assert score.procfs_score(SERVERS["gunicorn-cpu"]) >= 0.9
