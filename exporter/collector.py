@@ -108,8 +108,9 @@ class GilCollector:
         waiting = _family("pygil_gil_waiting_threads",
                           "Mean number of threads waiting for the GIL over the exporter's window.", "gauge")
         score = _family("pygil_gil_contention_score",
-                        "GIL contention over the exporter's window, 0-1. method=\"gil_state\": fraction of time "
-                        "the GIL was held with a waiter; method=\"procfs\": estimate from /proc alone.", "gauge")
+                        "GIL contention over the exporter's window, 0-1. method=\"gil_state\": the fraction of time "
+                        "the GIL was held while at least one other thread waited for it; method=\"procfs\": "
+                        "estimate from /proc alone.", "gauge")
         unknown = _family("pygil_gil_contention_score_unknown",
                           "1 while the contention score is withheld because /proc alone cannot tell GIL "
                           "contention from busy I/O (method=\"procfs\"); pygil_gil_contention_score is "

@@ -84,7 +84,8 @@ def _interval(f: Figures) -> float:
 
 
 def gil_state_score(f: Figures) -> float | None:
-    """Fraction of the window the GIL was held with at least one waiter, clamped to [0, 1].
+    """The fraction of time the GIL was held while at least one other thread waited for it,
+    over the window, clamped to [0, 1].
 
     None when the GIL was not read (or the build has no GIL).
     """
