@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 # Probe outcomes that no retry can change.
 _PERMANENT = {"free_threaded", "musl", "not_cpython", "not_elf", "unsupported_arch", "disabled"}
 _RELOCATE_AFTER = 30.0  # seconds between attempts to locate a GIL that was not found
-#: Ticks of score history kept per process, for the landing page's sparkline (10 min at 1 s).
-SCORE_HISTORY = 600
+#: Score history per process, for the landing page's sparkline: a point every
+#: SCORE_HISTORY_STEP seconds (the score is a window average already), 10 minutes of them
+#: (about 13 KiB per process).
+SCORE_HISTORY_STEP = 5.0
+SCORE_HISTORY = 120
 
 
 @dataclass(frozen=True)
@@ -298,8 +301,11 @@ class Monitor:
         state.history.append(Tick(now, stat.threads, stat.cpu_user, stat.cpu_system,
                                   voluntary, involuntary, totals, sched))
         self._trim(state.history, now)
-        host_cpus = len(self._host[-1].cpus) if self._host else 0
-        state.scores.append((time.time(), self._derive(state, host_cpus)[2]))
+        wall = time.time()
+        if not state.scores or wall - state.scores[-1][0] >= min(SCORE_HISTORY_STEP,
+                                                                  self.config.window_seconds / 2):
+            host_cpus = len(self._host[-1].cpus) if self._host else 0
+            state.scores.append((wall, self._derive(state, host_cpus)[2]))
 
     # -- locating the GIL (in a worker: ELF parsing can take a while) -------
     def _locate_due(self) -> None:
