@@ -538,7 +538,7 @@ def _main(argv: list[str]) -> None:
                     help="measure the EXTRA_CASES (known limits) instead of the workloads")
     args = ap.parse_args(argv)
     cols = ["version", "workload", "threads", "cores", "vol/s", "invol/s", "vol x interval",
-            "procfs score", "procfs kind"]
+            "run delay", "host idle", "top share", "procfs score", "procfs kind"]
     if args.gil:
         cols += ["held", "waiters", "handoffs/s", "handoffs x interval", "contended",
                  "gil kind"]
@@ -556,7 +556,9 @@ def _main(argv: list[str]) -> None:
             fac = score.procfs_factors(p)
             row = [version, label, f.threads, f"{f.cpu_cores:.2f}",
                    f"{f.voluntary_per_second:.0f}", f"{f.involuntary_per_second:.0f}",
-                   f"{fac['waiter_equivalents']:.2f}",
+                   f"{fac['waiter_equivalents']:.2f}", f"{f.run_delay_cores:.2f}",
+                   f"{f.host_idle_cpus:.2f}",
+                   "n/a" if f.top_thread_share is None else f"{f.top_thread_share:.2f}",
                    "unknown" if score.procfs_score(p) is None else f"{score.procfs_score(p):.2f}",
                    score.verdict(p).kind]
             if args.gil and f.held_ratio is None:
