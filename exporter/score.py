@@ -112,10 +112,11 @@ PARALLEL_NONE = 1.6
 CAPPED_CORES = 0.9
 CAPPED_HOST_IDLE = 0.5
 #: ... and its threads slept at most this often per second of CPU they used: threads taking turns
-#: on the GIL run for a good part of an interval between waits (measured 650-3,000 voluntary
+#: on the GIL run for a good part of an interval between waits (measured 530-2,800 voluntary
 #: switches per core-second on CPU-bound servers, pools and loops), while a busy I/O server near
-#: one core blocks after every small request (6,600-13,900 on gunicorn with sqlite queries).
-CAPPED_MAX_WAKES_PER_CORE = 4000
+#: one core blocks after every small request (3,800-13,900 on gunicorn serving sqlite queries at
+#: 0.87-1.0 core; 2,900 at 0.64 core).
+CAPPED_MAX_WAKES_PER_CORE = 3000
 #: The verdict threshold the procfs number must stay clear of unless the signature above holds.
 THRESHOLD = 0.5
 

@@ -244,6 +244,13 @@ def test_procfs_unknown_for_a_busy_io_server_near_one_core():
     # even with CPUs to spare it blocks after every small request, unlike GIL waiters
     f = dataclasses.replace(SERVERS["gunicorn-sqlite"], host_idle_cpus=1.0, run_delay_cores=0.2)
     assert score.procfs_score(f) is None
+    # its quietest window near one core: 3,821 voluntary switches/s at 0.91 core
+    f = dataclasses.replace(f, cpu_cores=0.91, voluntary_per_second=3821, involuntary_per_second=2076)
+    assert score.procfs_score(f) is None
+    # uvicorn with 8 CPU-bound handler threads, the most wake-ups measured on a contended process
+    f = fig(threads=9, cpu_cores=0.93, voluntary_per_second=2600, involuntary_per_second=1100,
+            run_delay_cores=0.3, busy_threads=8.7, top_thread_share=0.16, host_idle_cpus=0.8)
+    assert score.procfs_score(f) == 1.0
 
 
 def test_procfs_unknown_on_a_saturated_host():
