@@ -2,8 +2,9 @@
 # The whole test suite, from a fresh clone on a fresh machine:
 #   ./tests/run.sh [pytest args]
 # Sets up .venv (the exporter and test deps), Debian's prometheus (promtool and the
-# server, never started as a service) and .venv-helm (pyenv's 3.12 with helm-sdkpy),
-# then runs pytest. .ci/run calls exactly this.
+# server, never started as a service), .venv-helm (pyenv's 3.12 with helm-sdkpy) and the
+# Debian root filesystems with CPython 3.14 and 3.15 (cached outside the clone), then runs
+# pytest. .ci/run calls exactly this.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -18,5 +19,6 @@ fi
 bash tests/setup/tools.sh
 bash tests/setup/prometheus.sh
 bash tests/setup/helm.sh
+bash tests/setup/rootfs.sh
 
 exec .venv/bin/python -m pytest -v -p no:cacheprovider "$@"

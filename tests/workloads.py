@@ -155,6 +155,11 @@ class Workload:
         self.stop()
 
 
+def script(name: str) -> str:
+    """The full source of workload `name` (prelude included), for `python -c`."""
+    return _PRELUDE + textwrap.dedent(SCRIPTS[name])
+
+
 def start_workload(name: str, python: str | None = None, threads: int = 3,
                    switch_interval: float | None = None, argv_tag: str = "",
                    user: str | None = None, timeout: float = 20.0) -> Workload:
@@ -163,7 +168,7 @@ def start_workload(name: str, python: str | None = None, threads: int = 3,
     `argv_tag` is appended to argv so that configs can match this process by cmdline.
     """
     python = python or sys.executable
-    code = _PRELUDE + textwrap.dedent(SCRIPTS[name])
+    code = script(name)
     env = dict(os.environ, WORKLOAD_THREADS=str(threads))
     env.pop("PYTHONPATH", None)
     if switch_interval is not None:
