@@ -236,3 +236,24 @@ def kill_quietly(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+# Subinterpreters with their own GIL (3.14+: concurrent.interpreters). WORKLOAD_THREADS CPU
+# threads inside each of 2 subinterpreters: contended inside each one, parallel across them.
+SCRIPTS["subinterpreters"] = """
+from concurrent import interpreters
+code = '''
+import threading
+def spin():
+    x = 0
+    while True:
+        for i in range(10000):
+            x += i
+for _ in range(%d):
+    threading.Thread(target=spin).start()
+'''
+for _ in range(2):
+    interp = interpreters.create()
+    threading.Thread(target=interp.exec, args=(code % N,), daemon=True).start()
+time.sleep(0.5); ready(); forever()
+"""

@@ -85,7 +85,7 @@ DEBUG_COOKIE = b"xdebugpy"
 DEBUG_OFFSETS_PREFIX: Dict[str, int] = {
     "version": 8, "free_threaded": 16,
     "runtime_state.size": 24, "runtime_state.interpreters_head": 40,
-    "interpreter_state.size": 48, "interpreter_state.next": 64,
+    "interpreter_state.size": 48, "interpreter_state.id": 56, "interpreter_state.next": 64,
     "interpreter_state.threads_head": 72,
     "_end": 80,
 }

@@ -367,6 +367,55 @@ class _Locator:
         return None
 
 
+def interpreters(pid: int, fd: int, runtime_address: int, offs: Dict[str, int]) -> List[Tuple[int, int]]:
+    """(address, id) of every interpreter of the process, newest first (the main one last)."""
+    out = []
+    interp, = _U64.unpack(pread_exact(fd, 8, runtime_address + offs["runtime_state.interpreters_head"], pid))
+    while interp and len(out) < 256:
+        iid, = struct.unpack("<q", pread_exact(fd, 8, interp + offs["interpreter_state.id"], pid))
+        out.append((interp, iid))
+        interp, = _U64.unpack(pread_exact(fd, 8, interp + offs["interpreter_state.next"], pid))
+    return out
+
+
+def locate_all(pid: int) -> List[GilLocation]:
+    """Every distinct GIL of the process, the main interpreter's first.
+
+    Since 3.12 a subinterpreter may have its own GIL (concurrent.interpreters and
+    InterpreterPoolExecutor create them so): `interp->ceval.gil` then points at the
+    interpreter's own `_gil`, and that struct is validated like the main one. Interpreters that
+    share the main GIL add nothing. Read through _Py_DebugOffsets, so 3.13+ (the layouts of 3.12's
+    PyInterpreterState are not in our tables: there only the main GIL is returned).
+    """
+    main = locate(pid)
+    mm = tuple(int(x) for x in main.identity.version.split(".")[:2])
+    table = DEBUG_OFFSETS_LAYOUTS.get(mm)
+    if table is None or main.method != "debug_offsets":
+        return [main]
+    fd = open_mem(pid)
+    try:
+        rt = main.identity.runtime_address
+        offs = parse_debug_offsets(pread_exact(fd, 512, rt, pid), mm)
+        runtime = RuntimeView(pid, fd, rt, max(main.runtime_size, 8))
+        found = {main.address: main}
+        listed = interpreters(pid, fd, rt, offs)
+        runtime.interpreters.update(a for a, _ in listed)
+        maps = identify_target(pid).maps if len(listed) > 1 else ()
+        for interp, iid in listed:
+            gil_ptr, = _U64.unpack(pread_exact(fd, 8, interp + offs["interpreter_state.ceval_gil"], pid))
+            own = interp + offs["interpreter_state.gil_runtime_state"]
+            if gil_ptr != own or own in found:
+                continue          # shares another interpreter's GIL (or is the main one)
+            if validate(pid, fd, own, main.layout, maps, runtime, reads=3):
+                continue          # torn or being torn down: skip it this time
+            found[own] = GilLocation(pid, own, main.layout, main.identity, "debug_offsets",
+                                     main.runtime_size, interp, main.threads, iid)
+        return [main] + sorted((loc for a, loc in found.items() if a != main.address),
+                               key=lambda loc: loc.interpreter_id)
+    finally:
+        os.close(fd)
+
+
 def locate(pid: int, *, methods: Sequence[str] = ("debug_offsets", "offset_table", "search")) -> GilLocation:
     """Find and validate the main interpreter's GIL. Raises ProbeUnavailable.
 

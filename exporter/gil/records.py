@@ -76,6 +76,7 @@ class GilLocation:
     runtime_size: int = 0    # st_size of _PyRuntime (for re-validation)
     interpreter: int = 0     # address of the PyInterpreterState owning this GIL (0 if unknown)
     threads: Optional[ThreadStateLayout] = None   # set where the build describes its thread states
+    interpreter_id: int = 0  # PyInterpreterState.id: 0 for the main interpreter
 
 
 @dataclass(frozen=True)
