@@ -10,6 +10,7 @@ path, and one of them also in the sid root (a pyenv build on a glibc with the ne
 from __future__ import annotations
 
 import os
+import select
 import shlex
 import subprocess
 import time
@@ -128,9 +129,9 @@ def start(name: str, interp: Interpreter, placement: str, threads: int = 3,
         env["WORKLOAD_SWITCH_INTERVAL"] = repr(switch_interval)
     cmd = argv(interp, placement) + ["-u", "-c", code, "gil-workload", name]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    deadline = time.monotonic() + timeout
-    line = proc.stdout.readline()
-    if line.strip() != "ready" or time.monotonic() > deadline:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)     # never wait forever
+    line = proc.stdout.readline() if ready else ""
+    if line.strip() != "ready":
         proc.kill()
         err = proc.stderr.read()[-500:] if proc.stderr else ""
         raise RuntimeError(f"{name} under {interp.name} ({placement}) did not start: {line!r} {err}")

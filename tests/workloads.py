@@ -252,8 +252,10 @@ def spin():
 for _ in range(%d):
     threading.Thread(target=spin).start()
 '''
-for _ in range(2):
-    interp = interpreters.create()
-    threading.Thread(target=interp.exec, args=(code % N,), daemon=True).start()
+# Both interpreters exist before any of their threads starts: creating one while another's
+# threads start was seen to hang 3.14.10 (main thread parked in create(), never woken).
+subs = [interpreters.create() for _ in range(2)]
+for sub in subs:
+    sub.exec(code % N)
 time.sleep(0.5); ready(); forever()
 """
