@@ -57,6 +57,16 @@ def _sample(sampler: GilSampler, pid: int, seconds: float) -> tuple[gil.GilLocat
     return loc, t
 
 
+def _assert_contended(t: GilTotals) -> None:
+    """3 CPU threads: whenever the GIL is held, another thread waits for it. On an idle host the
+    GIL is held nearly all the time; on an overloaded one it also sits unlocked while the next
+    waiter waits for a CPU, so the held share is checked loosely and the contended share of the
+    held time strictly (it does not depend on how much CPU the host gave)."""
+    held = t.held_seconds / t.sampled_seconds
+    assert held >= 0.5, held
+    assert t.contended_seconds / t.held_seconds >= 0.9, (t.contended_seconds, t.held_seconds)
+
+
 def _glibc_minor(interp: Interpreter) -> int:
     text = (interp.rootfs / ".gil-exporter-rootfs").read_text()
     return int(text.split("libc6=2.")[1].split("-")[0].split(".")[0])
@@ -79,7 +89,7 @@ def test_located_and_sampled(name, placement, sampler, report):
     waiters = t.wait_seconds / t.sampled_seconds
     report.record(name, placement, f"{loc.method} contended={contended:.2f} waiters={waiters:.2f}")
     assert t.interval_seconds == 0.0123
-    assert contended >= 0.7
+    _assert_contended(t)
     assert 1.0 <= waiters <= 2.3
 
 
@@ -102,7 +112,8 @@ def test_accuracy_table(name, placement, sampler, report):
                   f"cpu={contended['cpu']:.2f} waiters={waiters:.2f} hashlib={contended['hashlib']:.2f} "
                   f"sleep={contended['sleep']:.2f} single={contended['single']:.2f} "
                   f"(held {single_held:.2f})")
-    assert contended["cpu"] >= 0.7 and 1.2 <= waiters <= 2.3 and cpu.switches > 0
+    _assert_contended(cpu)
+    assert 1.2 <= waiters <= 2.3 and cpu.switches > 0
     assert cpu.interval_seconds == 0.005
     for quiet in ("hashlib", "sleep", "single"):
         assert contended[quiet] <= 0.15, (quiet, contended[quiet])
