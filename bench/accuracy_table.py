@@ -53,7 +53,9 @@ def row(sampler: GilSampler, interp, placement: str, seconds: float) -> tuple[li
     frac = {k: t.contended_seconds / t.sampled_seconds for k, t in cells.items()}
     waiters = cells["cpu"].wait_seconds / cells["cpu"].sampled_seconds
     held = cells["single"].held_seconds / cells["single"].sampled_seconds
-    ok = (frac["cpu"] >= 0.7 and 1.2 <= waiters <= 2.3 and all(frac[k] <= 0.15 for k in ("hashlib", "sleep", "single"))
+    cpu = cells["cpu"]
+    ok = (cpu.held_seconds / cpu.sampled_seconds >= 0.5 and cpu.contended_seconds / cpu.held_seconds >= 0.9
+          and 1.2 <= waiters <= 2.3 and all(frac[k] <= 0.15 for k in ("hashlib", "sleep", "single"))
           and held >= 0.9 and iv.interval_seconds == 0.0123)
     return [interp.name, placement, f"{loc.identity.version}", f"glibc {loc.identity.libc_version}", loc.method,
             f"{frac['cpu']:.2f}", f"{waiters:.2f}", f"{frac['hashlib']:.2f}", f"{frac['sleep']:.2f}",
