@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone on a fresh machine:
 #   ./tests/run.sh [pytest args]
-# Sets up .venv (the exporter and test deps), Debian's prometheus (promtool and the
-# server, never started as a service) and .venv-helm (pyenv's 3.12 with helm-sdkpy),
-# then runs pytest. .ci/run calls exactly this.
+# Sets up .venv (the exporter and test deps, Helm's SDK among them), Debian's prometheus
+# (promtool and the server, never started as a service) and buildah with a local base
+# image (cached outside the clone), then runs pytest. .ci/run calls exactly this.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -17,6 +17,5 @@ fi
 
 bash tests/setup/tools.sh
 bash tests/setup/prometheus.sh
-bash tests/setup/helm.sh
 
 exec .venv/bin/python -m pytest -v -p no:cacheprovider "$@"
