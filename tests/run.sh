@@ -17,5 +17,6 @@ fi
 
 bash tests/setup/tools.sh
 bash tests/setup/prometheus.sh
+bash tests/setup/image.sh
 
 exec .venv/bin/python -m pytest -v -p no:cacheprovider "$@"
