@@ -42,8 +42,10 @@ from workloads import pyenv_pythons, start_workload
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("GIL_EXPORTER_CACHE", "/var/cache/gil-exporter"))
 STORE = CACHE / "buildah"
-# One tag per clone, so that worktrees sharing the cache do not replace each other's image.
-IMAGE = f"localhost/gil-exporter:test-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:10]}"
+# Tagged with the hash of the build's inputs: clones and worktrees sharing the cache reuse an
+# image built from the same inputs and never replace one built from others.
+REPO = "localhost/gil-exporter-test"
+KEEP_IMAGES = 3  # the newest; older ones and their layers are removed after a build
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 
 # linux/capability.h: the names a securityContext uses, and their numbers.
@@ -106,27 +108,54 @@ def store_lock():
         yield
 
 
+def build_inputs_key(base: str) -> str:
+    """Hash of everything the build reads: the base image, the Dockerfile, .dockerignore and
+    every file of the context that .dockerignore lets through (the same filter as
+    tests/test_dockerfile.py). Same key, same image: a warm run reuses it instead of paying
+    buildah's per-step vfs copies for a fully cached build."""
+    from test_dockerfile import ignore_patterns, ignored
+    pats = ignore_patterns()
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split("\n")
+    h = hashlib.sha256(json.loads(buildah("inspect", "--type", "image", base).stdout)["FromImageID"].encode())
+    for rel in sorted({"Dockerfile", ".dockerignore"} | {f for f in files if f and not ignored(f, pats)}):
+        path = ROOT / rel
+        if path.is_file():
+            h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 @pytest.fixture(scope="module")
 def image() -> dict:
     reason = why_unavailable()
     if reason:
         pytest.skip(f"buildah cannot run here: {reason}")
     base = (STORE / "base-image").read_text().strip()
-    args = ["bud", "--layers", "--isolation", "chroot", "--pull=never",
-            "--build-arg", f"BASE_IMAGE={base}", "-t", IMAGE, str(ROOT)]
+    ref = f"{REPO}:{build_inputs_key(base)}"
+    args = ["bud", "--layers", "--force-rm", "--isolation", "chroot", "--pull=never",
+            "--build-arg", f"BASE_IMAGE={base}", "-t", ref, str(ROOT)]
     if HOST_CA.exists():
         # pip in RUN steps trusts what this machine trusts (e.g. a TLS-inspecting proxy's CA);
         # a RUN-time mount only, nothing of it lands in the image.
         args[1:1] = ["--volume", f"{HOST_CA}:{HOST_CA}:ro"]
     with store_lock():
         start = time.monotonic()
-        buildah(*args, timeout=900)
-        built_s = time.monotonic() - start
-        buildah("rmi", "--prune", check=False)  # earlier builds' layers, so the cache stays bounded
-    info = json.loads(buildah("inspect", "--type", "image", IMAGE).stdout)
-    size, base_size = (layers_size(ref) for ref in (IMAGE, base))
-    print(f"\nimage {IMAGE}: built in {built_s:.0f} s, {size / 1e6:.0f} MB (base {base_size / 1e6:.0f} MB)")
-    return {"base": base, "config": info["OCIv1"]["config"], "size": size, "base_size": base_size}
+        if buildah("inspect", "--type", "image", ref, check=False).returncode == 0:
+            how = "same inputs as an earlier build: reused"
+        else:
+            buildah(*args, timeout=900)
+            how = f"built in {time.monotonic() - start:.0f} s"
+            # Older images and then their layers, so the cache stays bounded (an image that a
+            # running test's container uses cannot be removed, and stays).
+            rows = buildah("images", "--filter", f"reference={REPO}", "--format",
+                           "{{.CreatedAtRaw}} {{.Name}}:{{.Tag}}").stdout.splitlines()
+            for row in sorted(rows, reverse=True)[KEEP_IMAGES:]:
+                buildah("rmi", row.split()[-1], check=False)
+            buildah("rmi", "--prune", check=False)
+    info = json.loads(buildah("inspect", "--type", "image", ref).stdout)
+    size, base_size = (layers_size(r) for r in (ref, base))
+    print(f"\nimage {ref}: {how}, {size / 1e6:.0f} MB (base {base_size / 1e6:.0f} MB)")
+    return {"ref": ref, "base": base, "config": info["OCIv1"]["config"], "size": size, "base_size": base_size}
 
 
 def test_image_config(image):
@@ -177,7 +206,8 @@ class Pod:
         self.configmaps = {c["metadata"]["name"]: c for c in rendered.kind("ConfigMap")}
         self.image_config = image["config"]
         self.name = f"gil-exporter-test-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
-        self.ctr = buildah("from", "--pull=never", "--name", self.name, IMAGE).stdout.strip()
+        with store_lock():  # no other clone's cleanup between our build and this
+            self.ctr = buildah("from", "--pull=never", "--name", self.name, image["ref"]).stdout.strip()
         self.rootfs = Path(buildah("mount", self.ctr).stdout.strip())
         self.procs: list[subprocess.Popen] = []
 
