@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone on a fresh machine:
 #   ./tests/run.sh [pytest args]
-# Sets up .venv (the exporter and test deps), Debian's prometheus (promtool and the
-# server, never started as a service), .venv-helm (pyenv's 3.12 with helm-sdkpy) and the
-# Debian root filesystems with CPython 3.14 and 3.15 (cached outside the clone), then runs
-# pytest. .ci/run calls exactly this.
+# Sets up .venv (the exporter and test deps, Helm's SDK among them), Debian's prometheus
+# (promtool and the server, never started as a service), buildah with a local base image, and
+# the Debian root filesystems with CPython 3.14 and 3.15 (both cached outside the clone), then
+# runs pytest. .ci/run calls exactly this.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -18,7 +18,7 @@ fi
 
 bash tests/setup/tools.sh
 bash tests/setup/prometheus.sh
-bash tests/setup/helm.sh
+bash tests/setup/image.sh
 bash tests/setup/rootfs.sh
 
 exec .venv/bin/python -m pytest -v -p no:cacheprovider "$@"
