@@ -70,9 +70,11 @@ class GilCollector:
                            "gauge")
         for v in views:
             labels = v.labels
-            info.add_sample("pygil_target_info", {
-                **labels, "python_version": v.python_version, "implementation": v.implementation,
-                "exe": v.exe, "gil_probe": v.gil_probe}, 1)
+            info_labels = {**labels, "python_version": v.python_version,
+                           "implementation": v.implementation, "exe": v.exe, "gil_probe": v.gil_probe}
+            if v.free_threaded is not None:   # a Py_GIL_DISABLED build; pygil_gil_enabled says if its GIL is on
+                info_labels["free_threaded"] = "true" if v.free_threaded else "false"
+            info.add_sample("pygil_target_info", info_labels, 1)
             threads.add_sample("pygil_process_threads", labels, v.threads)
             cpu.add_sample("pygil_process_cpu_seconds_total", {**labels, "mode": "user"}, v.cpu_user_seconds)
             cpu.add_sample("pygil_process_cpu_seconds_total", {**labels, "mode": "system"}, v.cpu_system_seconds)
@@ -91,8 +93,8 @@ class GilCollector:
 
     @staticmethod
     def _gil_families(views: list[ProcessView]):
-        enabled = _family("pygil_gil_enabled", "1 if the target has a GIL, 0 for a free-threaded build "
-                          "(absent when unknown).", "gauge")
+        enabled = _family("pygil_gil_enabled", "1 while the target's GIL is on, 0 while a free-threaded "
+                          "build runs with its GIL off (absent when unknown).", "gauge")
         interval = _family("pygil_gil_switch_interval_seconds",
                            "The target's GIL switch interval (sys.getswitchinterval()), in seconds.", "gauge")
         sampled = _family("pygil_gil_sampled_seconds",

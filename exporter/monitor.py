@@ -29,7 +29,8 @@ from exporter.sampler import GilSampler, GilTotals
 log = logging.getLogger(__name__)
 
 # Probe outcomes that no retry can change.
-_PERMANENT = {"free_threaded", "musl", "not_cpython", "not_elf", "unsupported_arch", "disabled"}
+_PERMANENT = {"free_threaded", "musl", "not_cpython", "not_elf", "unsupported_arch", "disabled",
+              "unsupported_version", "binary_replaced"}
 _RELOCATE_AFTER = 30.0  # seconds between attempts to locate a GIL that was not found
 #: Score history per process, for the landing page's sparkline: a point every
 #: SCORE_HISTORY_STEP seconds (the score is a window average already), 10 minutes of them
@@ -84,6 +85,8 @@ class ProcessView:
     cmdline: str = ""  # argv joined by spaces, as matched by the config
     probe_detail: str = ""  # why the GIL probe is unavailable, in words ("" when ok)
     score_history: tuple = ()  # ((unix time, score or None), ...) one per tick, oldest first
+
+    free_threaded: bool | None = None  # a Py_GIL_DISABLED build (None: not known)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -396,10 +399,9 @@ class Monitor:
         figures = None
         span = _window(state.history, self.config.window_seconds)
         gil_enabled = None
-        if ident is not None and ident.free_threaded:
-            gil_enabled = False
-        elif state.location is not None and last.gil is not None:
-            gil_enabled = True
+        if state.location is not None and last.gil is not None and last.gil.samples:
+            # free-threaded builds: what the last sample saw; a GIL build always has its GIL
+            gil_enabled = True if last.gil.enabled is None else last.gil.enabled
         if span is not None:
             a, b = span
             dt = b.t - a.t
@@ -445,6 +447,7 @@ class Monitor:
             figures=figures,
             gil=last.gil,
             gil_enabled=gil_enabled,
+            free_threaded=ident.free_threaded if ident else None,
             score=value,
             score_method=method,
             cmdline=_utf8(" ".join(info.cmdline)),
@@ -530,6 +533,7 @@ def _add_totals(base: GilTotals | None, now: GilTotals | None) -> GilTotals | No
         interval_seconds=now.interval_seconds,
         samples=base.samples + now.samples,
         futex_waiters_checked=now.futex_waiters_checked,
+        enabled=now.enabled,
     )
 
 

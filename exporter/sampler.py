@@ -38,27 +38,34 @@ class GilTotals:
     interval_seconds: float     # current switch interval (sys.getswitchinterval() of the target)
     samples: int
     futex_waiters_checked: int  # last /proc futex cross-check (-1 if none yet)
+    enabled: Optional[bool] = None  # free-threaded builds: GIL switched on at the last sample
 
 
 # Per-target state is one tuple, replaced whole at every sample: the sampler thread is the
 # only writer, and readers (totals()) get a consistent copy by reading one attribute.
-# (t, locked, waiters, switch, interval_us, sampled, held, wait, contended, switches, samples)
-_EMPTY_STATE = (0.0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 0)
+# (t, locked, waiters, switch, interval_us, sampled, held, wait, contended, switches, samples,
+#  enabled) -- enabled is -1 on builds without a switchable GIL
+_EMPTY_STATE = (0.0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 0, -1)
 
 
 class _Target:
     __slots__ = ("key", "reader", "pid", "read", "unpack", "size", "state", "futex",
-                 "next_check", "bad_checks", "failure")
+                 "next_check", "bad_checks", "failure", "free_threaded", "waiting")
 
     def __init__(self, key: Hashable, reader: Optional[GilReader], check_at: float) -> None:
         self.key = key
         self.reader = reader
         self.pid = reader.pid if reader is not None else 0
+        self.free_threaded = False
+        self.waiting = None
         if reader is not None:
             fd, size, addr = reader.fd, reader.size, reader.address
             self.size = size
             self.read = functools.partial(os.pread, fd, size, addr)
             self.unpack = reader.struct.unpack
+            self.free_threaded = reader.free_threaded
+            # 3.15+: exact waiters from the threads' own gil_requested flags
+            self.waiting = reader.threads.waiting if reader.waiters_source == "gil_requested" else None
         self.state = _EMPTY_STATE
         self.futex = -1
         self.next_check = check_at
@@ -66,8 +73,9 @@ class _Target:
         self.failure: Optional[str] = None
 
     def totals(self) -> GilTotals:
-        _t, _l, _w, _s, interval, sampled, held, wait, contended, switches, samples = self.state
-        return GilTotals(sampled, held, wait, contended, switches, interval / 1e6, samples, self.futex)
+        _t, _l, _w, _s, interval, sampled, held, wait, contended, switches, samples, en = self.state
+        return GilTotals(sampled, held, wait, contended, switches, interval / 1e6, samples, self.futex,
+                         None if en < 0 else bool(en))
 
 
 class GilSampler:
@@ -253,18 +261,28 @@ class GilSampler:
             # Hot path: one pread per target and sample-and-hold accounting; no lock.
             for st in self._active:
                 try:
-                    interval, _holder, locked, switch, wrefs = st.unpack(st.read())
+                    vals = st.unpack(st.read())
                 except Exception as exc:      # OSError, or a short read (struct.error)
                     if failed is None:
                         failed = []
                     failed.append((st, exc))
                     continue
+                if st.free_threaded:
+                    enabled, interval, _holder, locked, switch, wrefs = vals
+                else:
+                    interval, _holder, locked, switch, wrefs = vals
+                    enabled = -1
                 if locked & ~1:
                     if failed is None:
                         failed = []
                     failed.append((st, None))
                     continue
-                t0, l0, w0, s0, _, sampled, held, wait, contended, switches, n = st.state
+                waiters = wrefs >> 3
+                if st.waiting is not None:
+                    exact = st.waiting()
+                    if exact is not None:
+                        waiters = exact
+                t0, l0, w0, s0, _, sampled, held, wait, contended, switches, n, _e = st.state
                 if n:
                     dt = now - t0
                     if dt > max_gap:
@@ -278,8 +296,8 @@ class GilSampler:
                         wait += dt * w0
                     if switch != s0:
                         switches += (switch - s0) & _MASK64
-                st.state = (now, locked, wrefs >> 3, switch, interval, sampled, held, wait,
-                            contended, switches, n + 1)
+                st.state = (now, locked, waiters, switch, interval, sampled, held, wait,
+                            contended, switches, n + 1, enabled)
             ticks += 1
             self.ticks = ticks
             if failed is not None or now >= self._next_check:

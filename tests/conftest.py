@@ -8,8 +8,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Exporter  # noqa: E402
 
 
+def _version_key(label: str):
+    """"3.9" < "3.11" < "3.14 Debian sid": by the leading version number, then the text."""
+    head, _, rest = label.partition(" ")
+    try:
+        return tuple(int(x) for x in head.split(".")), rest
+    except ValueError:
+        return (999,), label
+
+
 class _VersionReport:
-    """Registered once per session; prints which interpreter versions ran, with figures."""
+    """Registered once per session; prints which interpreters (and placements) ran, with figures."""
 
     def __init__(self) -> None:
         self.rows: dict = {}
@@ -20,8 +29,8 @@ class _VersionReport:
     def pytest_terminal_summary(self, terminalreporter):
         if not self.rows:
             return
-        terminalreporter.section("GIL probe: CPython versions exercised")
-        for version in sorted(self.rows, key=lambda v: tuple(int(x) for x in v.split("."))):
+        terminalreporter.section("GIL probe: CPython interpreters and placements exercised")
+        for version in sorted(self.rows, key=_version_key):
             cells = ", ".join(f"{k}={v}" for k, v in sorted(self.rows[version].items()))
             terminalreporter.write_line(f"{version}: {cells}")
 

@@ -17,7 +17,7 @@ import rulesfile  # noqa: E402
 ROOT = rulesfile.ROOT
 RUNBOOKS = ROOT / "docs" / "runbooks"
 EXPECTED_ALERTS = {"PythonGILContention", "PythonGILSaturated", "PythonGILProbeUnavailable",
-                   "GilExporterDown"}
+                   "PythonGILReenabled", "GilExporterDown"}
 
 
 def find_promtool() -> str | None:
@@ -75,6 +75,9 @@ def test_alerts_match_the_issue():
                                       "saturatedWaitingThreads": 1.0, "saturatedMaxCores": 1.2}
     assert 'method="procfs"' in a["PythonGILProbeUnavailable"]["expr"]
     assert "up{" in a["GilExporterDown"]["expr"]
+    assert a["PythonGILReenabled"]["for"] == "5m"
+    assert "pygil_gil_enabled == 1" in a["PythonGILReenabled"]["expr"]
+    assert 'free_threaded="true"' in a["PythonGILReenabled"]["expr"]
 
 
 @pytest.mark.parametrize("alert", sorted(EXPECTED_ALERTS))

@@ -210,6 +210,7 @@ def test_contention_alert_fires_and_dashboard_queries_return_data(stack, capsys)
         alerts = prom.alerts()
         if firing(alerts, "PythonGILContention", "e2e-contended"):
             fired_after = time.monotonic() - stack["t0"]
+            fired = firing(alerts, "PythonGILContention", "e2e-contended")[0]
             break
         time.sleep(0.5)
     assert fired_after is not None, (
@@ -233,7 +234,7 @@ def test_contention_alert_fires_and_dashboard_queries_return_data(stack, capsys)
     assert not [a for a in alerts if a["labels"]["alertname"] == "PythonGILProbeUnavailable"], alerts
     up = prom.query("avg_over_time(up[10m])")
     up_ratio = float(up[0]["value"][1]) if up else 0.0
-    fired = firing(alerts, "PythonGILContention", "e2e-contended")[0]
+    # (the alert as it fired: on a loaded box the short test `for:` can flap it back to pending)
     assert fired["annotations"]["runbook_url"].endswith("/docs/runbooks/python-gil-contention.md")
     assert "e2e-contended" in fired["annotations"]["summary"]
     saturated = bool(firing(alerts, "PythonGILSaturated", "e2e-contended"))

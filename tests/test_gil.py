@@ -24,9 +24,12 @@ from workloads import kill_quietly, pyenv_pythons, start_workload  # noqa: E402
 
 from exporter import gil  # noqa: E402
 from exporter.gil import (  # noqa: E402
-    DEBUG_COOKIE, DEBUG_OFFSETS_LAYOUTS, KNOWN_GIL_OFFSETS, LAYOUTS, GilLocation,
-    GilReader, ProbeUnavailable, detect_free_threaded, futex_waiters, identify, locate,
-    parse_debug_offsets, version_from_hex, version_from_sys_version_buffer)
+    CONDVARS, DEBUG_COOKIE, DEBUG_OFFSETS_LAYOUTS, DEFAULT_LAYOUT, KNOWN_GIL_OFFSETS, LAYOUTS,
+    GilLocation, GilReader, ProbeUnavailable, detect_free_threaded, futex_waiters, identify,
+    locate, parse_debug_offsets, version_from_hex, version_from_sys_version_buffer)
+from exporter.gil import elf, location as locate_module, memory  # noqa: E402
+
+GLIBC_225, GLIBC_241 = CONDVARS[25], CONDVARS[41]
 
 PYTHONS = pyenv_pythons()
 VERSIONS = list(PYTHONS)
@@ -54,7 +57,7 @@ def _debug_offsets_blob(minor: tuple, hexversion: int, free_threaded: int, gil: 
             "thread_state.next": 8, "thread_state.interp": 16}
     for name, off in t.items():
         if not name.startswith("_"):
-            struct.pack_into("<Q", buf, off, vals[name])
+            struct.pack_into("<Q", buf, off, vals.get(name, 0))
     return bytes(buf)
 
 
@@ -75,14 +78,14 @@ def test_parse_debug_offsets_313():
     assert offs["free_threaded"] == 0
     assert offs["interpreter_state.gil_runtime_state"] == 96104
     assert offs["interpreter_state.gil_runtime_state_locked"] == 96104 + 16
-    assert gil.layout_from_debug_offsets(offs) == LAYOUTS[False]
+    assert gil.layout_from_debug_offsets(offs, GLIBC_225) == DEFAULT_LAYOUT
 
 
 def test_parse_debug_offsets_314_layout_differs():
     blob = _debug_offsets_blob((3, 14), 0x030E00F0, 0, gil=5000)
     offs = parse_debug_offsets(blob, (3, 14))
     assert offs["interpreter_state.ceval_gil"] == 100
-    assert gil.layout_from_debug_offsets(offs) == LAYOUTS[False]
+    assert gil.layout_from_debug_offsets(offs, GLIBC_225) == DEFAULT_LAYOUT
     # The same bytes read with the 3.13 table are a different (wrong) structure:
     assert DEBUG_OFFSETS_LAYOUTS[(3, 13)]["interpreter_state.ceval_gil"] != \
         DEBUG_OFFSETS_LAYOUTS[(3, 14)]["interpreter_state.ceval_gil"]
@@ -98,10 +101,10 @@ def test_parse_debug_offsets_rejects_bad_input():
         parse_debug_offsets(blob, (3, 12))                       # version mismatch
     with pytest.raises(ValueError):
         parse_debug_offsets(_debug_offsets_blob((3, 13), 0x030D00F0, 0, gil=1000)[:8]
-                            + struct.pack("<Q", 0x030F00F0) + blob[16:])   # unknown 3.15
+                            + struct.pack("<Q", 0x031000F0) + blob[16:])   # unknown 3.16
     weird = _debug_offsets_blob((3, 13), 0x030D00F0, 0, gil=1000, locked_rel=24)
     with pytest.raises(ValueError):
-        gil.layout_from_debug_offsets(parse_debug_offsets(weird))   # not a layout we know
+        gil.layout_from_debug_offsets(parse_debug_offsets(weird), GLIBC_225)   # not a layout we know
 
 
 def test_free_threaded_detection_on_data():
@@ -122,15 +125,22 @@ def test_free_threaded_detection_on_data():
 
 
 def test_layout_table():
-    default, ft = LAYOUTS[False], LAYOUTS[True]
+    default, ft = LAYOUTS[(False, "glibc-2.25")], LAYOUTS[(True, "glibc-2.25")]
+    assert default == DEFAULT_LAYOUT
     assert (default.interval, default.last_holder, default.locked, default.switch_number) == (0, 8, 16, 24)
     assert default.cond == 32 and default.cond_wrefs == 68 and default.mutex == 80
-    assert default.read_size == 72
+    assert default.read_size == 72 and default.enabled == -1
+    # glibc 2.41 dropped __g_refs: __wrefs moves from cond+36 to cond+28, the rest stays
+    new = LAYOUTS[(False, "glibc-2.41")]
+    assert new.cond_wrefs == 60 and new.cond == 32 and new.mutex == 80
+    assert gil.condvar_for_glibc(36) is GLIBC_225 and gil.condvar_for_glibc(43) is GLIBC_241
+    assert gil.condvar_for_glibc(41) is GLIBC_241 and gil.condvar_for_glibc(24) is None
     # free-threaded: `int enabled` first, every field moves by 8
-    for name in ("interval", "last_holder", "locked", "switch_number", "cond_wrefs"):
+    assert ft.enabled == 0
+    for name in ("interval", "last_holder", "locked", "switch_number", "cond", "cond_wrefs", "mutex"):
         assert getattr(ft, name) == getattr(default, name) + 8
     # one precompiled struct unpacks the whole read
-    st = gil._layout_struct(default)
+    st = gil.layout_struct(default)
     assert st.size == default.read_size
     buf = bytearray(default.read_size)
     struct.pack_into("<Q", buf, 0, 12300)
@@ -139,6 +149,13 @@ def test_layout_table():
     struct.pack_into("<Q", buf, 24, 77)
     struct.pack_into("<I", buf, 68, (2 << 3) | 1)
     assert st.unpack(bytes(buf)) == (12300, 0x55550000, 1, 77, (2 << 3) | 1)
+    # free-threaded: `enabled` comes first in the unpacked tuple
+    st = gil.layout_struct(ft)
+    buf = bytearray(ft.read_size)
+    struct.pack_into("<i", buf, 0, 2**31 - 1)
+    struct.pack_into("<Q", buf, 8, 5000)
+    struct.pack_into("<I", buf, ft.cond_wrefs, 3 << 3)
+    assert st.unpack(bytes(buf)) == (2**31 - 1, 5000, 0, 0, 0, 3 << 3)
     assert all(isinstance(v, int) for v in KNOWN_GIL_OFFSETS.values())
 
 
@@ -155,20 +172,21 @@ def test_elf_parse_failures_are_reasons_not_crashes(tmp_path):
     so = next(lib.glob("libpython3*.so.1.0"))
     truncated = tmp_path / "libpython3.99.so.1.0"
     truncated.write_bytes(so.read_bytes()[:3000])
-    with pytest.raises(gil._NotElf):
-        gil._load_elf(str(truncated), str(truncated))
+    with pytest.raises(elf.NotElf):
+        elf.load(str(truncated))
     text = tmp_path / "python3"
     text.write_text("#!/bin/sh\necho hi\n")
-    with pytest.raises(gil._NotElf):
-        gil._load_elf(str(text), str(text))
+    with pytest.raises(elf.NotElf):
+        elf.load(str(text))
     garbage = tmp_path / "python3g"
     garbage.write_bytes(b"\x7fELF" + os.urandom(4000))
-    with pytest.raises(gil._NotElf):
-        gil._load_elf(str(garbage), str(garbage))
+    with pytest.raises(elf.NotElf):
+        elf.load(str(garbage))
     gil.clear_elf_cache()
-    info = gil._load_elf(str(so), str(so))
+    key = elf.head_key(so.read_bytes()[:elf.HEAD_SIZE])
+    info = elf.load(str(so), key)
     assert info.runtime and info.runtime[1] > 0 and info.build_id
-    assert gil._load_elf(str(so), str(so)) is info          # cached
+    assert elf.load(str(so), key) is info          # cached
 
 
 # ----------------------------------------------------------------- processes that are not CPython
@@ -236,7 +254,7 @@ def test_locate_methods_agree(version, report):
             found[method] = other.address
         report.record(version, "locate", loc.method)
         assert len(set(found.values())) == 1, found
-        assert loc.layout == LAYOUTS[False]
+        assert loc.layout == DEFAULT_LAYOUT
         r = GilReader(loc).read()
         assert r.interval_us == 5000 and r.holder != 0
 
@@ -311,15 +329,15 @@ def test_validation_rejects_wrong_addresses(version):
     """Addresses near the GIL, or elsewhere in _PyRuntime, never validate."""
     with start_workload("cpu", PYTHONS[version]) as w:
         loc = locate(w.pid)
-        target = gil._identify(w.pid)
-        fd = gil._open_mem(w.pid)
+        target = gil.identify_target(w.pid)
+        fd = memory.open_mem(w.pid)
         try:
             rt = target.identity.runtime_address
-            view = gil._RuntimeView(w.pid, fd, rt, target.elf.runtime[1])
-            why = gil._validate(w.pid, fd, loc.address, loc.layout, target.maps, view)
+            view = locate_module.RuntimeView(w.pid, fd, rt, target.elf.runtime[1])
+            why = locate_module.validate(w.pid, fd, loc.address, loc.layout, target.maps, view)
             assert why == "", why
             for wrong in (loc.address + 8, loc.address - 8, loc.address + 80, rt, rt + 64):
-                why = gil._validate(w.pid, fd, wrong, loc.layout, target.maps, view, strict=True)
+                why = locate_module.validate(w.pid, fd, wrong, loc.layout, target.maps, view, strict=True)
                 assert why != "", f"_PyRuntime+{wrong - rt:#x} validated"
         finally:
             os.close(fd)
@@ -345,17 +363,18 @@ def test_reader_after_exit_and_pid_checks():
     assert ei.value.reason == "exited"
 
 
-def test_free_threaded_and_musl_identities_are_refused(monkeypatch):
+def test_musl_old_glibc_and_old_versions_are_refused(monkeypatch):
     """locate() refuses what it cannot read, from the identity (no such build installed here)."""
+    import dataclasses
     with start_workload("idle", PYTHONS[VERSIONS[-1]]) as w:
-        real = gil._identify(w.pid)
-        for change, reason in (({"free_threaded": True}, "free_threaded"),
-                               ({"libc": "musl"}, "musl"),
-                               ({"libc": "unknown"}, "unknown_layout"),
-                               ({"version": "3.7.16"}, "unknown_layout")):
-            fake = gil._Target(gil.PythonIdentity(**{**real.identity.__dict__, **change}),
-                               real.elf, real.base, real.maps)
-            monkeypatch.setattr(gil, "_identify", lambda pid, fake=fake: fake)
+        real = gil.identify_target(w.pid)
+        for ident_change, condvar, reason in (({"libc": "musl"}, real.condvar, "musl"),
+                                              ({"libc": "unknown"}, real.condvar, "unknown_layout"),
+                                              ({}, None, "unknown_layout"),     # glibc < 2.25
+                                              ({"version": "3.7.16"}, real.condvar, "unknown_layout")):
+            fake = dataclasses.replace(real, identity=dataclasses.replace(real.identity, **ident_change),
+                                       condvar=condvar)
+            monkeypatch.setattr(locate_module, "identify_target", lambda pid, fake=fake: fake)
             with pytest.raises(ProbeUnavailable) as ei:
                 locate(w.pid)
             assert ei.value.reason == reason
@@ -429,3 +448,36 @@ def test_distro_python_static_executable(python, report):
         with GilReader(loc) as r:
             assert r.read().interval_us == 12300
     report.record(f"{exact.rsplit('.', 1)[0]}", "distro build", f"{python} {exact} {loc.method}")
+
+
+# ----------------------------------------------------------------- free-threaded builds (on data)
+# No free-threaded CPython binary could be had here (Debian ships none, and nothing else is
+# reachable): these pin the layout CPython's pycore_gil.h documents, on data only.
+
+def test_free_threaded_debug_offsets_give_the_enabled_layout():
+    for minor, condvar in (((3, 14), GLIBC_241), ((3, 15), GLIBC_225)):
+        blob = _debug_offsets_blob(minor, (3 << 24) | (minor[1] << 16) | 0xF0, 1, gil=7784,
+                                   locked_rel=24, holder_rel=16)
+        blob = bytearray(blob)
+        struct.pack_into("<Q", blob, DEBUG_OFFSETS_LAYOUTS[minor]["interpreter_state.gil_runtime_state_enabled"], 0)
+        offs = parse_debug_offsets(bytes(blob), minor)
+        assert detect_free_threaded(debug_free_threaded=offs["free_threaded"])
+        layout = gil.layout_from_debug_offsets(offs, condvar)
+        assert layout == LAYOUTS[(True, condvar.name)]
+        assert layout.enabled == 0 and layout.interval == 8 and layout.cond_wrefs == 40 + condvar.wrefs
+        # a GIL build's offsets read as free-threaded (or the reverse) are refused
+        struct.pack_into("<Q", blob, 16, 0)
+        with pytest.raises(ValueError):
+            gil.layout_from_debug_offsets(parse_debug_offsets(bytes(blob), minor), condvar)
+
+
+def test_free_threaded_reading_on_data():
+    """enabled: 0 off, a count while on transiently, INT_MAX once on for good."""
+    layout = LAYOUTS[(True, "glibc-2.41")]
+    st = gil.layout_struct(layout)
+    for enabled, on in ((0, False), (1, True), (2**31 - 1, True)):
+        buf = bytearray(layout.read_size)
+        struct.pack_into("<i", buf, layout.enabled, enabled)
+        struct.pack_into("<Q", buf, layout.interval, 5000)
+        vals = st.unpack(bytes(buf))
+        assert vals[0] == enabled and vals[1] == 5000 and (vals[0] != 0) is on

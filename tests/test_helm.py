@@ -1,25 +1,31 @@
-"""The Helm chart: Helm's own lint (helm-sdkpy, Helm v4 as a library) of the default values and
-of every documented values example, and assertions on the objects Helm renders.
+"""The Helm chart, rendered by Helm itself and validated against Kubernetes' own API schemas.
 
-helm-sdkpy has no `helm template`: its Install/Upgrade need a cluster. It does lint, and lint
-renders every template with Helm's engine. In lint mode Helm's `fail` function does not abort but
-logs its message ("funcMap fail message=..."), so each chart copy gets a probe template that
-`fail`s with the base64 of every other template's rendered output; the test decodes those log
-lines into the rendered manifests. Any other `fail` message (e.g. the PrometheusRule template's
-missing-marker guard) is reported as an error.
+Helm: helm-python-sdk, Helm v4's Go SDK loaded in-process (no helm binary, no cluster).
+`Chart.render()` is `helm template`: the chart's defaults coalesced with the given values,
+values.schema.json checked, every template rendered. `lint()` and `package()` are `helm lint`
+and `helm package`.
 
-Runs in a subprocess with .venv-helm's Python 3.12 (tests/setup/helm.sh creates it).
+Kubernetes: kubernetes-validate, strict (an unknown field is an error), against the oldest
+Kubernetes the chart claims (Chart.yaml kubeVersion) and the newest schema set it ships. The
+Prometheus operator's kinds (ServiceMonitor, PodMonitor, PrometheusRule) have no schema there:
+they are checked field by field below and the rules by promtool.
+
+Rendered: the chart's defaults with the documented `--set image.repository=…`, every file in
+examples/ the same way, every install command of the chart README and the README as pasted,
+and a few value combinations.
 """
 from __future__ import annotations
 
-import base64
+import copy
 import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,40 +33,39 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent / "promtool"))
 import rulesfile  # noqa: E402
+from test_alerts import find_promtool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "helm" / "gil-exporter"
 EXAMPLES = sorted(p.stem for p in (CHART / "examples").glob("*.yaml"))
-PROBE = "zz-render-probe.yaml"
-
-LINT_SCRIPT = r"""
-import asyncio, json, os, sys
-import helm_sdkpy
-cfg = helm_sdkpy.Configuration()
-out = {}
-for name, path in json.loads(sys.argv[1]).items():
-    os.write(2, ("GILCHART " + name + "\n").encode())  # unbuffered: Helm's log lines follow in order
-    out[name] = asyncio.run(helm_sdkpy.Lint(cfg).run(path))
-sys.stdout.write(json.dumps(out))
-"""
+CHART_META = yaml.safe_load((CHART / "Chart.yaml").read_text())
+RELEASE, NAMESPACE = "gil-exporter", "gil-exporter"
+# What every documented install command sets.
+REPOSITORY = "registry.example.com/platform/gil-exporter"
+OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+DOCS = {"chart README": CHART / "README.md", "README": ROOT / "README.md"}
 
 
-def helm_python() -> str | None:
-    exe = os.environ.get("HELM_SDKPY_PYTHON") or str(ROOT / ".venv-helm" / "bin" / "python")
-    if not Path(exe).exists():
-        return None
-    r = subprocess.run([exe, "-c", "import helm_sdkpy"], capture_output=True, timeout=60)
-    return exe if r.returncode == 0 else None
+def helm_sdk():
+    """helm_python, or skip (fail under CI): it is in the [test] extra (Python >= 3.10)."""
+    try:
+        import helm_python
+    except ImportError as exc:
+        msg = f"helm-python-sdk not importable ({exc}): pip install -e '.[test]' on Python >= 3.10"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return helm_python
 
 
 def merge(base, over):
-    """helm's values merge (maps merge recursively, everything else replaces)."""
+    """Helm's values merge: maps merge recursively, anything else replaces."""
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
         for k, v in over.items():
             out[k] = merge(base[k], v) if k in base else v
         return out
-    return over
+    return copy.deepcopy(over)
 
 
 def defaults() -> dict:
@@ -71,48 +76,25 @@ def example(name: str) -> dict:
     return yaml.safe_load((CHART / "examples" / f"{name}.yaml").read_text())
 
 
-ALL_ON = {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
-          "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}}
+def with_repository(values: dict) -> dict:
+    """`-f values.yaml --set image.repository=…`, as every documented command does."""
+    return merge(values, {"image": {"repository": REPOSITORY}})
 
 
-def chart_copy(tmp: Path, name: str, values: dict, probe: bool = True,
-               mutate=None) -> Path:
-    dest = tmp / name
-    shutil.copytree(CHART, dest, ignore=shutil.ignore_patterns("examples"))
-    (dest / "values.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
-    if mutate:
-        mutate(dest)
-    if probe:
-        lines = []
-        for t in sorted((dest / "templates").iterdir()):
-            if t.name.startswith("_") or t.name == PROBE:
-                continue
-            lines.append(
-                '{{- fail (printf "GILRENDER %s %s %s" ' + json.dumps(name) + " " + json.dumps(t.name)
-                + ' (include (print $.Template.BasePath "/' + t.name + '") . | b64enc)) }}')
-        (dest / "templates" / PROBE).write_text("\n".join(lines) + "\n")
-    return dest
-
-
-class Result:
-    def __init__(self, lint: dict, renders: dict[str, str], fails: list[str]):
-        self.lint = lint
-        self.renders = renders
-        self.fails = fails  # fail messages other than the probe's
+@dataclass
+class Rendered:
+    files: dict[str, str]  # template file name -> rendered text
 
     @property
-    def errors(self) -> list[dict]:
-        return [m for m in self.lint.get("Messages") or [] if m.get("Severity", 0) >= 3]
-
     def objects(self) -> list[dict]:
-        objs = []
-        for name, text in sorted(self.renders.items()):
+        out = []
+        for name, text in sorted(self.files.items()):
             if name.endswith(".yaml"):
-                objs.extend(o for o in yaml.safe_load_all(text) if o)
-        return objs
+                out.extend(o for o in yaml.safe_load_all(text) if o)
+        return out
 
     def kind(self, kind: str) -> list[dict]:
-        return [o for o in self.objects() if o.get("kind") == kind]
+        return [o for o in self.objects if o["kind"] == kind]
 
     def one(self, kind: str) -> dict:
         found = self.kind(kind)
@@ -120,128 +102,221 @@ class Result:
         return found[0]
 
 
+def render(values: dict | None = None, *, chart: Path = CHART, name: str = RELEASE,
+           namespace: str = NAMESPACE) -> Rendered:
+    """`helm template NAME CHART -n NAMESPACE` with `values` over the chart's defaults."""
+    helm = helm_sdk()
+    with helm.Chart.load(str(chart)) as c:
+        out = c.render(values or {}, name=name, namespace=namespace, is_install=True)
+    prefix = f"{CHART_META['name']}/templates/"
+    assert all(k.startswith(prefix) for k in out), sorted(out)
+    return Rendered({k[len(prefix):]: v for k, v in out.items()})
+
+
+ALL_ON = {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
+          "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}}
+OPTIONS = merge(ALL_ON, {
+    "fullnameOverride": "gilx", "podMetadata": {"enabled": False},
+    "listenAddress": "0.0.0.0:9999", "extraArgs": ["--web.telemetry-path=/metrics"],
+    "prometheusRule": {"disabledAlerts": ["GilExporterDown"], "jobRegex": "monitoring/gil.*",
+                       "runbookBaseUrl": "https://wiki.example.com/runbooks/"},
+    "dashboard": {"labels": {"grafana_dashboard": "gil"}}})
+CASES = {"default": with_repository({}), "all-enabled": with_repository(ALL_ON),
+         "options": with_repository(OPTIONS),
+         **{f"example-{e}": with_repository(example(e)) for e in EXAMPLES}}
+
+
+def cases_with(key: str) -> list[str]:
+    return [n for n, v in sorted(CASES.items()) if merge(defaults(), v)[key]["enabled"]]
+
+
 @pytest.fixture(scope="module")
-def helm(tmp_path_factory):
-    exe = helm_python()
-    if not exe:
-        msg = ("helm-sdkpy not available: run tests/setup/helm.sh (creates .venv-helm with "
-               "pyenv's Python 3.12) or set HELM_SDKPY_PYTHON")
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    tmp = tmp_path_factory.mktemp("charts")
-    base = defaults()
-    charts = {
-        "default": chart_copy(tmp, "default", base),
-        "all-enabled": chart_copy(tmp, "all-enabled", merge(base, ALL_ON)),
-        "options": chart_copy(tmp, "options", merge(base, merge(ALL_ON, {
-            "fullnameOverride": "gilx", "podMetadata": {"enabled": False},
-            "listenAddress": "0.0.0.0:9999", "extraArgs": ["--web.telemetry-path=/metrics"],
-            "prometheusRule": {"disabledAlerts": ["GilExporterDown"], "jobRegex": "monitoring/gil.*",
-                               "runbookBaseUrl": "https://wiki.example.com/runbooks/"},
-            "dashboard": {"labels": {"grafana_dashboard": "gil"}}}))),
-        # Negative controls: prove that the checks below can fail.
-        "bad-values": chart_copy(tmp, "bad-values", merge(base, {"port": "not-a-port"}), probe=False),
-        "lost-marker": chart_copy(
-            tmp, "lost-marker", merge(base, ALL_ON),
-            mutate=lambda d: (d / "files" / "gil-exporter-rules.yaml").write_text(
-                (d / "files" / "gil-exporter-rules.yaml").read_text().replace(
-                    "# threshold: contentionScore", "# contention threshold"))),
-    }
-    for ex in EXAMPLES:
-        charts[f"example-{ex}"] = chart_copy(tmp, f"example-{ex}", merge(base, example(ex)))
-    r = subprocess.run([exe, "-c", LINT_SCRIPT, json.dumps({k: str(v) for k, v in charts.items()})],
-                       capture_output=True, text=True, timeout=300, cwd=str(tmp))
-    assert r.returncode == 0, r.stderr[-3000:]
-    lints = json.loads(r.stdout)
-    renders: dict[str, dict[str, str]] = {k: {} for k in charts}
-    fails: dict[str, list[str]] = {k: [] for k in charts}
-    current = None
-    for line in r.stderr.splitlines():
-        if line.startswith("GILCHART "):
-            current = line.split(" ", 1)[1]
-            continue
-        m = re.search(r"GILRENDER (\S+) (\S+) ([A-Za-z0-9+/=]*)", line)
-        if m:
-            assert m.group(1) == current, line[:200]
-            renders[current][m.group(2)] = base64.b64decode(m.group(3)).decode()
-        elif "funcMap fail" in line:
-            fails[current].append(line)
-    return {k: Result(lints[k], renders[k], fails[k]) for k in charts}
+def rendered() -> dict[str, Rendered]:
+    return {name: render(values) for name, values in CASES.items()}
 
 
-def check_clean(res: Result):
-    assert not res.errors, f"helm lint severity >= 3: {res.errors}"
+def kube_versions() -> tuple[str, str]:
+    """(oldest, newest): Chart.yaml's lower bound, and the newest schema set
+    kubernetes-validate ships (the chart claims no upper bound)."""
+    import kubernetes_validate.utils as kv
+    m = re.fullmatch(r">=\s*(\d+\.\d+)\.0(-0)?", CHART_META["kubeVersion"])
+    assert m, f"kubeVersion {CHART_META['kubeVersion']!r}: expected '>=X.Y.0-0'"
+    return m.group(1), kv.major_minor(kv.latest_version())
 
 
-# --- lint ------------------------------------------------------------------------------
+# --- Helm: render, lint, package ---------------------------------------------------------
 
 def test_examples_exist():
     assert {"kube-prometheus-stack", "sidecar", "dedicated-nodes"} <= set(EXAMPLES)
 
 
-@pytest.mark.parametrize("name", ["default", "all-enabled", "options"] + [f"example-{e}" for e in EXAMPLES])
-def test_lint_passes(helm, name):
-    check_clean(helm[name])
-    # Every template rendered (the probe reported it), no template's own `fail` fired.
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_template_renders(rendered, name):
     templates = {p.name for p in (CHART / "templates").iterdir() if not p.name.startswith("_")}
-    assert set(helm[name].renders) == templates
-    assert not helm[name].fails, helm[name].fails
+    assert set(rendered[name].files) == templates
+    assert rendered[name].objects
 
 
-def test_lint_detects_errors(helm):
-    # Severity >= 3 is how failures show (helm-sdkpy's error objects come back empty).
-    assert helm["bad-values"].errors
-    # The PrometheusRule template refuses a rules file whose threshold marker is gone.
-    assert any("no '# threshold: contentionScore' marker" in f for f in helm["lost-marker"].fails)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_lint(name):
+    """`helm lint` with the case's values, plain and with --kube-version for the oldest and
+    newest Kubernetes (which adds Helm's deprecated-API check)."""
+    helm = helm_sdk()
+    for kube in (None, *kube_versions()):
+        report = helm.lint(str(CHART), CASES[name], kube_version=f"v{kube}.0" if kube else None)
+        errors = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not errors and not report["errors"], (kube, report)
 
 
-# --- rendered objects --------------------------------------------------------------------
+def test_lint_and_render_detect_bad_values():
+    helm = helm_sdk()
+    bad = with_repository({"port": "not-a-port"})
+    report = helm.lint(str(CHART), bad)
+    assert any("/port" in m["error"] for m in report["messages"] if m["severity"] >= 3), report
+    with pytest.raises(helm.HelmValuesError, match="/port"):
+        render(bad)
 
-def test_daemonset_least_privilege(helm):
-    ds = helm["default"].one("DaemonSet")
+
+def test_empty_image_repository_fails_clearly():
+    """No public image exists: the chart's defaults and every example, as shipped, refuse to
+    render until image.repository is set, and the error names the value."""
+    helm = helm_sdk()
+    assert defaults()["image"]["repository"] == ""
+    for values in [{}] + [example(e) for e in EXAMPLES]:
+        assert values.get("image", {"repository": ""})["repository"] == ""
+        with pytest.raises(helm.HelmValuesError, match=r"/image/repository': minLength"):
+            render(values)
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert "required" in schema["properties"]["image"]["properties"]["repository"]["description"].lower()
+
+
+def test_rules_file_without_threshold_marker_fails_render(tmp_path):
+    helm = helm_sdk()
+    copy_ = tmp_path / "gil-exporter"
+    shutil.copytree(CHART, copy_)
+    rules = copy_ / "files" / "gil-exporter-rules.yaml"
+    rules.write_text(rules.read_text().replace("# threshold: contentionScore", "# contention threshold"))
+    with pytest.raises(helm.HelmRenderError, match="no '# threshold: contentionScore' marker"):
+        render(CASES["all-enabled"], chart=copy_)
+
+
+def test_package(tmp_path, rendered):
+    """`helm package`: the archive a release publishes, without examples/, renders the same."""
+    helm = helm_sdk()
+    archive = Path(helm.package(str(CHART), destination=str(tmp_path)))
+    assert archive.name == f"gil-exporter-{CHART_META['version']}.tgz" and archive.exists()
+    with helm.Chart.load(str(archive)) as c:
+        assert c.metadata["kubeVersion"] == CHART_META["kubeVersion"]
+        names = {f["name"] for f in c.files}
+    assert not any(n.startswith("examples/") for n in names)
+    assert {"files/gil-exporter-rules.yaml", "dashboards/gil-exporter.json", "README.md"} <= names
+    assert render(CASES["all-enabled"], chart=archive).files == rendered["all-enabled"].files
+
+
+# --- Kubernetes: every rendered object against the API schemas ---------------------------
+
+def test_kube_version_claim():
+    import kubernetes_validate.utils as kv
+    oldest, newest = kube_versions()
+    shipped = {kv.major_minor(v) for v in kv.all_versions()}
+    assert oldest in shipped, f"no schemas for the chart's oldest Kubernetes {oldest}: {sorted(shipped)}"
+    assert oldest != newest
+
+
+@pytest.mark.parametrize("version", ["oldest", "newest"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_objects_validate_against_kubernetes(rendered, name, version):
+    import kubernetes_validate
+    kube = dict(zip(("oldest", "newest"), kube_versions()))[version]
+    unchecked = []
+    for obj in rendered[name].objects:
+        try:
+            kubernetes_validate.validate(obj, kube, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            unchecked.append(obj["kind"])
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} invalid for Kubernetes {kube}: "
+                        f"{'.'.join(map(str, e.path))}: {e.message}")
+    # Only the operator's CRDs lack a schema; they are checked by the tests below.
+    assert set(unchecked) <= OPERATOR_KINDS, unchecked
+    for obj in rendered[name].objects:
+        if obj["kind"] in OPERATOR_KINDS:
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+
+
+def test_strict_validation_can_fail(rendered):
+    """Negative controls: a misspelt field and a wrong type are caught, for both versions."""
+    import kubernetes_validate
+    ds = rendered["default"].one("DaemonSet")
+    typo = copy.deepcopy(ds)
+    typo["spec"]["template"]["spec"]["hostPid"] = typo["spec"]["template"]["spec"].pop("hostPID")
+    wrong = copy.deepcopy(ds)
+    wrong["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "10057"
+    for kube in kube_versions():
+        for bad in (typo, wrong):
+            with pytest.raises(kubernetes_validate.ValidationError):
+                kubernetes_validate.validate(bad, kube, strict=True)
+
+
+# --- the rendered objects ------------------------------------------------------------------
+
+def test_daemonset_least_privilege(rendered):
+    ds = rendered["default"].one("DaemonSet")
     pod = ds["spec"]["template"]["spec"]
     assert pod["hostPID"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     (c,) = pod["containers"]
+    assert c["image"] == f"{REPOSITORY}:{CHART_META['appVersion']}"
     sc = c["securityContext"]
     assert sc["capabilities"] == {"drop": ["ALL"], "add": ["SYS_PTRACE"]}
-    assert sc["runAsUser"] == 0 and sc["runAsNonRoot"] is False
+    assert sc["runAsUser"] == 0 and sc["runAsGroup"] == 0 and sc["runAsNonRoot"] is False
     assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True
     assert c["resources"]["requests"] and c["resources"]["limits"]
-    assert "--web.listen-address=:10057" in c["args"]
-    assert "--config=/etc/gil-exporter/config.yaml" in c["args"]
-    assert c["ports"] == [{"name": "metrics", "containerPort": 10057, "protocol": "TCP"}]
-    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["args"] == ["--config=/etc/gil-exporter/config.yaml", "--web.listen-address=:10057",
+                         "--log.level=info"]
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert pod["tolerations"] and pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert "priorityClassName" not in pod  # empty by default
-    mounts = {m["mountPath"] for m in c["volumeMounts"]}
-    assert {"/etc/gil-exporter", "/tmp"} <= mounts
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["/etc/gil-exporter"]["readOnly"] is True
+    assert "configMap" in vols[mounts["/etc/gil-exporter"]["name"]]
+    # The one writable place under a read-only root (tests/test_image.py runs it so).
+    assert vols[mounts["/tmp"]["name"]]["emptyDir"] == {"sizeLimit": "16Mi"}
 
 
-def test_config_checksum_and_configmap(helm, tmp_path):
-    res = helm["default"]
+def test_probes_hit_the_metrics_port(rendered):
+    """Both probes GET /healthz on the container port named in them (tests/test_image.py gets
+    that path from the running image)."""
+    (c,) = rendered["default"].one("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"metrics": 10057}
+    for probe in ("livenessProbe", "readinessProbe"):
+        get = c[probe]["httpGet"]
+        assert get["path"] == "/healthz" and get["port"] in ports
+        assert c[probe]["timeoutSeconds"] <= c[probe]["periodSeconds"]
+    assert c["livenessProbe"]["initialDelaySeconds"] >= 5  # the first scan must finish
+
+
+def test_config_checksum_and_configmap(rendered):
+    res = rendered["default"]
     ds = res.one("DaemonSet")
     ann = ds["spec"]["template"]["metadata"]["annotations"]
     # The checksum is the sha256 of the rendered ConfigMap: a config change rolls the pods.
-    assert ann["checksum/config"] == hashlib.sha256(res.renders["configmap.yaml"].encode()).hexdigest()
+    assert ann["checksum/config"] == hashlib.sha256(res.files["configmap.yaml"].encode()).hexdigest()
     cm = res.one("ConfigMap")
-    config = yaml.safe_load(cm["data"]["config.yaml"])
-    assert config == defaults()["config"]
+    assert yaml.safe_load(cm["data"]["config.yaml"]) == defaults()["config"]
     vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
     assert vols["config"]["configMap"]["name"] == cm["metadata"]["name"]
-    # A different config renders a different ConfigMap, hence a different checksum.
-    other = helm["example-kube-prometheus-stack"]
-    assert (other.one("DaemonSet")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
-            != ann["checksum/config"])
+    other = rendered["example-kube-prometheus-stack"].one("DaemonSet")
+    assert other["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != ann["checksum/config"]
 
 
 @pytest.mark.parametrize("name", ["default"] + [f"example-{e}" for e in EXAMPLES])
-def test_rendered_config_is_valid_for_the_exporter(helm, name, tmp_path):
-    cms = [c for c in helm[name].kind("ConfigMap") if "config.yaml" in c["data"]]
+def test_rendered_config_is_valid_for_the_exporter(rendered, name, tmp_path):
+    cms = [c for c in rendered[name].kind("ConfigMap") if "config.yaml" in c["data"]]
     assert len(cms) == 1
     path = tmp_path / "config.yaml"
     path.write_text(cms[0]["data"]["config.yaml"])
@@ -253,44 +328,79 @@ def test_rendered_config_is_valid_for_the_exporter(helm, name, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_labels_and_selectors(helm):
-    res = helm["default"]
+def test_labels_and_selectors(rendered):
+    res = rendered["default"]
     ds = res.one("DaemonSet")
     sel = ds["spec"]["selector"]["matchLabels"]
-    assert sel == {"app.kubernetes.io/name": "gil-exporter", "app.kubernetes.io/instance": sel["app.kubernetes.io/instance"]}
+    assert sel == {"app.kubernetes.io/name": "gil-exporter", "app.kubernetes.io/instance": RELEASE}
     pod_labels = ds["spec"]["template"]["metadata"]["labels"]
     assert sel.items() <= pod_labels.items()
-    for obj in res.objects():
+    for obj in res.objects:
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "gil-exporter"
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
-        assert labels["helm.sh/chart"].startswith("gil-exporter-")
+        assert labels["helm.sh/chart"] == f"gil-exporter-{CHART_META['version']}"
     svc = res.one("Service")
+    assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["selector"].items() <= pod_labels.items()
     assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
 
 
-def test_rbac(helm):
-    res = helm["default"]
-    role = res.one("ClusterRole")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
-    binding = res.one("ClusterRoleBinding")
-    sa = res.one("ServiceAccount")
-    ds = res.one("DaemonSet")
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"][0]["name"] == sa["metadata"]["name"] == ds["spec"]["template"]["spec"]["serviceAccountName"]
-    # Nothing optional by default.
+@pytest.mark.parametrize("name", cases_with("serviceMonitor"))
+def test_servicemonitor_selects_the_service(rendered, name):
+    """The ServiceMonitor finds the Service the way the operator does: namespace, then
+    matchLabels against the Service's labels, then the endpoint port by name; the Service
+    reaches the DaemonSet's pods through its selector and the named target port."""
+    res = rendered[name]
+    sm, svc = res.one("ServiceMonitor"), res.one("Service")
+    pod = res.one("DaemonSet")["spec"]["template"]
+    assert svc["metadata"]["namespace"] in sm["spec"]["namespaceSelector"]["matchNames"]
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert "matchExpressions" not in sm["spec"]["selector"]
+    (ep,) = sm["spec"]["endpoints"]
+    port = next(p for p in svc["spec"]["ports"] if p["name"] == ep["port"])
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert port["targetPort"] in {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert ep["path"] == "/metrics"
+
+
+def test_rbac_is_only_what_the_exporter_calls(rendered):
+    """The ClusterRole, its binding and the ServiceAccount the DaemonSet runs as (the list call
+    itself is checked against the API server's request in tests/test_kube.py)."""
+    res = rendered["default"]
+    role, binding, sa = res.one("ClusterRole"), res.one("ClusterRoleBinding"), res.one("ServiceAccount")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": NAMESPACE}]
+    assert res.one("DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+    assert not res.kind("Role") and not res.kind("RoleBinding")
     for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
-        assert not res.kind(kind)
+        assert not res.kind(kind)  # nothing optional by default
     assert len(res.kind("ConfigMap")) == 1  # no dashboard
 
 
-def test_prometheusrule_with_defaults_is_the_rules_file(helm, tmp_path):
-    """The chart's PrometheusRule with default values passes the same promtool unit tests."""
-    from test_alerts import find_promtool
+@pytest.mark.parametrize("name", cases_with("prometheusRule"))
+def test_prometheusrule_passes_promtool(rendered, name, tmp_path):
     promtool = find_promtool()
-    rule = helm["all-enabled"].one("PrometheusRule")
+    if not promtool:
+        msg = "promtool not found: run tests/setup/prometheus.sh"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    rule = rendered[name].one("PrometheusRule")
+    f = tmp_path / "rules.yaml"
+    f.write_text(yaml.safe_dump(rule["spec"]))
+    r = subprocess.run([promtool, "check", "rules", str(f)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
+
+
+def test_prometheusrule_with_defaults_is_the_rules_file(rendered, tmp_path):
+    """With default values it is the rules file itself, and passes the same promtool unit tests."""
+    rule = rendered["all-enabled"].one("PrometheusRule")
     assert rule["spec"] == yaml.safe_load(rulesfile.rules_text())
+    promtool = find_promtool()
     if not promtool:
         pytest.skip("promtool missing")
     rules = tmp_path / "deploy" / "helm" / "gil-exporter" / "files" / "gil-exporter-rules.yaml"
@@ -303,8 +413,20 @@ def test_prometheusrule_with_defaults_is_the_rules_file(helm, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_kube_prometheus_stack_example(helm, tmp_path):
-    res = helm["example-kube-prometheus-stack"]
+@pytest.mark.parametrize("name", cases_with("dashboard"))
+def test_dashboard_configmap(rendered, name):
+    values = merge(defaults(), CASES[name])
+    (dash,) = [c for c in rendered[name].kind("ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    assert values["dashboard"]["labels"].items() <= dash["metadata"]["labels"].items()
+    assert dash["metadata"]["namespace"] == (values["dashboard"]["namespace"] or NAMESPACE)
+    (key,) = dash["data"]
+    board = json.loads(dash["data"][key])
+    assert board == json.loads((CHART / "dashboards" / "gil-exporter.json").read_text())
+    assert board["uid"] == "gil-exporter" and board["panels"]
+
+
+def test_kube_prometheus_stack_example(rendered):
+    res = rendered["example-kube-prometheus-stack"]
     sm = res.one("ServiceMonitor")
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     ep = sm["spec"]["endpoints"][0]
@@ -326,24 +448,15 @@ def test_kube_prometheus_stack_example(helm, tmp_path):
             if "alert" in r:
                 r["labels"]["team"] = "python-platform"
     assert pr["spec"] == expected
-    from test_alerts import find_promtool
-    promtool = find_promtool()
-    if promtool:
-        f = tmp_path / "rules.yaml"
-        f.write_text(yaml.safe_dump(pr["spec"]))
-        r = subprocess.run([promtool, "check", "rules", str(f)], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stdout + r.stderr
-    dash = [c for c in res.kind("ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
-    assert len(dash) == 1
-    assert dash[0]["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert dash[0]["metadata"]["annotations"] == {"grafana_folder": "Python"}
-    assert json.loads(dash[0]["data"]["gil-exporter.json"]) == json.loads(
-        (CHART / "dashboards" / "gil-exporter.json").read_text())
+    (dash,) = [c for c in res.kind("ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    assert dash["metadata"]["namespace"] == "monitoring"  # Grafana's, for its sidecar
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dash["metadata"]["annotations"] == {"grafana_folder": "Python"}
     assert res.one("DaemonSet")["spec"]["template"]["spec"]["priorityClassName"] == "system-node-critical"
 
 
-def test_sidecar_example(helm):
-    res = helm["example-sidecar"]
+def test_sidecar_example(rendered):
+    res = rendered["example-sidecar"]
     for kind in ("DaemonSet", "Service", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ServiceMonitor"):
         assert not res.kind(kind), kind
     pm = res.one("PodMonitor")
@@ -351,22 +464,136 @@ def test_sidecar_example(helm):
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "gil-metrics"
     assert pm["spec"]["namespaceSelector"] == {"matchNames": ["shop", "batch"]}
     assert res.one("PrometheusRule")
-    assert "shareProcessNamespace" in res.renders["NOTES.txt"]
+    notes = res.files["NOTES.txt"]
+    assert "shareProcessNamespace" in notes
+    assert f"image: {REPOSITORY}:{CHART_META['appVersion']}" in notes
 
 
-def test_dedicated_nodes_example(helm):
-    res = helm["example-dedicated-nodes"]
+def test_dedicated_nodes_example(rendered):
+    res = rendered["example-dedicated-nodes"]
     pod = res.one("DaemonSet")["spec"]["template"]["spec"]
     assert pod["nodeSelector"]["pool"] == "python-workers"
     assert pod["tolerations"][0]["key"] == "dedicated"
     assert pod["affinity"]["nodeAffinity"]
-    assert pod["containers"][0]["image"] == "registry.example.com/platform/gil-exporter:0.1.0"
+    assert pod["containers"][0]["image"] == f"{REPOSITORY}:0.1.0"
     assert "--log.level=warn" in pod["containers"][0]["args"]
     assert not res.kind("Service")
     assert res.one("PodMonitor")["spec"]["podMetricsEndpoints"][0]["interval"] == "15s"
 
 
-# --- docs ------------------------------------------------------------------------------
+def test_options(rendered):
+    res = rendered["options"]
+    ds = res.one("DaemonSet")
+    assert ds["metadata"]["name"] == "gilx"
+    pod = ds["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert "--web.listen-address=0.0.0.0:9999" in c["args"] and "--web.telemetry-path=/metrics" in c["args"]
+    # No pod metadata: no NODE_NAME, no token, no RBAC.
+    assert "NODE_NAME" not in {e["name"] for e in c.get("env") or []}
+    assert pod["automountServiceAccountToken"] is False
+    assert not res.kind("ClusterRole") and not res.kind("ClusterRoleBinding")
+    pr = res.one("PrometheusRule")
+    alerts = {r["alert"]: r for g in pr["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert set(alerts) == set(rulesfile.alerts()) - {"GilExporterDown"}
+    for a in alerts.values():
+        assert a["annotations"]["runbook_url"].startswith("https://wiki.example.com/runbooks/")
+    records = [r for g in pr["spec"]["groups"] for r in g["rules"] if "record" in r]
+    assert len(records) == 4
+    dash = [c for c in res.kind("ConfigMap") if c["metadata"]["name"] == "gilx-dashboard"]
+    assert dash[0]["metadata"]["labels"]["grafana_dashboard"] == "gil"
+
+
+def test_job_regex_override(rendered):
+    rule = rendered["example-sidecar"].one("PrometheusRule")
+    down = next(r for g in rule["spec"]["groups"] for r in g["rules"] if r.get("alert") == "GilExporterDown")
+    assert down["expr"] == rulesfile.alerts(rulesfile.derive(job_regex=".*gil.*"))["GilExporterDown"]["expr"]
+
+
+# --- the install steps, as a user pastes them ----------------------------------------------
+
+def shell_commands(text: str) -> list[str]:
+    """Commands in the ```sh blocks of a document: continuations joined, comments dropped,
+    `a && b` split."""
+    out = []
+    for block in re.findall(r"```(?:sh|bash|shell)\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                out.extend(part.strip() for part in line.split("&&"))
+    return out
+
+
+def parse_install(cmd: str) -> dict:
+    """`helm install|upgrade --install RELEASE CHART [-n NS] [--create-namespace] [-f F]... [--set K=V]...`"""
+    argv = shlex.split(cmd)
+    assert argv[:2] in (["helm", "install"], ["helm", "upgrade"]), cmd
+    out = {"positional": [], "namespace": "default", "files": [], "sets": [], "create_namespace": False}
+    it = iter(argv[2:])
+    for a in it:
+        if a in ("-n", "--namespace"):
+            out["namespace"] = next(it)
+        elif a in ("-f", "--values"):
+            out["files"].append(next(it))
+        elif a == "--set":
+            out["sets"].append(next(it))
+        elif a == "--create-namespace":
+            out["create_namespace"] = True
+        elif a == "--install":
+            pass
+        else:
+            assert not a.startswith("-"), f"{cmd}: flag {a} not understood by this test"
+            out["positional"].append(a)
+    return out
+
+
+@pytest.mark.parametrize("doc", sorted(DOCS))
+def test_documented_install_commands_render(doc):
+    """Every `helm install` in the doc, run as pasted (from the repository root): sets
+    image.repository, renders, and runs in a namespace the steps before it created and labelled
+    for Pod Security "privileged"; the image it pulls is the one the build steps push."""
+    helm = helm_sdk()
+    commands = shell_commands(DOCS[doc].read_text())
+    installs = [c for c in commands if c.startswith(("helm install", "helm upgrade"))]
+    assert installs, f"no helm install in the {doc}"
+    pushed = {shlex.split(c)[-1] for c in commands if c.startswith(("docker push", "buildah push"))}
+    built = set()
+    for c in commands:
+        if c.startswith(("docker build", "buildah bud", "buildah build")):
+            argv = shlex.split(c)
+            built.add(argv[argv.index("-t") + 1])
+    assert pushed and pushed <= built, (doc, built, pushed)
+    for cmd in installs:
+        inst = parse_install(cmd)
+        assert any(s.startswith("image.repository=") for s in inst["sets"]), cmd
+        release, chart = inst["positional"]
+        ns = inst["namespace"]
+        before = commands[:commands.index(cmd)]
+        created = inst["create_namespace"] or f"kubectl create namespace {ns}" in before
+        assert created, f"{doc}: namespace {ns} is not created before: {cmd}"
+        labelled = [c for c in before if c.startswith("kubectl label") and f"namespace {ns} " in c + " "
+                    and "pod-security.kubernetes.io/enforce=privileged" in c]
+        assert labelled, f"{doc}: namespace {ns} not labelled privileged before: {cmd}"
+        values: dict = {}
+        for f in inst["files"]:
+            values = merge(values, yaml.safe_load((ROOT / f).read_text()))
+        for s in inst["sets"]:
+            values = merge(values, helm.parse_set_string(s))
+        res = render(values, chart=ROOT / chart, name=release, namespace=ns)
+        for ds in res.kind("DaemonSet"):
+            image = ds["spec"]["template"]["spec"]["containers"][0]["image"]
+            assert image in pushed, f"{doc}: {cmd} pulls {image}, the build steps push {pushed}"
+
+
+def test_build_tag_is_the_charts_app_version():
+    for doc, path in DOCS.items():
+        for c in shell_commands(path.read_text()):
+            if c.startswith(("docker build", "buildah bud", "buildah build")):
+                argv = shlex.split(c)
+                tag = argv[argv.index("-t") + 1].rsplit(":", 1)[1]
+                assert tag == CHART_META["appVersion"], (doc, c)
+
+
+# --- docs ----------------------------------------------------------------------------------
 
 def _paths(d: dict, prefix: str = "") -> list[str]:
     out = []
@@ -413,31 +640,4 @@ def test_readme_sidecar_snippet():
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert "--web.listen-address=:10057" in c["args"]
     assert c["resources"]["limits"]
-
-
-def test_options(helm):
-    res = helm["options"]
-    ds = res.one("DaemonSet")
-    assert ds["metadata"]["name"] == "gilx"
-    pod = ds["spec"]["template"]["spec"]
-    c = pod["containers"][0]
-    assert "--web.listen-address=0.0.0.0:9999" in c["args"] and "--web.telemetry-path=/metrics" in c["args"]
-    # No pod metadata: no NODE_NAME, no token, no RBAC.
-    assert "NODE_NAME" not in {e["name"] for e in c.get("env") or []}
-    assert pod["automountServiceAccountToken"] is False
-    assert not res.kind("ClusterRole") and not res.kind("ClusterRoleBinding")
-    pr = res.one("PrometheusRule")
-    alerts = {r["alert"]: r for g in pr["spec"]["groups"] for r in g["rules"] if "alert" in r}
-    assert set(alerts) == set(rulesfile.alerts()) - {"GilExporterDown"}
-    for a in alerts.values():
-        assert a["annotations"]["runbook_url"].startswith("https://wiki.example.com/runbooks/")
-    records = [r for g in pr["spec"]["groups"] for r in g["rules"] if "record" in r]
-    assert len(records) == 4
-    dash = [c for c in res.kind("ConfigMap") if c["metadata"]["name"] == "gilx-dashboard"]
-    assert dash[0]["metadata"]["labels"]["grafana_dashboard"] == "gil"
-
-
-def test_job_regex_override(tmp_path, helm):
-    rule = helm["example-sidecar"].one("PrometheusRule")
-    down = next(r for g in rule["spec"]["groups"] for r in g["rules"] if r.get("alert") == "GilExporterDown")
-    assert down["expr"] == rulesfile.alerts(rulesfile.derive(job_regex=".*gil.*"))["GilExporterDown"]["expr"]
+    assert c["image"] == f"{REPOSITORY}:{CHART_META['appVersion']}"

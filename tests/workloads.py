@@ -155,6 +155,11 @@ class Workload:
         self.stop()
 
 
+def script(name: str) -> str:
+    """The full source of workload `name` (prelude included), for `python -c`."""
+    return _PRELUDE + textwrap.dedent(SCRIPTS[name])
+
+
 def start_workload(name: str, python: str | None = None, threads: int = 3,
                    switch_interval: float | None = None, argv_tag: str = "",
                    user: str | None = None, timeout: float = 20.0) -> Workload:
@@ -163,7 +168,7 @@ def start_workload(name: str, python: str | None = None, threads: int = 3,
     `argv_tag` is appended to argv so that configs can match this process by cmdline.
     """
     python = python or sys.executable
-    code = _PRELUDE + textwrap.dedent(SCRIPTS[name])
+    code = script(name)
     env = dict(os.environ, WORKLOAD_THREADS=str(threads))
     env.pop("PYTHONPATH", None)
     if switch_interval is not None:
@@ -231,3 +236,26 @@ def kill_quietly(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+# Subinterpreters with their own GIL (3.14+: concurrent.interpreters). WORKLOAD_THREADS CPU
+# threads inside each of 2 subinterpreters: contended inside each one, parallel across them.
+SCRIPTS["subinterpreters"] = """
+from concurrent import interpreters
+code = '''
+import threading
+def spin():
+    x = 0
+    while True:
+        for i in range(10000):
+            x += i
+for _ in range(%d):
+    threading.Thread(target=spin).start()
+'''
+# Both interpreters exist before any of their threads starts: creating one while another's
+# threads start was seen to hang 3.14.10 (main thread parked in create(), never woken).
+subs = [interpreters.create() for _ in range(2)]
+for sub in subs:
+    sub.exec(code % N)
+time.sleep(0.5); ready(); forever()
+"""

@@ -1,0 +1,100 @@
+"""Reading a target from outside: /proc/PID/mem with os.pread, and the /proc files around it.
+
+Needs ptrace-attach permission (the same user, or CAP_SYS_PTRACE) but never attaches: the
+target is not stopped, and it is only ever read.
+"""
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+from typing import List, Sequence
+
+from exporter import procfs
+
+from .records import ProbeUnavailable
+
+MapEntry = procfs.MapEntry
+
+
+def proc_error(exc: OSError, pid: int) -> ProbeUnavailable:
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EPERM, errno.EACCES):
+        return ProbeUnavailable("permission_denied", f"pid {pid}: {exc}")
+    if isinstance(exc, (FileNotFoundError, ProcessLookupError)) or exc.errno in (errno.ESRCH, errno.ENOENT):
+        return ProbeUnavailable("exited", f"pid {pid}: {exc}")
+    return ProbeUnavailable("exited" if not os.path.exists(f"/proc/{pid}") else "validation_failed",
+                            f"pid {pid}: {exc}")
+
+
+def read_maps(pid: int) -> List[MapEntry]:
+    try:
+        maps = procfs.maps(pid)
+    except procfs.ProcessGone as exc:
+        raise ProbeUnavailable("exited", f"pid {pid}") from exc
+    except OSError as exc:
+        raise proc_error(exc, pid) from exc
+    if not maps:
+        # Zombies (exited, not reaped) and kernel threads have no mappings.
+        state = procfs.process_state(pid)
+        raise ProbeUnavailable("exited" if state in ("Z", "X", "") else "not_cpython",
+                               f"pid {pid} has no memory mappings (state {state or '?'})")
+    return maps
+
+
+def start_time(pid: int) -> int:
+    """Field 22 of /proc/PID/stat (clock ticks since boot): identifies a process across PID reuse."""
+    try:
+        return procfs.start_time(pid)
+    except procfs.ProcessGone as exc:
+        raise ProbeUnavailable("exited", f"pid {pid}") from exc
+    except OSError as exc:
+        raise proc_error(exc, pid) from exc
+
+
+def task_ids(pid: int) -> List[int]:
+    try:
+        return procfs.task_ids(pid)
+    except procfs.ProcessGone as exc:
+        raise ProbeUnavailable("exited", f"pid {pid}") from exc
+    except OSError as exc:
+        raise proc_error(exc, pid) from exc
+
+
+def open_mem(pid: int) -> int:
+    try:
+        return os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise proc_error(exc, pid) from exc
+
+
+def pread_exact(fd: int, size: int, addr: int, pid: int) -> bytes:
+    try:
+        data = os.pread(fd, size, addr)
+    except OSError as exc:
+        if exc.errno == errno.EIO:       # unmapped address
+            raise ProbeUnavailable("validation_failed", f"pid {pid}: {addr:#x} not readable") from exc
+        raise proc_error(exc, pid) from exc
+    if len(data) != size:
+        # The mm is gone (exit): reads return 0 bytes.
+        if not data:
+            raise ProbeUnavailable("exited", f"pid {pid}: memory no longer readable")
+        raise ProbeUnavailable("validation_failed", f"pid {pid}: short read at {addr:#x}")
+    return data
+
+
+class WritableRanges:
+    """Sorted writable mappings, for 'is this a heap/data pointer' checks."""
+
+    def __init__(self, maps: Sequence[MapEntry]) -> None:
+        spans = sorted((m.start, m.end) for m in maps if m.perms[:2] == "rw")
+        self._starts = [s for s, _ in spans]
+        self._ends = [e for _, e in spans]
+
+    def __contains__(self, addr: int) -> bool:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        return i >= 0 and addr < self._ends[i]
+
+
+def host_arch() -> str:
+    m = os.uname().machine
+    return {"arm64": "aarch64"}.get(m, m)
