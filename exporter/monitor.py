@@ -84,7 +84,7 @@ class ProcessView:
     score_method: str
     cmdline: str = ""  # argv joined by spaces, as matched by the config
     probe_detail: str = ""  # why the GIL probe is unavailable, in words ("" when ok)
-    score_history: tuple = ()  # ((unix time, score or None), ...) one per tick, oldest first
+    score_history: tuple = ()  # ((unix time, score or None), ...) every 5 s, oldest first
 
     free_threaded: bool | None = None  # a Py_GIL_DISABLED build (None: not known)
 
