@@ -46,8 +46,12 @@ def _listen_address(text: str) -> tuple[str, int]:
 def _daemon_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gil-exporter",
-        description="Prometheus exporter for CPython GIL contention, read from outside the target processes. "
-                    "Subcommand: `gil-exporter diagnose PID` for a one-shot verdict.")
+        usage="%(prog)s [options]\n       %(prog)s diagnose PID [--seconds N] [--rate-hz HZ] [--json]",
+        description="Prometheus exporter for CPython GIL contention, read from outside the target processes.",
+        epilog="One process at a terminal: `gil-exporter diagnose PID [--seconds N] [--json]` measures it "
+               "for N seconds (default 5) and prints the figures and a verdict with what to change; "
+               "exit 0: no contention, 1: contention, 2: no verdict (not Python, exited, not enough "
+               "data). `gil-exporter diagnose --help` for its options.")
     p.add_argument("--config", "--config.file", dest="config", metavar="FILE",
                    help="YAML config of target processes (default: every CPython process)")
     p.add_argument("--web.listen-address", dest="listen", type=_listen_address, default=DEFAULT_LISTEN,

@@ -110,10 +110,18 @@ class GilCollector:
         waiting = _family("pygil_gil_waiting_threads",
                           "Mean number of threads waiting for the GIL over the exporter's window.", "gauge")
         score = _family("pygil_gil_contention_score",
-                        "GIL contention over the exporter's window, 0-1. method=\"gil_state\": fraction of time "
-                        "the GIL was held with a waiter; method=\"procfs\": estimate from /proc alone.", "gauge")
+                        "GIL contention over the exporter's window, 0-1. method=\"gil_state\": the fraction of time "
+                        "the GIL was held while at least one other thread waited for it; method=\"procfs\": "
+                        "estimate from /proc alone.", "gauge")
+        unknown = _family("pygil_gil_contention_score_unknown",
+                          "1 while the contention score is withheld because /proc alone cannot tell GIL "
+                          "contention from busy I/O (method=\"procfs\"); pygil_gil_contention_score is "
+                          "absent for the process meanwhile.", "gauge")
         for v in views:
             labels = v.labels
+            if v.score is None and v.score_method == "procfs":
+                unknown.add_sample("pygil_gil_contention_score_unknown",
+                                   {**labels, "method": v.score_method}, 1)
             if v.gil_enabled is not None:
                 enabled.add_sample("pygil_gil_enabled", labels, 1 if v.gil_enabled else 0)
             g = v.gil
@@ -129,7 +137,7 @@ class GilCollector:
                 waiting.add_sample("pygil_gil_waiting_threads", labels, f.waiting_threads)
             if v.score is not None:
                 score.add_sample("pygil_gil_contention_score", {**labels, "method": v.score_method}, v.score)
-        return enabled, interval, sampled, held, wait, contended, switches, waiting, score
+        return enabled, interval, sampled, held, wait, contended, switches, waiting, score, unknown
 
     @staticmethod
     def _host_families(host):

@@ -1,62 +1,152 @@
-"""`gil-exporter diagnose PID`: the daemon's measurement, once, for a person at a terminal."""
+"""`gil-exporter diagnose PID`: the daemon's measurement, once, for a person at a terminal.
+
+A verdict is only given from data that was measured: the GIL figures when the probe works (it
+waits for enough GIL samples, and gives up with exit 2 when they do not come), the /proc
+estimate only when the probe is unavailable, and then it says why. A process that is not Python,
+or that exits during the measurement, is an error (exit 2), never a verdict.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass
 
-from exporter import procfs, score
+from exporter import discover, procfs, score
 from exporter.config import Config, Limits, Match, Sampling, Target
 from exporter.monitor import Monitor, ProcessView
 
 EXIT_OK, EXIT_CONTENDED, EXIT_ERROR = 0, 1, 2
 
+#: How long the GIL may take to be located (ELF parsing of a big libpython on a busy host).
+LOCATE_TIMEOUT = 20.0
+#: GIL samples must cover at least this fraction of the requested window; diagnose waits up to
+#: one more window for them (a starved sampler thread is not credited: see GilTotals).
+MIN_SAMPLED_FRACTION = 0.6
 
-def measure(pid: int, seconds: float, rate_hz: float = 100.0) -> ProcessView | None:
-    """Track one process like the daemon does, for `seconds` after its GIL probe settled."""
-    config = Config(
+
+class DiagnoseError(Exception):
+    """Why no verdict can be given; printed as one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    view: ProcessView
+    can_ptrace: bool
+
+
+def _config(pid: int, seconds: float, rate_hz: float) -> Config:
+    return Config(
         targets=(Target(name="diagnose", match=Match(pid=pid)),),
         scan_interval_seconds=3600.0,
         window_seconds=seconds,
         sampling=Sampling(rate_hz=rate_hz, enabled=True),
         limits=Limits(),
     )
-    tick = min(1.0, max(0.1, seconds / 5))
-    monitor = Monitor(config, tick_seconds=tick)
-    monitor.start()
+
+
+def _view(monitor: Monitor, key: tuple[int, int]) -> ProcessView | None:
+    for v in monitor.snapshot(check_alive=False):
+        if v.pid == key[0]:
+            return v
+    return None
+
+
+def _gone(pid: int, key: tuple[int, int]) -> bool:
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:  # wait until the GIL is located (or known unreadable)
-            views = monitor.snapshot()
-            if not views and monitor.ready.is_set() and not _exists(pid):
-                return None
-            if views and views[0].gil_probe != "pending":
+        return procfs.start_time(pid) != key[1]
+    except (procfs.ProcessGone, PermissionError):
+        return True
+
+
+def measure(pid: int, seconds: float, rate_hz: float = 100.0) -> Measurement:
+    """Track one process like the daemon does, for `seconds` of data after its GIL probe
+    settled. Raises DiagnoseError when no verdict can be given."""
+    try:
+        info = procfs.process_info(pid)
+    except procfs.ProcessGone:
+        raise DiagnoseError(f"no process {pid}") from None
+    except PermissionError as e:
+        raise DiagnoseError(f"cannot read /proc/{pid}: {e}") from None
+    key = (pid, info.start_time)
+    tick = min(1.0, max(0.1, seconds / 5))
+    monitor = Monitor(_config(pid, seconds, rate_hz), tick_seconds=tick)
+    monitor.start()
+    exited = DiagnoseError(f"process {pid} exited during the measurement")
+    try:
+        deadline = time.monotonic() + LOCATE_TIMEOUT
+        view = None
+        while True:  # until the GIL is located, or known unreadable
+            view = _view(monitor, key)
+            if _gone(pid, key):
+                raise exited
+            if view is not None and view.gil_probe != "pending":
                 break
+            if time.monotonic() > deadline:
+                raise DiagnoseError(f"the GIL of process {pid} could not be located within "
+                                    f"{LOCATE_TIMEOUT:.0f} s")
             time.sleep(0.05)
+        _check_python(view, info)
+        probe = view.gil_probe
         time.sleep(seconds + tick)
-        views = monitor.snapshot()
-        return views[0] if views else None
+        if probe != "ok":  # the /proc estimate: one window of /proc figures is all it needs
+            view = _view(monitor, key)
+        else:  # wait for enough GIL samples, up to one more window
+            need = MIN_SAMPLED_FRACTION * seconds
+            deadline = time.monotonic() + seconds + 2 * tick
+            while True:
+                view = _view(monitor, key)
+                if _gone(pid, key):
+                    raise exited
+                if view is not None and view.gil_probe != "ok":
+                    raise DiagnoseError(
+                        f"the GIL probe of process {pid} failed during the measurement: "
+                        f"{view.gil_probe}" + (f" ({view.probe_detail})" if view.probe_detail else ""))
+                f = view.figures if view is not None else None
+                sampled = (f.gil_sampled_seconds or 0.0) if f is not None else 0.0
+                if f is not None and f.contended_ratio is not None and sampled >= need:
+                    break
+                if time.monotonic() > deadline:
+                    raise DiagnoseError(
+                        f"only {sampled:.1f} s of GIL samples of process {pid} arrived in "
+                        f"{2 * seconds:.0f} s (need {need:.1f} s): the host is too busy for the "
+                        f"sampler thread; try again, or with a longer --seconds")
+                time.sleep(tick / 2)
+        if _gone(pid, key) or view is None:
+            raise exited
+        if view.figures is None:
+            raise DiagnoseError(f"no figures for process {pid}: /proc could not be read")
+        return Measurement(view, procfs.has_cap_sys_ptrace())
     finally:
         monitor.stop()
 
 
-def _exists(pid: int) -> bool:
-    try:
-        procfs.start_time(pid)
-        return True
-    except (procfs.ProcessGone, PermissionError):
-        return False
+def _check_python(view: ProcessView, info: procfs.ProcessInfo) -> None:
+    what = f"process {view.pid} ({view.exe or (info.cmdline[0] if info.cmdline else info.comm)})"
+    if view.gil_probe == "not_cpython":
+        raise DiagnoseError(f"{what} is not a Python process: it maps no libpython and its "
+                            f"executable defines no _PyRuntime")
+    if view.gil_probe == "permission_denied" and not discover.is_cpython(info):
+        raise DiagnoseError(f"{what} is not a Python process as far as /proc shows "
+                            f"(argv[0] and comm name no python interpreter), and its memory "
+                            f"cannot be read to check: permission denied")
+    if view.gil_probe == "exited":
+        raise DiagnoseError(f"process {view.pid} exited during the measurement")
 
 
-def report(view: ProcessView) -> tuple[dict, score.Verdict]:
+def report(m: Measurement) -> tuple[dict, score.Verdict]:
+    view = m.view
     f = view.figures
-    v = score.verdict(f)
+    v = score.verdict(f, cmdline=view.cmdline, probe=view.gil_probe,
+                      probe_detail=view.probe_detail, can_ptrace=m.can_ptrace)
     figures = {
         "pid": view.pid,
         "exe": view.exe,
+        "cmdline": view.cmdline,
         "python_version": view.python_version,
         "gil_probe": view.gil_probe,
+        "gil_probe_detail": view.probe_detail,
         **dataclasses.asdict(f),
         "score": view.score,
         "score_method": view.score_method,
@@ -71,21 +161,31 @@ def _line(label: str, value, fmt: str = "", unit: str = "") -> str:
 
 def render(figures: dict, v: score.Verdict) -> str:
     interval = figures.get("interval_seconds")
+    probe = figures["gil_probe"] + (f" ({figures['gil_probe_detail']})"
+                                    if figures.get("gil_probe_detail") else "")
+    score_text = figures["score"]
     lines = [
         f"gil-exporter diagnose: pid {figures['pid']} ({figures['exe'] or '?'}), "
         f"Python {figures['python_version'] or 'unknown'}",
         _line("threads", figures["threads"]),
         _line("CPU cores used", figures["cpu_cores"], ".2f", f" of {figures['host_cpus']}"),
+        _line("threads sharing the CPU", figures.get("busy_threads"), ".1f"),
+        _line("busiest thread's CPU share", figures.get("top_thread_share"), ".0%"),
+        _line("time runnable, not running", figures.get("run_delay_cores"), ".2f", " cores"),
         _line("voluntary switches/s", figures["voluntary_per_second"], ".0f"),
         _line("involuntary switches/s", figures["involuntary_per_second"], ".0f"),
-        _line("GIL probe", figures["gil_probe"]),
+        _line("GIL probe", probe),
         _line("switch interval", None if interval is None else interval * 1000, ".2f", " ms"),
         _line("GIL held", figures.get("held_ratio"), ".0%"),
         _line("mean threads waiting", figures.get("waiting_threads"), ".2f"),
         _line("GIL handoffs/s", figures.get("switches_per_second"), ".0f"),
-        _line(f"contention score ({figures['score_method']})", figures["score"], ".2f"),
+        _line("GIL sampled", figures.get("gil_sampled_seconds"), ".1f", " s"),
+        (_line(f"contention score ({figures['score_method']})", score_text, ".2f")
+         if score_text is not None or figures["score_method"] != "procfs"
+         else _line("contention score (procfs)", "unknown")),
         "",
-        ("CONTENDED: " if v.contended else "OK: ") + v.headline,
+        ("CONTENDED: " if v.contended else "UNKNOWN: " if v.kind == "unknown" else "OK: ")
+        + v.headline,
     ]
     lines += [f"  - {a}" for a in v.advice]
     return "\n".join(lines)
@@ -95,16 +195,18 @@ def run_diagnose(pid: int, seconds: float, rate_hz: float, as_json: bool) -> int
     if seconds <= 0 or rate_hz <= 0:
         print("gil-exporter diagnose: --seconds and --rate-hz must be positive", file=sys.stderr)
         return EXIT_ERROR
-    if not _exists(pid):
-        print(f"gil-exporter diagnose: no process {pid}", file=sys.stderr)
+    try:
+        m = measure(pid, seconds, rate_hz)
+    except DiagnoseError as e:
+        print(f"gil-exporter diagnose: {e}", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"pid": pid, "error": str(e)}))
         return EXIT_ERROR
-    view = measure(pid, seconds, rate_hz)
-    if view is None or view.figures is None:
-        print(f"gil-exporter diagnose: process {pid} exited or could not be read", file=sys.stderr)
-        return EXIT_ERROR
-    figures, v = report(view)
+    figures, v = report(m)
     if as_json:
         print(json.dumps({"figures": figures, "verdict": dataclasses.asdict(v)}, indent=2))
     else:
         print(render(figures, v))
+    if v.kind == "unknown":
+        return EXIT_ERROR
     return EXIT_CONTENDED if v.contended else EXIT_OK

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from exporter import __version__
+from exporter import __version__, procfs, score
 from exporter.monitor import Monitor
 from exporter.webconfig import BasicAuth, WebConfig
 
@@ -26,36 +26,205 @@ def _fmt(x, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
-def landing_page(monitor: Monitor, metrics_path: str) -> str:
-    rows = []
-    for v in monitor.snapshot():
-        f = v.figures
-        ctx = None if f is None else f.voluntary_per_second + f.involuntary_per_second
-        interval = None if v.gil is None or v.gil.samples == 0 else v.gil.interval_seconds * 1000
-        score = None if v.score is None else v.score
-        method = "" if v.score is None else f" ({v.score_method})"
-        rows.append(
-            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
-                v.target, v.pid, v.python_version or "?",
-                v.threads, _fmt(f and f.cpu_cores, ".2f"), _fmt(ctx, ".0f"),
-                _fmt(score, ".2f") + method, _fmt(f and f.waiting_threads, ".2f"),
-                _fmt(f and f.held_ratio, ".2f"), _fmt(interval, ".1f"), v.gil_probe)) + "</tr>")
-    body = "\n".join(rows) or '<tr><td colspan="11">No target process found yet.</td></tr>'
-    source = html.escape(monitor.config.source or "none (every CPython process)")
+#: Where the alert runbooks live (the same base URL as the alert rules' runbook_url).
+RUNBOOK_BASE = "https://github.com/gil-exporter/gil-exporter/blob/main/docs/runbooks/"
+CMDLINE_SHOWN = 90  # characters of a command line on the landing page
+SPARK_SECONDS = 600.0  # the per-process page's sparkline covers the last 10 minutes
+
+_STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+td.l,th.l{text-align:left}th{background:#f3f3f3}
+tr.contended td{background:#fde0dc}tr.unknown td{background:#f4f4f4;color:#555}
+.badge{display:inline-block;padding:1px 6px;border-radius:3px;font-size:85%;font-weight:bold}
+.b-contended{background:#c62828;color:#fff}.b-ok{background:#2e7d32;color:#fff}
+.b-unknown,.b-measuring{background:#757575;color:#fff}
+code{background:#f3f3f3;padding:1px 3px}.cmd{font-family:monospace;font-size:90%}
+section{margin-top:1.5em}.placeholder{border:2px dashed #bbb;padding:1em;color:#666}"""
+
+
+def process_verdict(view, can_ptrace: bool | None = None):
+    """(status, Verdict or None) for a view: status is "contended", "ok", "unknown" or
+    "measuring" (no score yet: the GIL is being located or not yet sampled over a window)."""
+    f = view.figures
+    if f is None or (view.score is None and view.score_method == "none"
+                     and view.gil_enabled is not False):
+        return "measuring", None
+    v = score.verdict(f, cmdline=view.cmdline, probe=view.gil_probe,
+                      probe_detail=view.probe_detail, can_ptrace=can_ptrace)
+    status = "contended" if v.contended else "unknown" if v.kind == "unknown" else "ok"
+    return status, v
+
+
+def _badge(status: str) -> str:
+    text = {"contended": "CONTENDED", "ok": "ok", "unknown": "unknown",
+            "measuring": "measuring"}[status]
+    return f'<span class="badge b-{status}">{text}</span>'
+
+
+def _score_text(v) -> str:
+    if v.score is None:
+        return "unknown (procfs)" if v.score_method == "procfs" else "–"
+    return f"{v.score:.2f} ({v.score_method})"
+
+
+def _truncate(text: str, n: int) -> str:
+    """Head and tail of a long command line: the program and its last arguments (the app,
+    a tag) are what tell processes apart."""
+    if len(text) <= n:
+        return text
+    head = n * 2 // 5
+    return text[:head] + " … " + text[-(n - head - 3):]
+
+
+def _page(title: str, body: str) -> str:
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>gil-exporter</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}</style>
-</head><body>
-<h1>gil-exporter {__version__}</h1>
-<p><a href="{html.escape(metrics_path)}">Metrics</a> · <a href="/healthz">Health</a> · config: {source}
- · window {monitor.config.window_seconds:g} s</p>
-<table><tr><th>target</th><th>pid</th><th>Python</th><th>threads</th><th>cores used</th>
-<th>context switches/s</th><th>GIL contention score</th><th>waiting threads</th><th>GIL held ratio</th>
-<th>switch interval (ms)</th><th>GIL probe</th></tr>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{_STYLE}</style></head><body>
 {body}
-</table></body></html>
+</body></html>
 """
+
+
+def landing_page(monitor: Monitor, metrics_path: str) -> str:
+    can_ptrace = procfs.has_cap_sys_ptrace()
+    views = monitor.snapshot()
+    judged = [(v, *process_verdict(v, can_ptrace)) for v in views]
+    # Highest score first; processes without a score after every scored one.
+    judged.sort(key=lambda j: (j[0].score is None, -(j[0].score or 0.0), j[0].pid))
+    rows = []
+    for v, status, verdict in judged:
+        f = v.figures
+        cmd = v.cmdline or v.exe or "?"
+        shown = _truncate(cmd, CMDLINE_SHOWN)
+        headline = verdict.headline if verdict else (
+            "locating the GIL" if v.gil_probe == "pending" else "collecting a first window")
+        link = f'/process/{v.pid}'
+        rows.append(
+            f'<tr class="{status}" data-pid="{v.pid}">'
+            f'<td class="l">{_badge(status)}</td>'
+            f'<td>{html.escape(_score_text(v))}</td>'
+            f'<td class="l"><a href="{link}">{v.pid}</a></td>'
+            f'<td class="l cmd" title="{html.escape(cmd)}">{html.escape(shown)}</td>'
+            f'<td class="l">{html.escape(headline)}</td>'
+            f'<td class="l">{html.escape(v.target)}</td>'
+            f'<td>{html.escape(v.python_version or "?")}</td>'
+            f'<td>{v.threads}</td>'
+            f'<td>{_fmt(f and f.cpu_cores, ".2f")}</td>'
+            f'<td>{_fmt(f and f.waiting_threads, ".2f")}</td>'
+            f'<td>{_fmt(f and f.held_ratio, ".0%")}</td>'
+            f'<td class="l">{html.escape(v.gil_probe)}</td></tr>')
+    body = "\n".join(rows) or '<tr><td class="l" colspan="12">No target process found yet.</td></tr>'
+    contended = sum(1 for _, status, _ in judged if status == "contended")
+    source = html.escape(monitor.config.source or "none (every CPython process)")
+    return _page("gil-exporter", f"""<h1>gil-exporter {__version__}</h1>
+<p><a href="{html.escape(metrics_path)}">Metrics</a> · <a href="/healthz">Health</a> ·
+<a href="{RUNBOOK_BASE}python-gil-contention.md">Runbook</a> · config: {source} ·
+window {monitor.config.window_seconds:g} s</p>
+<p><b>{len(views)} process{"" if len(views) == 1 else "es"}, {contended} contended.</b>
+A process is <span class="badge b-contended">CONTENDED</span> when its GIL contention score is
+0.5 or more: the fraction of time the GIL was held while another thread waited for it
+(<code>gil_state</code>, read from the process's memory), or the /proc-only estimate
+(<code>procfs</code>) when its memory cannot be read, which says <i>unknown</i> when /proc cannot
+tell. Click a PID for the verdict, advice and history, or run
+<code>gil-exporter diagnose PID</code>.</p>
+<table><tr><th class="l">status</th><th>score</th><th class="l">pid</th><th class="l">command line</th>
+<th class="l">verdict</th><th class="l">target</th><th>Python</th><th>threads</th><th>cores used</th>
+<th>threads waiting for the GIL</th><th>GIL held</th><th class="l">GIL probe</th></tr>
+{body}
+</table>""")
+
+
+def sparkline(history, now: float, seconds: float = SPARK_SECONDS, width: int = 480,
+              height: int = 60, threshold: float = 0.5) -> str:
+    """Inline SVG of the score over the history kept (at most `seconds`, at least a minute
+    wide): a line per stretch of known scores (gaps where there was none), the alert threshold
+    dashed."""
+    points = [(t, s) for t, s in history if now - t <= seconds]
+    span = min(seconds, max(60.0, now - points[0][0])) if points else seconds
+
+    def x(t):
+        return round(width * (1 - (now - t) / span), 1)
+
+    def y(s):
+        return round(height - 2 - (height - 4) * max(0.0, min(1.0, s)), 1)
+
+    segments, current = [], []
+    for t, s in points:
+        if s is None:
+            if current:
+                segments.append(current)
+            current = []
+            continue
+        current.append((x(t), y(s)))
+    if current:
+        segments.append(current)
+    lines = "".join(
+        '<polyline points="' + " ".join(f"{a},{b}" for a, b in seg)
+        + '" fill="none" stroke="#1565c0" stroke-width="2"/>' if len(seg) > 1 else
+        f'<circle cx="{seg[0][0]}" cy="{seg[0][1]}" r="2" fill="#1565c0"/>'
+        for seg in segments)
+    ty = y(threshold)
+    label = f"{span / 60:.0f} min" if span >= 120 else f"{span:.0f} s"
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="contention score, last '
+            f'{label}" style="border:1px solid #ccc;background:#fafafa">'
+            f'<line x1="0" y1="{ty}" x2="{width}" y2="{ty}" stroke="#c62828" '
+            f'stroke-dasharray="4 3" stroke-width="1"/>{lines}'
+            f'<text x="3" y="11" font-size="9" fill="#777">1</text>'
+            f'<text x="3" y="{height - 3}" font-size="9" fill="#777">0 · {label} ago</text></svg>')
+
+
+def process_page(monitor: Monitor, pid: int, metrics_path: str) -> str | None:
+    view = next((v for v in monitor.snapshot() if v.pid == pid), None)
+    if view is None:
+        return None
+    status, verdict = process_verdict(view, procfs.has_cap_sys_ptrace())
+    f = view.figures
+    interval = None if f is None or f.interval_seconds is None else f.interval_seconds * 1000
+    figures = [
+        ("contention score", _score_text(view)),
+        ("threads", str(view.threads)),
+        ("CPU cores used", _fmt(f and f.cpu_cores, ".2f")),
+        ("threads sharing the CPU", _fmt(f and f.busy_threads, ".1f")),
+        ("busiest thread's CPU share", _fmt(f and f.top_thread_share, ".0%")),
+        ("time runnable, not running (cores)", _fmt(f and f.run_delay_cores, ".2f")),
+        ("voluntary / involuntary switches/s",
+         f"{_fmt(f and f.voluntary_per_second, '.0f')} / {_fmt(f and f.involuntary_per_second, '.0f')}"),
+        ("GIL held", _fmt(f and f.held_ratio, ".0%")),
+        ("threads waiting for the GIL (mean)", _fmt(f and f.waiting_threads, ".2f")),
+        ("GIL handoffs/s", _fmt(f and f.switches_per_second, ".0f")),
+        ("switch interval (ms)", _fmt(interval, ".2f")),
+        ("GIL probe", view.gil_probe + (f" ({view.probe_detail})" if view.probe_detail else "")),
+        ("Python", f"{view.python_version or '?'} ({view.implementation})"),
+        ("executable", view.exe or "?"),
+        ("target", view.target),
+    ]
+    rows = "\n".join(f'<tr><th class="l">{html.escape(k)}</th><td class="l">{html.escape(v)}</td></tr>'
+                     for k, v in figures)
+    if verdict is None:
+        said = "<p>No verdict yet: the GIL is being located or sampled over a first window.</p>"
+    else:
+        advice = "".join(f"<li>{html.escape(a)}</li>" for a in verdict.advice)
+        said = (f"<p>{_badge(status)} <b>{html.escape(verdict.headline)}</b> "
+                f"(<code>{verdict.kind}</code>)</p>" + (f"<ul>{advice}</ul>" if advice else ""))
+    runbook = "python-gil-probe-unavailable.md" if view.score_method == "procfs" \
+        else "python-gil-contention.md"
+    now = time.time()
+    return _page(f"gil-exporter: pid {pid}", f"""<p><a href="/">← all processes</a></p>
+<h1 class="{status}">pid {pid} {_badge(status)}</h1>
+<p class="cmd">{html.escape(view.cmdline or view.exe or "?")}</p>
+<section id="verdict"><h2>Verdict</h2>{said}
+<p>Same as <code>gil-exporter diagnose {pid}</code>. Runbook:
+<a href="{RUNBOOK_BASE}{runbook}">{runbook}</a> ·
+metrics: <a href="{html.escape(metrics_path)}">{html.escape(metrics_path)}</a>
+(series with <code>pid="{pid}"</code>)</p></section>
+<section id="history"><h2>Contention score, up to the last {SPARK_SECONDS / 60:g} minutes</h2>
+{sparkline(view.score_history, now)}
+<p>Dashed: the alert threshold (0.5). Gaps: no score (measuring, or unknown from /proc).</p></section>
+<section id="figures"><h2>Figures over the last {monitor.config.window_seconds:g} s</h2>
+<table>{rows}</table></section>
+<section id="threads" class="placeholder"><h2>Threads</h2>
+<p>Reserved for a per-thread table (not implemented yet).</p></section>""")
 
 
 class RenderedMetrics:
@@ -197,6 +366,13 @@ class ExporterServer:
                 elif path == "/":
                     page = landing_page(server.monitor, server.metrics_path).encode()
                     self._send(200, "text/html; charset=utf-8", page)
+                elif path.startswith("/process/") and path[len("/process/"):].isdigit():
+                    page = process_page(server.monitor, int(path[len("/process/"):]),
+                                        server.metrics_path)
+                    if page is None:
+                        self._send(404, "text/plain; charset=utf-8", b"no such process\n")
+                    else:
+                        self._send(200, "text/html; charset=utf-8", page.encode())
                 elif path == "/healthz":
                     self._send(200, "text/plain; charset=utf-8", b"ok\n")
                 else:

@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 _PERMANENT = {"free_threaded", "musl", "not_cpython", "not_elf", "unsupported_arch", "disabled",
               "unsupported_version", "binary_replaced"}
 _RELOCATE_AFTER = 30.0  # seconds between attempts to locate a GIL that was not found
+#: Score history per process, for the landing page's sparkline: a point every
+#: SCORE_HISTORY_STEP seconds (the score is a window average already), 10 minutes of them
+#: (about 13 KiB per process).
+SCORE_HISTORY_STEP = 5.0
+SCORE_HISTORY = 120
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,9 @@ class Tick:
     voluntary: int  # monotonic totals over every thread
     involuntary: int
     gil: GilTotals | None
+    # tid -> (ns on a CPU, ns runnable but waiting for one), /proc/PID/task/TID/schedstat;
+    # empty when the kernel has none
+    sched: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,9 @@ class ProcessView:
     gil_enabled: bool | None
     score: float | None
     score_method: str
+    cmdline: str = ""  # argv joined by spaces, as matched by the config
+    probe_detail: str = ""  # why the GIL probe is unavailable, in words ("" when ok)
+    score_history: tuple = ()  # ((unix time, score or None), ...) every 5 s, oldest first
 
     free_threaded: bool | None = None  # a Py_GIL_DISABLED build (None: not known)
 
@@ -108,6 +119,7 @@ class _ProcessState:
     candidate: Candidate
     identity: gil.PythonIdentity | None = None
     probe: str = "pending"
+    probe_detail: str = ""
     location: gil.GilLocation | None = None
     next_locate: float = 0.0
     locating: bool = False
@@ -116,6 +128,7 @@ class _ProcessState:
     threads: dict = field(default_factory=dict)  # tid -> (voluntary, involuntary), last seen
     ended: tuple = (0, 0)  # sums of threads that ended
     history: deque = field(default_factory=deque)
+    scores: deque = field(default_factory=lambda: deque(maxlen=SCORE_HISTORY))
 
     def ctx_totals(self, per_thread: dict[int, tuple[int, int]]) -> tuple[int, int]:
         ended_v, ended_i = self.ended
@@ -267,6 +280,7 @@ class Monitor:
             if stat.start_time != key[1]:
                 raise procfs.ProcessGone(pid)
             per_thread = procfs.task_ctx_switches(pid)
+            sched = procfs.task_schedstat(pid)
         except procfs.ProcessGone:
             with self._lock:
                 self._forget(key)
@@ -281,14 +295,20 @@ class Monitor:
             if failure:
                 state.gil_base = _add_totals(state.gil_base, self.sampler.totals(key))
                 state.probe, state.location = failure, None
+                state.probe_detail = "the GIL could no longer be read where it was found"
                 state.next_locate = time.monotonic() + _RELOCATE_AFTER
                 self.sampler.remove(key)
             else:
                 totals = _add_totals(state.gil_base, self.sampler.totals(key))
         now = time.monotonic()
         state.history.append(Tick(now, stat.threads, stat.cpu_user, stat.cpu_system,
-                                  voluntary, involuntary, totals))
+                                  voluntary, involuntary, totals, sched))
         self._trim(state.history, now)
+        wall = time.time()
+        if not state.scores or wall - state.scores[-1][0] >= min(SCORE_HISTORY_STEP,
+                                                                  self.config.window_seconds / 2):
+            host_cpus = len(self._host[-1].cpus) if self._host else 0
+            state.scores.append((wall, self._derive(state, host_cpus)[2]))
 
     # -- locating the GIL (in a worker: ELF parsing can take a while) -------
     def _locate_due(self) -> None:
@@ -308,23 +328,23 @@ class Monitor:
                 try:
                     state.identity = gil.identify(pid)
                 except gil.ProbeUnavailable as e:
-                    state.probe = e.reason
+                    state.probe, state.probe_detail = e.reason, e.detail
                     return
             if not self.config.sampling.enabled or self.sampler is None:
-                state.probe = "disabled"
+                state.probe, state.probe_detail = "disabled", "sampling.enabled is false in the config"
                 return
             location = gil.locate(pid)
             if key not in self._states:
                 return
             self.sampler.add(key, location)
-            state.location, state.probe = location, "ok"
+            state.location, state.probe, state.probe_detail = location, "ok", ""
             log.info("pid=%d GIL at 0x%x (%s, Python %s)", pid, location.address,
                      location.method, state.identity.version)
         except gil.ProbeUnavailable as e:
-            state.probe = e.reason
+            state.probe, state.probe_detail = e.reason, e.detail
             log.info("pid=%d GIL probe unavailable: %s %s", pid, e.reason, getattr(e, "detail", ""))
         except Exception as e:
-            state.probe = "error"
+            state.probe, state.probe_detail = "error", f"{type(e).__name__}: {e}"
             self.errors["gil_locate"] += 1
             log.error("pid=%d locating the GIL failed: %s: %s", pid, type(e).__name__, e)
             log.debug("locate failure", exc_info=True)
@@ -372,7 +392,8 @@ class Monitor:
         views.sort(key=lambda v: (v.target, v.pid))
         return views
 
-    def _view(self, state: _ProcessState, host_cpus: int) -> ProcessView:
+    def _derive(self, state: _ProcessState, host_cpus: int):
+        """(figures, gil_enabled, score, method) over the window ending at the last tick."""
         last: Tick = state.history[-1]
         ident = state.identity
         figures = None
@@ -384,16 +405,9 @@ class Monitor:
         if span is not None:
             a, b = span
             dt = b.t - a.t
-            kw = {}
-            if a.gil is not None and b.gil is not None and b.gil.sampled_seconds > a.gil.sampled_seconds:
-                ds = b.gil.sampled_seconds - a.gil.sampled_seconds
-                kw = dict(
-                    interval_seconds=b.gil.interval_seconds,
-                    held_ratio=(b.gil.held_seconds - a.gil.held_seconds) / ds,
-                    waiting_threads=(b.gil.wait_seconds - a.gil.wait_seconds) / ds,
-                    switches_per_second=(b.gil.switches - a.gil.switches) / dt,
-                    contended_ratio=(b.gil.contended_seconds - a.gil.contended_seconds) / ds,
-                )
+            kw = _gil_figures(state.history, a, b)
+            kw.update(_thread_figures(a.sched, b.sched, dt))
+            kw["host_idle_cpus"] = _host_idle(self._host, a.t, b.t)
             figures = score.Figures(
                 threads=b.threads,
                 cpu_cores=((b.cpu_user + b.cpu_system) - (a.cpu_user + a.cpu_system)) / dt,
@@ -410,6 +424,12 @@ class Monitor:
             state.location is not None and (figures is None or figures.contended_ratio is None))
         if figures is not None and not settling:
             value, method = score.score(figures)
+        return figures, gil_enabled, value, method
+
+    def _view(self, state: _ProcessState, host_cpus: int) -> ProcessView:
+        last: Tick = state.history[-1]
+        ident = state.identity
+        figures, gil_enabled, value, method = self._derive(state, host_cpus)
         info = state.candidate.info
         return ProcessView(
             target=state.candidate.target,
@@ -430,7 +450,73 @@ class Monitor:
             free_threaded=ident.free_threaded if ident else None,
             score=value,
             score_method=method,
+            cmdline=_utf8(" ".join(info.cmdline)),
+            probe_detail=_utf8(state.probe_detail),
+            score_history=tuple(state.scores),
         )
+
+
+def _gil_figures(history: deque, a: Tick, b: Tick) -> dict:
+    """GIL fields of Figures over [a, b]. When the GIL was located during the window, its
+    figures start at the first tick that has GIL totals, not at `a`: a window whose first tick
+    predates the first GIL sample must not lose the GIL figures (it used to, and diagnose then
+    fell back to /proc although the probe was fine)."""
+    if b.gil is None:
+        return {}
+    first = a
+    if a.gil is None:
+        first = next((t for t in history if t.t >= a.t and t.gil is not None), b)
+    if first is b or b.gil.sampled_seconds <= first.gil.sampled_seconds:
+        return {}
+    ds = b.gil.sampled_seconds - first.gil.sampled_seconds
+    return dict(
+        interval_seconds=b.gil.interval_seconds,
+        held_ratio=(b.gil.held_seconds - first.gil.held_seconds) / ds,
+        waiting_threads=(b.gil.wait_seconds - first.gil.wait_seconds) / ds,
+        switches_per_second=(b.gil.switches - first.gil.switches) / (b.t - first.t),
+        contended_ratio=(b.gil.contended_seconds - first.gil.contended_seconds) / ds,
+        gil_sampled_seconds=ds,
+    )
+
+
+def _host_idle(host: deque, t0: float, t1: float) -> float | None:
+    """CPUs the host left idle between the ticks at t0 and t1 (its ticks are read just before
+    the processes' in the same tick)."""
+    ticks = list(host)
+    h0 = next((h for h in reversed(ticks) if h.t <= t0), None)
+    h1 = next((h for h in reversed(ticks) if h.t <= t1), None)
+    if h0 is None or h1 is None or h1.t <= h0.t:
+        return None
+    idle = 0.0
+    for (busy0, total0), (busy1, total1) in zip(h0.cpus, h1.cpus):
+        dt = total1 - total0
+        if dt > 0:
+            idle += min(1.0, max(0.0, 1.0 - (busy1 - busy0) / dt))
+    return idle
+
+
+def _thread_figures(a: dict, b: dict, dt: float) -> dict:
+    """Per-thread CPU over the window, from schedstat: how many threads share the CPU the
+    process used, the busiest thread's share, and the time threads sat runnable (preempted)."""
+    if not a or not b or dt <= 0:
+        return {}
+    runs = []
+    delay = 0
+    for tid, (run, wait) in b.items():
+        run0, wait0 = a.get(tid, (0, 0))  # a thread born in the window starts at 0
+        if run < run0 or wait < wait0:  # a reused TID
+            run0 = wait0 = 0
+        runs.append(run - run0)
+        delay += wait - wait0
+    total = sum(runs)
+    if total <= 0:
+        return dict(run_delay_cores=delay / 1e9 / dt)
+    return dict(
+        run_delay_cores=delay / 1e9 / dt,
+        # participation ratio: 4 threads with equal CPU give 4.0, one thread doing it all 1.0
+        busy_threads=total * total / sum(r * r for r in runs),
+        top_thread_share=max(runs) / total,
+    )
 
 
 def _add_totals(base: GilTotals | None, now: GilTotals | None) -> GilTotals | None:

@@ -266,3 +266,38 @@ def read_pidfile(path: str) -> int | None:
             return int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def task_schedstat(pid: int) -> dict[int, tuple[int, int]]:
+    """Per-thread (nanoseconds on a CPU, nanoseconds runnable but waiting for a CPU), from
+    /proc/PID/task/TID/schedstat (world-readable; needs CONFIG_SCHED_INFO, which every major
+    distribution kernel sets). Empty when the kernel has no schedstat files."""
+    base = f"{PROC}/{pid}/task"
+    try:
+        tids = os.listdir(base)
+    except FileNotFoundError as e:
+        raise ProcessGone(pid) from e
+    out: dict[int, tuple[int, int]] = {}
+    for tid in tids:
+        try:
+            with open(f"{base}/{tid}/schedstat", "rb") as f:
+                run, delay, _slices = f.read().split()
+            out[int(tid)] = (int(run), int(delay))
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue  # thread ended between listdir and open, or no schedstat in this kernel
+    return out
+
+
+_CAP_SYS_PTRACE = 19
+
+
+def has_cap_sys_ptrace(pid: int | str = "self") -> bool:
+    """Whether `pid` (this process by default) holds CAP_SYS_PTRACE in its effective set."""
+    try:
+        with open(f"{PROC}/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_PTRACE & 1)
+    except OSError:
+        pass
+    return False

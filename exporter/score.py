@@ -12,6 +12,7 @@ Free-threaded builds (GIL disabled) get no score at all.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 #: CPython's default switch interval (sys.getswitchinterval()), used when it was not read.
@@ -33,6 +34,12 @@ class Figures:
     waiting_threads: float | None = None  # mean waiters
     switches_per_second: float | None = None  # GIL handoffs/s
     contended_ratio: float | None = None  # fraction of window held with >=1 waiter
+    gil_sampled_seconds: float | None = None  # time the GIL figures above cover
+    # Per-thread CPU from /proc/PID/task/TID/schedstat (None when the kernel has none):
+    run_delay_cores: float | None = None  # thread-seconds runnable but not running, per second
+    busy_threads: float | None = None  # how many threads share the CPU used (1.0: one does it all)
+    top_thread_share: float | None = None  # the busiest thread's share of the CPU used
+    host_idle_cpus: float | None = None  # CPUs of the host left idle over the window
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,8 @@ class Verdict:
 KINDS = (
     "cpu_threads_serialized",
     "io_starved_by_cpu",
+    "contended_unclassified",
+    "unknown",
     "gil_released",
     "free_threaded",
     "idle",
@@ -75,7 +84,8 @@ def _interval(f: Figures) -> float:
 
 
 def gil_state_score(f: Figures) -> float | None:
-    """Fraction of the window the GIL was held with at least one waiter, clamped to [0, 1].
+    """The fraction of time the GIL was held while at least one other thread waited for it,
+    over the window, clamped to [0, 1].
 
     None when the GIL was not read (or the build has no GIL).
     """
@@ -90,61 +100,90 @@ def gil_state_score(f: Figures) -> float | None:
 #: WAKE_FULL on at least one thread waits all the time.
 WAKE_NONE = 0.25
 WAKE_FULL = 0.75
-#: Busy evidence: the GIL can only be held (hence contended) while Python code runs, so the
-#: contended fraction is at most about the CPU the process wants. What it wants is the cores it
-#: used plus the time its threads sat preempted (a holder preempted on a loaded host still holds
-#: the GIL): each involuntary switch counts PREEMPT_SECONDS (/proc/PID/task/*/schedstat run delay
-#: per involuntary switch measured 0.35-2 ms on the GIL-bound workloads at load 3, 2.3-6 ms at
-#: load 7.5 on 2 cores; an idle host has few involuntary switches, so this term then vanishes).
-#: BUSY_FULL < 1 leaves further room.
+#: Without per-thread run delay (no schedstat in the kernel), each involuntary switch counts this
+#: much preempted time (measured 0.35-6 ms per switch on GIL-bound workloads under load).
 PREEMPT_SECONDS = 0.002
-BUSY_FULL = 0.6
 #: Parallel evidence: threads serialized on one GIL use at most about one core. The CPU used beyond
 #: PARALLEL_FROM cores must run without the GIL; at PARALLEL_NONE cores it is not GIL-bound at all.
 PARALLEL_FROM = 1.15
 PARALLEL_NONE = 1.6
+#: The GIL-capped signature: the process used at least CAPPED_CORES while the host had at least
+#: CAPPED_HOST_IDLE CPUs idle, so nothing but the process itself kept it near one core.
+CAPPED_CORES = 0.9
+CAPPED_HOST_IDLE = 0.5
+#: ... and its threads slept at most this often per second of CPU they used: threads taking turns
+#: on the GIL run for a good part of an interval between waits (measured 530-2,800 voluntary
+#: switches per core-second on CPU-bound servers, pools and loops), while a busy I/O server near
+#: one core blocks after every small request (3,800-13,900 on gunicorn serving sqlite queries at
+#: 0.87-1.0 core; 2,900 at 0.64 core).
+CAPPED_MAX_WAKES_PER_CORE = 3000
+#: The verdict threshold the procfs number must stay clear of unless the signature above holds.
+THRESHOLD = 0.5
 
 
 def _wanted_cores(f: Figures) -> float:
-    """Cores the process wanted: used, plus time its threads sat preempted (estimated)."""
-    return f.cpu_cores + f.involuntary_per_second * PREEMPT_SECONDS
+    """Cores the process wanted: used, plus the time its threads sat runnable but not running
+    (measured from schedstat; estimated from involuntary switches without it). A preempted
+    holder keeps the GIL, so the GIL can be held (and contended) at most this fraction of the
+    time."""
+    delay = f.run_delay_cores
+    if delay is None:
+        delay = f.involuntary_per_second * PREEMPT_SECONDS
+    return f.cpu_cores + delay
 
 
 def procfs_factors(f: Figures) -> dict[str, float]:
-    """The three factors of procfs_score, for explanation and debugging."""
+    """The factors of procfs_score, for explanation and debugging."""
     wake = f.voluntary_per_second * _interval(f)
     factors = {
         "waiter_equivalents": wake,
         "wake": _ramp(wake, WAKE_NONE, WAKE_FULL),
-        "busy": _clamp(_wanted_cores(f) / BUSY_FULL),
+        "wanted_cores": _wanted_cores(f),
         "serial": 1.0,
+        "capped": 0.0,
     }
     if f.host_cpus > 1:  # on one CPU nothing can run in parallel: no evidence either way
         factors["serial"] = 1.0 - _ramp(f.cpu_cores, PARALLEL_FROM, PARALLEL_NONE)
     if f.threads < 2:  # one thread cannot contend with itself
         factors["wake"] = 0.0
+    if (f.cpu_cores >= CAPPED_CORES and f.host_idle_cpus is not None
+            and f.host_idle_cpus >= CAPPED_HOST_IDLE
+            and f.voluntary_per_second <= CAPPED_MAX_WAKES_PER_CORE * f.cpu_cores):
+        factors["capped"] = 1.0
     return factors
 
 
-def procfs_score(f: Figures) -> float:
-    """Evidence of GIL contention in [0, 1] from /proc figures only (threads, cores, switch
-    rates), read without touching the target's memory.
+def procfs_score(f: Figures) -> float | None:
+    """Evidence of GIL contention in [0, 1] from /proc figures only (threads, CPU, context-switch
+    rates, per-thread run delay, host idle CPU), read without touching the target's memory;
+    None ("unknown") when /proc cannot tell.
 
-    It agrees with gil_state_score on which side of the verdict threshold a process lies, but is
-    not an estimate of the contended fraction: clearly contended processes saturate at 1.0.
-
-    score = wake x busy x serial, each in [0, 1]:
-      wake   : some thread waits for the GIL (it wakes ~1/interval times a second)
-      busy   : some thread runs Python code, i.e. can hold the GIL (cores used + preempted)
-      serial : the process is capped near one core, not running in parallel in C code
+    The GIL can only be contended while it is held, and it is held at most while some thread
+    runs or sits preempted: `wanted_cores` bounds the contended fraction from above. So:
+      * nothing wakes like a GIL waiter, or one thread, or the process runs in parallel beyond
+        one core (C code without the GIL): no contention, a low number;
+      * wanted cores below THRESHOLD: contention cannot reach the threshold; the number is
+        wake x wanted, below THRESHOLD;
+      * capped near one core while the host had CPUs idle, threads waking like GIL waiters
+        but not after every small piece of work: contended, wake x serial (1.0 when clear);
+      * anything else - a busy I/O server, or any busy process on a saturated host - looks the
+        same from /proc as GIL contention: None.
+    Measured on real servers and synthetic loops in docs/procfs-heuristic.md: no I/O-bound
+    window scores at or above THRESHOLD.
     """
     fac = procfs_factors(f)
-    return _clamp(fac["wake"] * fac["busy"] * fac["serial"])
+    if fac["wake"] == 0.0 or fac["serial"] == 0.0:
+        return 0.0
+    if fac["wanted_cores"] < THRESHOLD:
+        return _clamp(fac["wake"] * fac["wanted_cores"] * fac["serial"])
+    if fac["capped"]:
+        return _clamp(fac["wake"] * fac["serial"])
+    return None
 
 
 def score(f: Figures) -> tuple[float | None, str]:
-    """(value, method): "gil_state" when GIL figures exist, else "procfs"; (None, "none") when
-    the build is free-threaded."""
+    """(value, method): "gil_state" when GIL figures exist, else "procfs", whose value is None
+    when /proc cannot tell ("unknown"); (None, "none") when the build is free-threaded."""
     if f.gil_enabled is False:
         return None, "none"
     g = gil_state_score(f)
@@ -156,20 +195,10 @@ def score(f: Figures) -> tuple[float | None, str]:
 # ---------------------------------------------------------------------------------------------
 # Verdict
 
-#: gil_state: handoffs per switch interval, per core wanted (cores used + preempted time, within
-#: [STARVED_CORES_FLOOR, 1]) above which the GIL keeps going to threads that give it back quickly
-#: (I/O threads around one CPU hog) instead of rotating between CPU-bound threads, which hand off
-#: at most about once per interval. Measured at most 0.94 (cpu, json, 2-10 threads, 3.8-3.13,
-#: idle to overloaded host) against at least 1.25 (starved).
-STARVED_HANDOFFS_PER_INTERVAL = 1.1
-#: procfs-only fallback (weaker, see docs/procfs-heuristic.md): voluntary switches per interval,
-#: per thread besides one, per core used (floored). CPU-bound waiters wake about once per
-#: interval; I/O threads also block on their own. Measured at most 1.39 (cpu, json) against
-#: 1.58-3.4 (starved), except windows where the host left starved under 0.6 core (1.06-1.47).
-STARVED_WAKES_PER_THREAD = 1.5
-#: Below this many cores the host starves the process of CPU and every rate slows down with it:
-#: rates are divided by max(cores, floor) so that such windows still classify.
-STARVED_CORES_FLOOR = 0.5
+#: One thread did at least this share of the process's CPU: the others, waiting for the GIL,
+#: are starved by it. Measured: one CPU thread beside I/O threads 0.97-0.99; CPU-bound threads,
+#: request handlers and pool workers taking turns 0.16-0.50 (2-40 threads).
+STARVED_TOP_SHARE = 0.65
 IDLE_CORES = 0.05
 #: gil_state: the GIL was held for at most this fraction of the CPU the process used: the rest
 #: ran in C code with the GIL released.
@@ -177,21 +206,35 @@ RELEASED_HELD_PER_CORE = 0.5
 #: procfs: more than about one core used means part of the work runs without the GIL.
 RELEASED_CORES = PARALLEL_FROM
 
+#: Request servers recognised on the command line, for advice that names their own settings.
+#: (pattern searched in argv, what the threads are, how to get processes instead)
+SERVERS = (
+    (re.compile(r"\bgunicorn\b"), "request handlers",
+     "run more gunicorn worker processes with fewer threads each (gunicorn --workers N "
+     "--threads 1-2, N about the cores you can give it)"),
+    (re.compile(r"\buvicorn\b|\bhypercorn\b|\bfastapi\b"), "request handlers",
+     "sync endpoints run in one process's thread pool: run more worker processes "
+     "(uvicorn --workers N, or gunicorn -k uvicorn.workers.UvicornWorker --workers N), or move the "
+     "CPU work to a ProcessPoolExecutor"),
+    (re.compile(r"\bwaitress\b"), "request handlers",
+     "waitress serves from one process: run several waitress processes behind a load "
+     "balancer, or serve the app with gunicorn --workers N"),
+    (re.compile(r"\buwsgi\b"), "request handlers",
+     "run more uWSGI processes with fewer threads each (--processes N --threads 1-2)"),
+    (re.compile(r"\bcelery\b"), "tasks",
+     "use the prefork pool (celery worker --pool prefork --concurrency N) instead of threads"),
+)
+
+
+def _server(cmdline: str) -> tuple[str, str] | None:
+    for pattern, what, advice in SERVERS:
+        if pattern.search(cmdline):
+            return what, advice
+    return None
+
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:g} ms"
-
-
-def _starved(f: Figures) -> bool:
-    """Contended: I/O-like threads starved by one CPU-bound thread (True) or CPU-bound threads
-    taking turns (False)."""
-    iv = _interval(f)
-    if f.switches_per_second is not None:
-        wanted = _clamp(_wanted_cores(f), STARVED_CORES_FLOOR, 1.0)
-        return f.switches_per_second * iv / wanted >= STARVED_HANDOFFS_PER_INTERVAL
-    others = max(1, f.threads - 1)
-    cores = max(f.cpu_cores, STARVED_CORES_FLOOR)
-    return f.voluntary_per_second * iv / others / cores >= STARVED_WAKES_PER_THREAD
 
 
 def _gil_released(f: Figures) -> bool:
@@ -201,8 +244,31 @@ def _gil_released(f: Figures) -> bool:
     return f.cpu_cores >= RELEASED_CORES and f.host_cpus > 1
 
 
-def verdict(f: Figures, threshold: float = 0.5) -> Verdict:
-    """What is going on with this process's GIL, and what to change."""
+def _probe_advice(probe: str, detail: str, can_ptrace: bool | None) -> tuple[str, ...]:
+    """Why the GIL was not measured, and what would let the exporter measure it."""
+    why = f"The GIL probe is unavailable ({probe}{': ' + detail if detail else ''})"
+    if probe == "permission_denied":
+        if can_ptrace:
+            return (why + ", although the exporter has CAP_SYS_PTRACE: a Yama ptrace_scope of "
+                    "3, a seccomp/AppArmor/SELinux policy, or a target that is not dumpable "
+                    "forbids reading its memory.",)
+        return (why + ": give the exporter ptrace access to the target (CAP_SYS_PTRACE, or the "
+                "same user with kernel.yama.ptrace_scope=0) to measure the GIL itself.",)
+    if probe in ("musl",):
+        return (why + ": musl keeps condition-variable waiters where they cannot be counted; "
+                "the figures come from /proc alone.",)
+    if probe == "disabled":
+        return (why + ": set sampling.enabled: true to measure the GIL itself.",)
+    return (why + "; the figures come from /proc alone. If this is a standard CPython build, "
+            "please report its version and exe.",)
+
+
+def verdict(f: Figures, threshold: float = THRESHOLD, cmdline: str = "", probe: str = "",
+            probe_detail: str = "", can_ptrace: bool | None = None) -> Verdict:
+    """What is going on with this process's GIL, and what to change.
+
+    `cmdline` names request servers in the advice; `probe`, `probe_detail` and `can_ptrace`
+    (whether the exporter holds CAP_SYS_PTRACE) explain a verdict made from /proc alone."""
     iv = _interval(f)
     cores = f"{f.cpu_cores:.2f} of {f.host_cpus} cores"
     if f.gil_enabled is False:
@@ -213,28 +279,40 @@ def verdict(f: Figures, threshold: float = 0.5) -> Verdict:
                         "lists, logging handlers, the allocator), e.g. with py-spy dump --native "
                         "or perf lock.",))
     value, method = score(f)
-    assert value is not None
+    threads = f"{f.threads} thread{'' if f.threads == 1 else 's'}"
+    probe_why = () if method == "gil_state" else _probe_advice(probe or "unavailable",
+                                                                probe_detail, can_ptrace)
+    if value is None:
+        return Verdict(False, "unknown",
+                       f"unknown: /proc alone cannot tell GIL contention from busy I/O here "
+                       f"({threads}, {cores} used, {f.voluntary_per_second:.0f} voluntary "
+                       f"switches/s" + (", host busy" if (f.host_idle_cpus or 0) < CAPPED_HOST_IDLE
+                                        else "") + ")",
+                       probe_why)
     how = "measured from the GIL" if method == "gil_state" else "estimated from /proc"
-    probe = () if method == "gil_state" else (
-        "This is estimated from /proc counters alone: give the exporter ptrace access to the "
-        "target (CAP_SYS_PTRACE, or the same user with kernel.yama.ptrace_scope=0) to measure "
-        "the GIL itself.",)
     if method == "gil_state":
         amount = f"GIL contended {value:.0%} of the time ({how})"
     else:  # evidence, not a fraction of time
         amount = f"GIL contention score {value:.2f} ({how})"
-    threads = f"{f.threads} thread{'' if f.threads == 1 else 's'}"
     iv_text = _ms(iv) if f.interval_seconds else f"{_ms(iv)} unless changed"
     held_idle = f.held_ratio is None or f.held_ratio < IDLE_CORES
     if value < threshold and f.cpu_cores < IDLE_CORES and held_idle:
-        return Verdict(False, "idle",
-                       f"idle: {cores} used, {threads}, {amount}",
-                       ())
+        return Verdict(False, "idle", f"idle: {cores} used, {threads}, {amount}", probe_why)
     if value >= threshold:
-        if _starved(f):
+        switch = (f"sys.setswitchinterval (now {iv_text}) only changes how often threads take "
+                  f"turns, not the total throughput; raising it lowers switching overhead, "
+                  f"lowering it improves latency.")
+        if f.top_thread_share is None:
+            return Verdict(True, "contended_unclassified",
+                           f"GIL contended: {amount}, {threads} on {cores} (which threads hold "
+                           f"it was not measured: no /proc/PID/task/*/schedstat)",
+                           ("Move the CPU-bound Python work to processes "
+                            "(concurrent.futures.ProcessPoolExecutor, more worker processes), "
+                            "or off the threads that serve I/O.", switch) + probe_why)
+        if f.top_thread_share >= STARVED_TOP_SHARE:
             return Verdict(True, "io_starved_by_cpu",
-                           f"I/O threads starved by a CPU-bound thread: {amount}, {threads} on "
-                           f"{cores}",
+                           f"threads starved by one CPU-bound thread: {amount}; one thread did "
+                           f"{f.top_thread_share:.0%} of the CPU work, {threads} on {cores}",
                            ("Move the CPU-bound work out of this process, or off the I/O threads "
                             "and event loop onto a process pool: "
                             "loop.run_in_executor(concurrent.futures.ProcessPoolExecutor(), fn, "
@@ -242,25 +320,29 @@ def verdict(f: Figures, threshold: float = 0.5) -> Verdict:
                             f"Every wake-up of an I/O thread waits up to the switch interval "
                             f"({iv_text}) for the GIL: sys.setswitchinterval(0.001) gets them the "
                             f"GIL sooner but costs more switching overhead in the CPU thread; it "
-                            f"is a mitigation, not a fix.") + probe)
+                            f"is a mitigation, not a fix.") + probe_why)
+        server = _server(cmdline)
+        what = server[0] if server else "Python threads"
+        n = max(2, round(f.busy_threads or 2))
+        share = min(1.0, f.cpu_cores)
+        processes = (f"Threads add no CPU throughput here: {server[1]}." if server else
+                     "Threads add no CPU throughput here: move the CPU work to processes "
+                     "(concurrent.futures.ProcessPoolExecutor or multiprocessing.Pool).")
         return Verdict(True, "cpu_threads_serialized",
-                       f"CPU-bound Python threads serialized on the GIL: {amount}, {threads} "
-                       f"sharing {cores}",
-                       ("Threads add no CPU throughput here: move the CPU-bound work to processes "
-                        "(concurrent.futures.ProcessPoolExecutor or multiprocessing.Pool).",
+                       f"CPU-bound {what} serialized on the GIL: {n} threads share "
+                       f"~{share:.1f} core; {amount}",
+                       (processes,
                         "Or move the hot loop to native code that releases the GIL (NumPy, "
                         "Cython `with nogil`, a C/Rust extension), or run on a free-threaded "
                         "build (python3.13t and later).",
-                        f"sys.setswitchinterval (now {iv_text}) only changes how often threads "
-                        f"take turns, not the total throughput; raising it lowers switching "
-                        f"overhead, lowering it improves latency.") + probe)
+                        switch) + probe_why)
     if _gil_released(f):
         held = "" if f.held_ratio is None else f", GIL held {f.held_ratio:.0%}"
         return Verdict(False, "gil_released",
                        f"threads run in parallel with the GIL mostly released: {cores}{held}, "
                        f"{amount}",
                        ("Threads are fine here: the work runs in C code that releases the GIL. "
-                        "Look elsewhere for slowness (I/O, locks, CPU quota, the host).",))
-    return Verdict(False, "no_contention",
-                   f"no GIL contention: {amount}, {threads}, {cores}",
-                   ())
+                        "Look elsewhere for slowness (I/O, locks, CPU quota, the host).",)
+                       + probe_why)
+    return Verdict(False, "no_contention", f"no GIL contention: {amount}, {threads}, {cores}",
+                   probe_why)

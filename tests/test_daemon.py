@@ -27,12 +27,23 @@ targets:
 {FAST}{extra}""")
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
 class TruthRecorder:
-    """Records the ground truth (sum over /proc/PID/task/*/status) every 50 ms."""
+    """Records the ground truth every 50 ms: context switches summed over
+    /proc/PID/task/*/status, and the process's CPU seconds from /proc/PID/stat."""
 
     def __init__(self, pid):
         self.pid = pid
         self.samples = []
+        self.cpu = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -41,12 +52,19 @@ class TruthRecorder:
         while not self._stop.is_set():
             try:
                 self.samples.append((time.monotonic(), task_ctx_switches(self.pid)))
+                self.cpu.append((time.monotonic(), _cpu_seconds(self.pid)))
             except (FileNotFoundError, ProcessLookupError):
                 pass
             time.sleep(0.05)
 
     def range_between(self, t0, t1):
         return [v for t, v in self.samples if t0 <= t <= t1]
+
+    def cores_between(self, t0, t1):
+        """CPU cores the process used from about t0 to t1, from the samples nearest to both."""
+        a = min(self.cpu, key=lambda s: abs(s[0] - t0))
+        b = min(self.cpu, key=lambda s: abs(s[0] - t1))
+        return (b[1] - a[1]) / (b[0] - a[0]) if b[0] > a[0] else None
 
     def stop(self):
         self._stop.set()
@@ -86,7 +104,15 @@ def test_context_switches_threads_and_cores_match_proc(exporter, tmp_path):
                 assert get("pygil_process_threads") == [5.0]
                 assert len(os.listdir(f"/proc/{w.pid}/task")) == 5
                 cores = get("pygil_process_cpu_cores")[0]
-                assert 0.75 <= cores <= 1.2, cores  # pure-Python threads: one core at a time
+                # Pure-Python threads: at most one core at a time, whatever the host. How much of
+                # it they got depends on the host (shared, busy): compare with what the process
+                # itself was given over the exporter's window (3 s ending at its last tick, at
+                # most one tick before the scrape).
+                assert cores <= 1.2, cores
+                given = [c for c in (truth.cores_between(before - dt - 3, before - dt)
+                                     for dt in (0.0, 0.5, 1.0)) if c is not None]
+                assert given, "no CPU ground truth recorded"
+                assert 0.8 * min(given) - 0.05 <= cores <= 1.2 * max(given) + 0.05, (cores, given)
                 rate = get("pygil_process_context_switches_per_second", type="voluntary")[0]
                 assert rate > 0
                 time.sleep(1)
@@ -99,15 +125,23 @@ def test_gil_releasing_work_uses_more_than_one_core(exporter, tmp_path):
         exp = exporter("--config", str(_config(tmp_path, "daemon-hash")))
         exp.wait_for(lambda: exp.value("pygil_process_cpu_cores", pid=w.pid) is not None)
         time.sleep(4)
-        cores = exp.value("pygil_process_cpu_cores", pid=w.pid)
-        host_cpus = exp.value("pygil_host_cpus")
+        samples = exp.scrape()
+        cores = [s.value for s in samples if s.name == "pygil_process_cpu_cores"
+                 and s.labels.get("pid") == str(w.pid)][0]
+        host_cpus = [s.value for s in samples if s.name == "pygil_host_cpus"][0]
+        util = [s.value for s in samples if s.name == "pygil_host_cpu_utilization_ratio"]
         assert host_cpus == os.cpu_count()
-        if host_cpus >= 2:
-            assert cores > 1.3, cores
-        util = exp.series("pygil_host_cpu_utilization_ratio")
         assert len(util) == host_cpus
-        assert all(0.0 <= s.value <= 1.0 for s in util)
-        assert sum(s.value for s in util) > 1.0  # hashlib keeps the cores busy
+        assert all(0.0 <= u <= 1.0 for u in util)
+        # What the host gave: the cores hashlib used plus the CPU left idle over the same
+        # window. Work that released the GIL takes what is free; GIL-bound work would stop at
+        # one core and leave the rest idle.
+        idle = sum(1.0 - u for u in util)
+        available = min(host_cpus, cores + idle)
+        print(f"hashlib used {cores:.2f} cores; host idle {idle:.2f}; available {available:.2f}")
+        if available >= 1.5:
+            assert cores > 1.3 or cores >= 0.85 * available, (cores, idle)
+        assert sum(util) >= cores - 0.1  # its own CPU shows in the host's busy time
 
 
 def test_counters_monotonic_when_threads_end(exporter, tmp_path):
@@ -179,10 +213,11 @@ def test_landing_page_and_health(exporter, tmp_path):
         exp.wait_for(lambda: exp.value("pygil_process_cpu_cores", pid=w.pid) is not None)
         status, page = exp.get("/")
         assert status == 200
-        assert "<table" in page and f"<td>{w.pid}</td>" in page and "<td>work</td>" in page
-        for column in ("threads", "cores used", "context switches/s", "GIL contention score",
-                       "waiting threads", "GIL held ratio", "switch interval"):
-            assert column in page
+        assert "<table" in page and f'<a href="/process/{w.pid}">{w.pid}</a>' in page
+        assert '<td class="l">work</td>' in page
+        for column in ("status", "score", "command line", "verdict", "threads", "cores used",
+                       "threads waiting for the GIL", "GIL held", "GIL probe"):
+            assert f">{column}</th>" in page, column
         assert exp.get("/healthz") == (200, "ok\n")
         assert exp.get("/nope")[0] == 404
         build = exp.series("pygil_exporter_build_info")
