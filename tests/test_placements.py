@@ -346,6 +346,12 @@ def test_unknown_version_without_a_way_in_is_unsupported(tmp_path, exporter, rep
         assert info.labels["python_version"] == "3.16.0"
         exp.wait_for(lambda: "unsupported_version" in exp.log_text() and "3.16.0" in exp.log_text())
         assert not exp.series("pygil_gil_held_seconds_total", target="future")
+        # diagnose names the reason and the version, and its figures come from /proc alone
+        from harness import exporter_command
+        out = subprocess.run(exporter_command() + ["diagnose", str(p.pid), "--seconds", "2"],
+                             capture_output=True, text=True, timeout=120)
+        assert "unsupported_version" in out.stdout and "3.16.0" in out.stdout, out.stdout + out.stderr
+        assert "estimated from /proc" in out.stdout or out.returncode == 2, out.stdout
         report.record("3.16 (contrived)", "no way in", "unsupported_version")
     finally:
         _stop(p)
