@@ -76,6 +76,9 @@ def _diagnose_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=5.0, help="how long to measure (default 5)")
     p.add_argument("--rate-hz", type=float, default=100.0, help="GIL samples per second (default 100)")
     p.add_argument("--json", action="store_true", help="print the figures and verdict as JSON")
+    p.add_argument("--stacks", action="store_true",
+                   help="also sample the Python stack of the thread holding the GIL while others wait, "
+                        "and print the top functions by share of that time (CPython 3.11+)")
     p.add_argument("--log.level", dest="log_level", default="warning",
                    choices=["debug", "info", "warn", "warning", "error"])
     return p
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _diagnose_parser().parse_args(argv[1:])
         _setup_logging(args.log_level)
         from exporter.diagnose import run_diagnose
-        return run_diagnose(args.pid, args.seconds, args.rate_hz, args.json)
+        return run_diagnose(args.pid, args.seconds, args.rate_hz, args.json, args.stacks)
     args = _daemon_parser().parse_args(argv)
     _setup_logging(args.log_level)
     return run_daemon(args)
