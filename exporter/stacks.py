@@ -48,6 +48,7 @@ class StackProfile:
     stacks: Dict[Tuple[Frame, ...], int] = field(default_factory=dict)  # innermost first
     unavailable: str = ""    # why no stack could be read at all ("" when stacks were read)
     stack_cpu_seconds: float = 0.0   # sampler CPU time spent reading stacks (kept or dropped)
+    sampler_cpu_seconds: float = 0.0  # sampler thread CPU time in all (GIL reads and stacks)
 
     @property
     def kept(self) -> int:
@@ -90,6 +91,7 @@ class StackProfile:
             "samples": self.samples, "held": self.held, "contended": self.contended,
             "kept": self.kept, "dropped": dict(self.dropped), "unavailable": self.unavailable,
             "cpu_us_per_stack": self.cpu_us_per_stack,
+            "sampler_cpu_seconds": self.sampler_cpu_seconds,
             "top_functions": [f.__dict__ for f in self.top_functions(n)],
         }
 
@@ -119,6 +121,7 @@ class StackSampler:
         self.stacks: Counter = Counter()
         self.unavailable = ""
         self.stack_cpu = 0.0
+        self.sampler_cpu = 0.0
         self._gil: Optional[gil.GilReader] = None
         self._frames: Optional[StackReader] = None
 
@@ -156,7 +159,7 @@ class StackSampler:
         end = self._ended or time.monotonic()
         return StackProfile(self.pid, self.version, max(0.0, end - self._started) if self._started else 0.0,
                             self.samples, self.held, self.contended, dict(self.dropped),
-                            dict(self.stacks), self.unavailable, self.stack_cpu)
+                            dict(self.stacks), self.unavailable, self.stack_cpu, self.sampler_cpu)
 
     def _run(self) -> None:
         try:
@@ -165,6 +168,7 @@ class StackSampler:
             self.unavailable = f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason
             return
         self._started = time.monotonic()
+        cpu0 = time.thread_time()
         rng = random.Random()
         lo, span = self.period * (1 - self.jitter), 2 * self.period * self.jitter
         try:
@@ -175,6 +179,7 @@ class StackSampler:
                 self.unavailable = f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason
         finally:
             self._ended = time.monotonic()
+            self.sampler_cpu = time.thread_time() - cpu0
 
     @property
     def kept(self) -> int:

@@ -144,6 +144,22 @@ def work():
         cool(5000)
 start(work); ready(); forever()
 """,
+    # Stacks whose depth changes all the time (0..40 frames of down()): torn reads happen.
+    "recursive": """
+def down(n):
+    if n:
+        return down(n - 1)  # DOWN-LINE
+    x = 0
+    for i in range(300):
+        x += i
+    return x
+def work():
+    i = 0
+    while True:
+        down(i % 40)  # WORK-LINE
+        i += 1
+start(work); ready(); forever()
+""",
     # One thread holds the GIL for good inside one C call (sum() never lets it go), called
     # from known lines, while N threads wait: its Python stack stands still for reading.
     "pinned": """

@@ -491,36 +491,71 @@ class StackReader:
         except TornStack:
             return 0
 
-    def stack(self, tstate: int) -> Tuple[Frame, ...]:
-        """The thread's Python stack, innermost frame first. Raises TornStack when the frames
-        read do not form a valid stack, ProbeUnavailable when the process is gone."""
+    def _walk(self, tstate: int) -> List[Tuple[int, bytes]]:
+        """(address, header bytes) of each frame from the innermost, following `previous`."""
         lay = self.layout
-        frames: List[Frame] = []
+        out: List[Tuple[int, bytes]] = []
         seen = set()
         addr = self.current_frame(tstate)
-        unpack = _U64.unpack_from
-        while addr and len(frames) < MAX_DEPTH:
+        while addr and len(out) < MAX_DEPTH:
             if addr in seen:
                 raise TornStack("frame cycle")
             seen.add(addr)
             data = self._read(addr, lay.frame_read)
+            out.append((addr, data))
+            addr = _U64.unpack_from(data, lay.frame_previous)[0]
+        return out
+
+    def _same(self, walk: List[Tuple[int, bytes]], again: List[Tuple[int, bytes]]) -> bool:
+        """Do two walks show the same frames: same addresses, links, code and owners, and the
+        callers at the same instructions (the innermost one runs on)?"""
+        if len(walk) != len(again):
+            return False
+        lay = self.layout
+        fields = [(lay.frame_previous, 8), (lay.frame_code, 8), (lay.frame_owner, 1)]
+        callers = fields + [(lay.frame_instr, 8)]
+        for i, ((a1, d1), (a2, d2)) in enumerate(zip(walk, again)):
+            if a1 != a2 or any(d1[o:o + n] != d2[o:o + n] for o, n in (callers if i else fields)):
+                return False
+        return True
+
+    def stack(self, tstate: int) -> Tuple[Frame, ...]:
+        """The thread's Python stack, innermost frame first. Raises TornStack when the frames
+        read do not form a valid stack, ProbeUnavailable when the process is gone.
+
+        The thread runs while we read: frames return and their memory is reused by new calls
+        at once. So the chain of frame headers is read twice (and once more if they differ),
+        and kept only if nothing but the innermost frame's instruction moved in between (a
+        caller's frame does not change while it waits for its callee); only then are the code
+        objects decoded.
+        """
+        lay = self.layout
+        for attempt in range(2):
+            walk = self._walk(tstate)
+            if self._same(walk, self._walk(tstate)):
+                break
+        else:
+            raise TornStack("stack changed during the read")
+        frames: List[Frame] = []
+        unpack = _U64.unpack_from
+        for addr, data in walk:
             owner = data[lay.frame_owner]
             if owner > lay.owner_max:
                 raise TornStack("unknown frame owner")
-            if owner < lay.owner_no_code:
-                code_addr = unpack(data, lay.frame_code)[0] & self._mask
-                code = self._code(code_addr)
-                unit = (unpack(data, lay.frame_instr)[0] - (code_addr + lay.code_adaptive))
-                if unit % 2:
-                    raise TornStack("misaligned instruction pointer")
-                unit //= 2
-                # 3.11/3.12: prev_instr is one unit before the code in a frame not yet started
-                if not -1 <= unit < code.units:
-                    raise TornStack("instruction outside its code object")
-                line = line_of(code.ends, code.lines, unit) if unit >= 0 else None
-                frames.append(Frame(code.qualname, code.filename,
-                                    code.firstlineno if line is None else line, code.firstlineno))
-            addr = unpack(data, lay.frame_previous)[0]
+            if owner >= lay.owner_no_code:
+                continue
+            code_addr = unpack(data, lay.frame_code)[0] & self._mask
+            code = self._code(code_addr)
+            unit = unpack(data, lay.frame_instr)[0] - (code_addr + lay.code_adaptive)
+            if unit % 2:
+                raise TornStack("misaligned instruction pointer")
+            unit //= 2
+            # 3.11/3.12: prev_instr is one unit before the code in a frame not yet started
+            if not -1 <= unit < code.units:
+                raise TornStack("instruction outside its code object")
+            line = line_of(code.ends, code.lines, unit) if unit >= 0 else None
+            frames.append(Frame(code.qualname, code.filename,
+                                code.firstlineno if line is None else line, code.firstlineno))
         return tuple(frames)
 
     def close(self) -> None:
