@@ -84,8 +84,33 @@ def _diagnose_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gil-exporter top",
+                                description="Live view of every Python process the exporter can see, most GIL-contended "
+                                            "first; enter shows one process's threads and which one holds the GIL. "
+                                            "Keys: up/down, enter, esc, q. Needs `pip install 'gil-exporter[top]'`.")
+    p.add_argument("--config", "--config.file", dest="config", metavar="FILE",
+                   help="YAML config of target processes, as for the daemon (default: every CPython process)")
+    p.add_argument("--refresh", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between refreshes (default 1)")
+    p.add_argument("--log.level", dest="log_level", default="critical",
+                   choices=["debug", "info", "warn", "warning", "error", "critical"])
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "top":
+        args = _top_parser().parse_args(argv[1:])
+        _setup_logging(args.log_level)
+        from exporter.config import ConfigError
+        from exporter.top import run_top
+        try:
+            config = _load(args.config)
+        except ConfigError as e:
+            print(str(e), file=sys.stderr)
+            return 2
+        return run_top(config, args.refresh)
     if argv and argv[0] == "diagnose":
         args = _diagnose_parser().parse_args(argv[1:])
         _setup_logging(args.log_level)

@@ -216,7 +216,12 @@ class StackSampler:
 
 
 def _short(path: str, width: int = 48) -> str:
-    return path if len(path) <= width else "..." + path[-(width - 3):]
+    """The path's last components that fit in `width`, after ".../"."""
+    if len(path) <= width:
+        return path
+    tail = path[-(width - 4):]
+    cut = tail.find("/")
+    return ".../" + (tail[cut + 1:] if cut >= 0 else tail)
 
 
 def render(profile: StackProfile, n: int = 10) -> str:
