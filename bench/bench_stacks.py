@@ -13,6 +13,8 @@ and the top function (innermost frame, most samples) of each is printed. Then th
               sample, kept or dropped; for `hot` (5 frames) and `recursive` (4..44 frames)
   per sample  the sampler thread's whole CPU time per GIL sample (GIL reads included)
   py-spy      py-spy's own CPU time (rusage of the child) per sample it was asked for
+  hot path    one sample (GIL read, stack, GIL re-read) in a tight loop on the `pinned` workload,
+              whose 5-frame stack stands still: the cost with warm caches and no sleeping
 
     .venv/bin/python bench/bench_stacks.py --seconds 5 [--json bench/results/stacks.json]
 """
@@ -55,8 +57,30 @@ def _ours(pid: int, seconds: float) -> dict:
     }
 
 
+def _hot_path(pid: int, n: int = 3000) -> float:
+    sampler = StackSampler(pid)
+    sampler.open()
+    try:
+        for _ in range(100):
+            sampler.sample()
+        t0 = time.thread_time()
+        for _ in range(n):
+            sampler.sample()
+        cpu = time.thread_time() - t0
+    finally:
+        sampler.close()
+    assert sampler.kept >= n, (sampler.kept, sampler.dropped)
+    return cpu / n * 1e6
+
+
 def measure(interp, seconds: float) -> dict:
     row = {"interpreter": interp.name}
+    w = placements.start("pinned", interp, _placement(interp), threads=2)
+    try:
+        time.sleep(0.5)
+        row["hot_path_us"] = _hot_path(w.pid)
+    finally:
+        w.stop()
     w = placements.start("hot", interp, _placement(interp), threads=3)
     try:
         time.sleep(0.5)
@@ -100,13 +124,14 @@ def table(rows: list, seconds: float) -> str:
                    f"{stdlib} | {o['kept']} / {o['contended']} |")
     out += ["", "### CPU cost per stack sample (sampler thread CPU time, 100 Hz)", "",
             "| interpreter | µs per stack, `hot` (5 frames) | µs per stack, `recursive` (mean depth) | "
-            "µs per GIL sample, all in (`hot`) | py-spy µs per sample (`hot`) |",
-            "|---|---|---|---|---|"]
+            "µs per GIL sample, all in (`hot`) | py-spy µs per sample (`hot`) | "
+            "hot path: µs per sample, tight loop (`pinned`, 5 frames) |",
+            "|---|---|---|---|---|---|"]
     for r in rows:
         o, d, s = r["ours"], r["deep"], r["py_spy"]
         out.append(f"| {r['interpreter']} | {_us(o['us_per_stack'])} | {_us(d['us_per_stack'])} "
                    f"({d['depth']:.0f} frames; kept {d['kept']}/{d['contended']}) | {_us(o['us_per_sample'])} | "
-                   f"{_us(s['us_per_sample'])} |")
+                   f"{_us(s['us_per_sample'])} | {_us(r['hot_path_us'])} |")
     costs = [r["ours"]["us_per_stack"] for r in rows if r["ours"]["us_per_stack"]]
     if costs:
         out += ["", f"Median over interpreters: {statistics.median(costs):.0f} µs of CPU per stack "

@@ -264,3 +264,38 @@ def test_stack_of_something_that_is_not_a_thread_state_is_refused():
                 except gframes.TornStack:
                     continue
                 assert got == (), (hex(addr), got)
+
+
+def test_top_functions_own_total_and_hottest_line():
+    """The arithmetic of the table (a unit test of the aggregation, on hand-made stacks)."""
+    from exporter.stacks import StackProfile
+    F = gframes.Frame
+    run = F("Thread.run", "/t.py", 10, 5)
+    hot20, hot19 = F("hot", "<s>", 20, 17), F("hot", "<s>", 19, 17)
+    cool = F("cool", "<s>", 25, 22)
+    work = F("work", "<s>", 29, 27)
+    prof = StackProfile(1, "3.13.0", 1.0, samples=20, held=18, contended=12, dropped={"x": 2},
+                        stacks={(hot20, work, run): 6, (hot19, work, run): 2, (cool, work, run): 1,
+                                (work, run): 1})
+    top = prof.top_functions()
+    assert [(f.qualname, f.line, f.own, f.total) for f in top] == [
+        ("hot", 20, 0.8, 0.8), ("work", 29, 0.1, 1.0), ("cool", 25, 0.1, 0.1), ("Thread.run", 5, 0.0, 1.0)]
+    assert prof.kept == 10 and prof.as_dict()["top_functions"][0]["qualname"] == "hot"
+
+
+def test_diagnose_stacks_text_names_the_pinned_holder_at_its_line():
+    interp = INTERPRETERS.get("3.13 pyenv") or INTERPRETERS.get("3.12 pyenv")
+    if interp is None:
+        pytest.skip("no pyenv 3.12 or 3.13")
+    w = placements.start("pinned", interp, "host", threads=2)
+    try:
+        time.sleep(0.5)
+        r = subprocess.run(exporter_command() + ["diagnose", str(w.pid), "--seconds", "2", "--stacks"],
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        w.stop()
+    assert r.returncode == 1, r.stdout + r.stderr
+    section = r.stdout[r.stdout.index("Code holding the GIL while other threads waited ("):]
+    rows = [line.split() for line in section.splitlines()[2:]]
+    assert rows[0] == ["100%", "100%", "hold", f"<string>:{_line('pinned', 'PINNED-LINE')}"], section
+    assert rows[1] == ["0%", "100%", "Outer.middle", f"<string>:{_line('pinned', 'def middle')}"], section
