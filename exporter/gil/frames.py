@@ -390,8 +390,10 @@ class StackReader:
         self._mask = ~self.layout.code_tag_bits & 0xFFFFFFFFFFFFFFFF
 
     # -------------------------------------------------------------- raw reads
-    def _read(self, addr: int, size: int) -> bytes:
-        if addr <= 0 or addr & 7 and size >= 8:
+    def _read(self, addr: int, size: int, aligned: bool = True) -> bytes:
+        """`size` bytes at `addr`; TornStack when the pointer cannot be one (null, misaligned,
+        unmapped), ProbeUnavailable when the process is gone."""
+        if addr <= 0 or (aligned and addr & 7):
             raise TornStack("misaligned pointer")
         try:
             data = os.pread(self.fd, size, addr)
@@ -412,8 +414,8 @@ class StackReader:
             return type_addr == known
         try:
             tp_name, = _U64.unpack(self._read(type_addr + self.layout.tp_name, 8))
-            text = os.pread(self.fd, len(name) + 1, tp_name)
-        except (TornStack, OSError):
+            text = self._read(tp_name, len(name) + 1, aligned=False)
+        except TornStack:
             return False
         if text != name + b"\0":
             return False
@@ -433,7 +435,7 @@ class StackReader:
         if not length:
             return ""
         start = addr + (lay.str_ascii_size if ascii_ else lay.str_compact_size)
-        raw = self._read(start, length * kind) if length * kind >= 8 else os.pread(self.fd, length * kind, start)
+        raw = self._read(start, length * kind)
         codec = {1: "latin-1", 2: "utf-16-le", 4: "utf-32-le"}[kind]
         try:
             return raw.decode("ascii" if ascii_ else codec)
@@ -464,7 +466,7 @@ class StackReader:
         size, = struct.unpack_from("<q", table_head, lay.ob_size)
         if not 0 <= size <= MAX_LINETABLE:
             raise TornStack("implausible co_linetable")
-        table = os.pread(self.fd, size, table_addr + lay.bytes_sval) if size else b""
+        table = self._read(table_addr + lay.bytes_sval, size) if size else b""
         try:
             ends, lines = parse_linetable(table, firstlineno)
         except ValueError:
