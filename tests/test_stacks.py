@@ -179,12 +179,14 @@ def test_changing_stacks_are_kept_whole_or_dropped(name, report):
     try:
         time.sleep(0.3)
         sampler = StackSampler(w.pid, rate_hz=200).start()
-        time.sleep(3)
+        deadline = time.monotonic() + 12     # a loaded host drops more: sample until 50 are kept
+        while sampler.kept < 50 and time.monotonic() < deadline and not sampler.unavailable:
+            time.sleep(0.5)
         prof = sampler.stop()
     finally:
         w.stop()
     assert not prof.unavailable, prof.unavailable
-    assert prof.kept >= 30, (prof.kept, prof.dropped)
+    assert prof.kept >= 50, (prof.kept, prof.dropped)
     down_line, work_line = _line("recursive", "DOWN-LINE"), _line("recursive", "WORK-LINE")
     first_down = _line("recursive", "def down")
     for stack in prof.stacks:

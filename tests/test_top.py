@@ -141,6 +141,30 @@ def test_contended_process_first_threads_with_the_holder_and_q_quits(tmp_path):
             w.stop()
 
 
+def test_default_config_shows_every_python_process(tmp_path):
+    """No --config: every CPython process on the host (other sessions' too); ours among them,
+    the contended one above the idle one."""
+    contended = workloads.start_workload("cpu", threads=3)
+    idle = workloads.start_workload("idle", threads=1)
+    top = Tmux(tmp_path, [], height=100)
+    try:
+        def both_scored(screen):
+            rows = {pid: line for pid, _t, line in _process_rows(screen)}
+            return (contended.pid in rows and _scored(rows[contended.pid])
+                    and (idle.pid not in rows or _scored(rows[idle.pid])) and rows)
+        rows = top.wait(both_scored, what="our contended workload with a score")
+        assert all(target == "python" for _p, target, _l in _process_rows(top.screen()))
+        order = list(rows)
+        if idle.pid in rows:            # on screen unless over 90 busier processes run
+            assert order.index(contended.pid) < order.index(idle.pid), top.screen()
+        top.keys("q")
+        assert top.exit_code() == 0
+    finally:
+        top.close()
+        contended.stop()
+        idle.stop()
+
+
 def test_thread_names_and_the_holders_function_on_debian_314(tmp_path):
     """Debian's 3.14 names OS threads after threading.Thread; the holder's code is shown."""
     interp = next((i for i in placements.interpreters() if i.name == "3.14 Debian sid"), None)
