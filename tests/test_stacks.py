@@ -301,3 +301,29 @@ def test_diagnose_stacks_text_names_the_pinned_holder_at_its_line():
     rows = [line.split() for line in section.splitlines()[2:]]
     assert rows[0] == ["100%", "100%", "hold", f"<string>:{_line('pinned', 'PINNED-LINE')}"], section
     assert rows[1] == ["0%", "100%", "Outer.middle", f"<string>:{_line('pinned', 'def middle')}"], section
+
+
+def test_diagnose_stacks_only_reads(tmp_path):
+    """Under strace: reading stacks opens /proc/PID/mem read-only and only preads it; no
+    ptrace, no process_vm_writev, no write to the target, no signal to it."""
+    import shutil
+    from test_readonly import TRACE, parse_trace
+    if shutil.which("strace") is None:
+        pytest.skip("strace missing (tests/setup/tools.sh)")
+    interp = INTERPRETERS.get("3.13 pyenv") or INTERPRETERS.get("3.12 pyenv")
+    if interp is None:
+        pytest.skip("no pyenv 3.12 or 3.13")
+    trace = tmp_path / "trace"
+    w = placements.start("pinned", interp, "host", threads=2)
+    try:
+        time.sleep(0.5)
+        r = subprocess.run(["strace", "-f", "-qq", "-e", f"trace={TRACE}", "-o", str(trace)]
+                           + exporter_command() + ["diagnose", str(w.pid), "--seconds", "2", "--stacks"],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        w.stop()
+    assert r.returncode == 1 and "100%   100%  hold" in r.stdout, r.stdout + r.stderr
+    report = parse_trace(trace.read_text(), -1)
+    assert not (report.ptrace or report.vm_writes or report.mem_opens_not_rdonly or report.mem_writes
+                or report.proc_opens_for_write or report.signals_to_others), report.summary()
+    assert report.mem_reads > 100 and set(report.mem_read_pids) == {w.pid}, report.summary()
