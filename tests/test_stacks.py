@@ -327,3 +327,21 @@ def test_diagnose_stacks_only_reads(tmp_path):
     assert not (report.ptrace or report.vm_writes or report.mem_opens_not_rdonly or report.mem_writes
                 or report.proc_opens_for_write or report.signals_to_others), report.summary()
     assert report.mem_reads > 100 and set(report.mem_read_pids) == {w.pid}, report.summary()
+
+
+def test_a_target_that_exits_mid_sampling_ends_the_sampling_quietly():
+    interp = INTERPRETERS.get("3.13 pyenv") or INTERPRETERS.get("3.12 pyenv")
+    if interp is None:
+        pytest.skip("no pyenv 3.12 or 3.13")
+    w = placements.start("hot", interp, "host", threads=3)
+    try:
+        time.sleep(0.3)
+        sampler = StackSampler(w.pid, rate_hz=100).start()
+        time.sleep(1.5)
+    finally:
+        w.stop()                     # killed and reaped while the sampler runs
+    time.sleep(0.5)
+    assert not sampler._thread.is_alive(), "the sampling thread ends on its own"
+    prof = sampler.stop()
+    assert prof.samples > 0 and prof.kept > 0 and not prof.unavailable, prof
+    assert prof.top_functions(1)[0].qualname in ("hot", "cool")

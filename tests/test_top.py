@@ -186,6 +186,23 @@ def test_thread_names_and_the_holders_function_on_debian_314(tmp_path):
         w.stop()
 
 
+def test_a_process_that_exits_while_open_goes_back_to_the_list(tmp_path):
+    w = workloads.start_workload("cpu", threads=2)
+    top = Tmux(tmp_path, ["--config", str(_config(tmp_path, [w.pid]))])
+    try:
+        top.wait(lambda s: _process_rows(s), what="the process")
+        top.keys("Enter")
+        top.wait(lambda s: f"pid {w.pid}" in s and _thread_rows(s), what="its threads")
+        w.stop()                                    # killed and reaped
+        top.wait(lambda s: f"process {w.pid} exited" in s and not _thread_rows(s),
+                 what="the list again, saying it exited")
+        top.keys("q")
+        assert top.exit_code() == 0
+    finally:
+        top.close()
+        w.stop()
+
+
 def test_without_rich_one_line_and_exit_2():
     code = ("import sys; sys.modules['rich'] = None; from exporter.cli import main; "
             "raise SystemExit(main(['top']))")
