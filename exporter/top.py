@@ -124,6 +124,7 @@ class HolderProbe:
         self._gil: Optional[gil.GilReader] = None
         self._stacks: Optional[StackReader] = None
         self._closed = False
+        self._lock = threading.Lock()     # the locating thread hands over the readers under it
         threading.Thread(target=self._open, name="top-locate", daemon=True).start()
 
     def _open(self) -> None:
@@ -137,38 +138,41 @@ class HolderProbe:
             stacks: Optional[StackReader] = StackReader(loc)
         except gil.ProbeUnavailable:
             stacks = None         # before 3.11: the holder is known, not its TID or code
-        if self._closed:
-            reader.close()
-            if stacks:
-                stacks.close()
-            return
-        self._gil, self._stacks, self.status = reader, stacks, ""
+        with self._lock:
+            if not self._closed:
+                self._gil, self._stacks, self.status = reader, stacks, ""
+                return
+        reader.close()                    # closed while it was being located
+        if stacks:
+            stacks.close()
 
     def read(self) -> Optional[Holder]:
-        if self._gil is None:
+        reader, stacks = self._gil, self._stacks
+        if reader is None:
             return None
         try:
-            g = self._gil.read()
+            g = reader.read()
         except gil.ProbeUnavailable as exc:
             self.status = f"GIL not readable: {exc.reason}"
             self.close()
             return None
         tid, frame = 0, None
-        if g.locked and self._stacks is not None:
-            tid = self._stacks.native_thread_id(g.holder)
+        if g.locked and stacks is not None:
+            tid = stacks.native_thread_id(g.holder)
             try:
-                stack = self._stacks.stack(g.holder)
+                stack = stacks.stack(g.holder)
                 frame = stack[0] if stack else None
             except (TornStack, gil.ProbeUnavailable):
                 pass
         return Holder(g.locked, g.waiters, tid, frame)
 
     def close(self) -> None:
-        self._closed = True
-        for r in (self._gil, self._stacks):
+        with self._lock:
+            self._closed = True
+            readers, self._gil, self._stacks = (self._gil, self._stacks), None, None
+        for r in readers:
             if r is not None:
                 r.close()
-        self._gil = self._stacks = None
 
 
 # ---------------------------------------------------------------- keys
