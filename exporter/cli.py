@@ -46,12 +46,15 @@ def _listen_address(text: str) -> tuple[str, int]:
 def _daemon_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gil-exporter",
-        usage="%(prog)s [options]\n       %(prog)s diagnose PID [--seconds N] [--rate-hz HZ] [--json]",
+        usage="%(prog)s [options]\n       %(prog)s diagnose PID [--seconds N] [--rate-hz HZ] [--json] [--stacks]"
+              "\n       %(prog)s top [--config FILE] [--refresh SECONDS]",
         description="Prometheus exporter for CPython GIL contention, read from outside the target processes.",
         epilog="One process at a terminal: `gil-exporter diagnose PID [--seconds N] [--json]` measures it "
                "for N seconds (default 5) and prints the figures and a verdict with what to change; "
                "exit 0: no contention, 1: contention, 2: no verdict (not Python, exited, not enough "
-               "data). `gil-exporter diagnose --help` for its options.")
+               "data); --stacks adds the code that held the GIL while other threads waited. Every "
+               "process at once, live: `gil-exporter top`. `gil-exporter diagnose --help` and "
+               "`gil-exporter top --help` for their options.")
     p.add_argument("--config", "--config.file", dest="config", metavar="FILE",
                    help="YAML config of target processes (default: every CPython process)")
     p.add_argument("--web.listen-address", dest="listen", type=_listen_address, default=DEFAULT_LISTEN,

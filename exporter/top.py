@@ -44,13 +44,13 @@ class ProcessRow:
     python: str
 
 
-def process_rows(views: List[ProcessView], commands: Dict[int, str]) -> List[ProcessRow]:
+def process_rows(views: List[ProcessView]) -> List[ProcessRow]:
     """One row per process, most contended first (unknown scores last, then by CPU)."""
     rows = []
     for v in views:
         f = v.figures
         rows.append(ProcessRow(
-            pid=v.pid, target=v.target, command=" ".join((commands.get(v.pid, "") or v.exe).split()),
+            pid=v.pid, target=v.target, command=" ".join((v.cmdline or v.exe).split()),
             threads=v.threads, cores=f.cpu_cores if f else None, score=v.score,
             waiting=f.waiting_threads if f else None, held=f.held_ratio if f else None,
             probe=v.gil_probe, python=v.python_version))
@@ -231,26 +231,11 @@ class TopView:
         self.holder: Optional[Holder] = None
         self._holder_probe: Optional[HolderProbe] = None
         self._cpu = ThreadCpu()
-        self._commands: Dict[int, str] = {}
         self.gone = ""
 
     # ------------------------------------------------------------ data
-    def _command(self, view: ProcessView) -> str:
-        text = getattr(view, "cmdline", "")
-        if text:
-            return text
-        if view.pid not in self._commands:
-            try:
-                self._commands[view.pid] = " ".join(procfs.process_info(view.pid).cmdline)
-            except (procfs.ProcessGone, PermissionError):
-                self._commands[view.pid] = ""
-        return self._commands[view.pid]
-
     def refresh(self) -> None:
-        views = self.monitor.snapshot()
-        commands = {v.pid: self._command(v) for v in views}
-        self._commands = {pid: c for pid, c in self._commands.items() if pid in commands}
-        self.rows = process_rows(views, commands)
+        self.rows = process_rows(self.monitor.snapshot())
         if self.rows and self.selected not in {r.pid for r in self.rows}:
             self.selected = self.rows[0].pid
         if self.opened is not None:

@@ -229,3 +229,9 @@ def test_keys_from_a_terminal():
     assert parse_keys(b"\x1b[A\x1b[Bjk\r\x1b[C\x1b[D\x1bq") == [
         "up", "down", "down", "up", "enter", "enter", "back", "back", "quit"]
     assert parse_keys(b"\x1b[5~x\x1bOA") == ["up"]       # page-up and x ignored
+
+
+def test_top_level_help_names_top_and_stacks():
+    r = subprocess.run(exporter_command() + ["--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0
+    assert "gil-exporter top [--config FILE]" in r.stdout and "[--stacks]" in r.stdout
