@@ -62,6 +62,9 @@ class Tmux:
 
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=20)
+        # kill-server leaves the socket file behind
+        tmpdir = os.environ.get("TMUX_TMPDIR", "/tmp")
+        Path(f"{tmpdir}/tmux-{os.getuid()}/{self.socket}").unlink(missing_ok=True)
 
 
 def _config(tmp_path: Path, pids: list[int]) -> Path:
