@@ -46,12 +46,15 @@ def _listen_address(text: str) -> tuple[str, int]:
 def _daemon_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gil-exporter",
-        usage="%(prog)s [options]\n       %(prog)s diagnose PID [--seconds N] [--rate-hz HZ] [--json]",
+        usage="%(prog)s [options]\n       %(prog)s diagnose PID [--seconds N] [--rate-hz HZ] [--json] [--stacks]"
+              "\n       %(prog)s top [--config FILE] [--refresh SECONDS]",
         description="Prometheus exporter for CPython GIL contention, read from outside the target processes.",
         epilog="One process at a terminal: `gil-exporter diagnose PID [--seconds N] [--json]` measures it "
                "for N seconds (default 5) and prints the figures and a verdict with what to change; "
                "exit 0: no contention, 1: contention, 2: no verdict (not Python, exited, not enough "
-               "data). `gil-exporter diagnose --help` for its options.")
+               "data); --stacks adds the code that held the GIL while other threads waited. Every "
+               "process at once, live: `gil-exporter top`. `gil-exporter diagnose --help` and "
+               "`gil-exporter top --help` for their options.")
     p.add_argument("--config", "--config.file", dest="config", metavar="FILE",
                    help="YAML config of target processes (default: every CPython process)")
     p.add_argument("--web.listen-address", dest="listen", type=_listen_address, default=DEFAULT_LISTEN,
@@ -76,18 +79,46 @@ def _diagnose_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=5.0, help="how long to measure (default 5)")
     p.add_argument("--rate-hz", type=float, default=100.0, help="GIL samples per second (default 100)")
     p.add_argument("--json", action="store_true", help="print the figures and verdict as JSON")
+    p.add_argument("--stacks", action="store_true",
+                   help="also sample the Python stack of the thread holding the GIL while others wait, "
+                        "and print the top functions by share of that time (CPython 3.11+)")
     p.add_argument("--log.level", dest="log_level", default="warning",
                    choices=["debug", "info", "warn", "warning", "error"])
     return p
 
 
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gil-exporter top",
+                                description="Live view of every Python process the exporter can see, most GIL-contended "
+                                            "first; enter shows one process's threads and which one holds the GIL. "
+                                            "Keys: up/down, enter, esc, q. Needs `pip install 'gil-exporter[top]'`.")
+    p.add_argument("--config", "--config.file", dest="config", metavar="FILE",
+                   help="YAML config of target processes, as for the daemon (default: every CPython process)")
+    p.add_argument("--refresh", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between refreshes (default 1)")
+    p.add_argument("--log.level", dest="log_level", default="critical",
+                   choices=["debug", "info", "warn", "warning", "error", "critical"])
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "top":
+        args = _top_parser().parse_args(argv[1:])
+        _setup_logging(args.log_level)
+        from exporter.config import ConfigError
+        from exporter.top import run_top
+        try:
+            config = _load(args.config)
+        except ConfigError as e:
+            print(str(e), file=sys.stderr)
+            return 2
+        return run_top(config, args.refresh)
     if argv and argv[0] == "diagnose":
         args = _diagnose_parser().parse_args(argv[1:])
         _setup_logging(args.log_level)
         from exporter.diagnose import run_diagnose
-        return run_diagnose(args.pid, args.seconds, args.rate_hz, args.json)
+        return run_diagnose(args.pid, args.seconds, args.rate_hz, args.json, args.stacks)
     args = _daemon_parser().parse_args(argv)
     _setup_logging(args.log_level)
     return run_daemon(args)

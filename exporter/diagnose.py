@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from exporter import discover, procfs, score
+from exporter import stacks as holder_stacks
 from exporter.config import Config, Limits, Match, Sampling, Target
 from exporter.monitor import Monitor, ProcessView
 
@@ -191,10 +192,12 @@ def render(figures: dict, v: score.Verdict) -> str:
     return "\n".join(lines)
 
 
-def run_diagnose(pid: int, seconds: float, rate_hz: float, as_json: bool) -> int:
+def run_diagnose(pid: int, seconds: float, rate_hz: float, as_json: bool, stacks: bool = False) -> int:
     if seconds <= 0 or rate_hz <= 0:
         print("gil-exporter diagnose: --seconds and --rate-hz must be positive", file=sys.stderr)
         return EXIT_ERROR
+    # --stacks: the GIL holder's Python stack, sampled during the same window
+    sampler = holder_stacks.StackSampler(pid, rate_hz).start() if stacks else None
     try:
         m = measure(pid, seconds, rate_hz)
     except DiagnoseError as e:
@@ -202,11 +205,18 @@ def run_diagnose(pid: int, seconds: float, rate_hz: float, as_json: bool) -> int
         if as_json:
             print(json.dumps({"pid": pid, "error": str(e)}))
         return EXIT_ERROR
+    finally:
+        profile = sampler.stop() if sampler else None
     figures, v = report(m)
     if as_json:
-        print(json.dumps({"figures": figures, "verdict": dataclasses.asdict(v)}, indent=2))
+        out = {"figures": figures, "verdict": dataclasses.asdict(v)}
+        if profile is not None:
+            out["stacks"] = profile.as_dict()
+        print(json.dumps(out, indent=2))
     else:
         print(render(figures, v))
+        if profile is not None:
+            print("\n" + holder_stacks.render(profile))
     if v.kind == "unknown":
         return EXIT_ERROR
     return EXIT_CONTENDED if v.contended else EXIT_OK

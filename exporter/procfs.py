@@ -218,6 +218,33 @@ def task_ids(pid: int) -> list[int]:
         raise ProcessGone(pid) from e
 
 
+@dataclass(frozen=True)
+class TaskStat:
+    """One thread, from one read of /proc/PID/task/TID/stat."""
+
+    name: str  # the comm field: the same text as /proc/PID/task/TID/comm (15 bytes at most)
+    state: str  # "R", "S", "D", ...
+    cpu_seconds: float  # utime + stime
+
+
+def task_stats(pid: int) -> dict[int, TaskStat]:
+    """Every thread of pid: name, state and CPU time. Threads that end meanwhile are left out."""
+    out: dict[int, TaskStat] = {}
+    for tid in task_ids(pid):
+        try:
+            with open(f"{PROC}/{pid}/task/{tid}/stat", "rb") as f:
+                data = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        # comm may hold spaces and parentheses: it runs from the first '(' to the last ')'
+        name = data[data.find(b"(") + 1:data.rfind(b")")].decode("utf-8", "replace")
+        fields = data[data.rfind(b")") + 2:].split()
+        if len(fields) < 13:
+            continue
+        out[tid] = TaskStat(name, fields[0].decode(), (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+    return out
+
+
 def task_syscalls(pid: int) -> dict[int, tuple[int, ...]]:
     """Per thread: (syscall number, arg1..arg6, sp, pc) from /proc/PID/task/TID/syscall.
 

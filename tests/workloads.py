@@ -125,6 +125,60 @@ start(work); ready(); forever()
     "idle": """
 ready(); forever()
 """,
+    # A hot function among waiters: N threads spend ~5/6 of their time in hot(), the rest in
+    # cool(); whoever holds the GIL is mostly in hot() (the stack sampler's comparison target).
+    "hot": """
+def hot(n):
+    x = 0
+    for i in range(n):
+        x += i * i  # HOT-LINE
+    return x
+def cool(n):
+    x = 0
+    for i in range(n):
+        x ^= i  # COOL-LINE
+    return x
+def work():
+    while True:
+        hot(25000)
+        cool(5000)
+start(work); ready(); forever()
+""",
+    # Stacks whose depth changes all the time (0..40 frames of down()): torn reads happen.
+    "recursive": """
+def down(n):
+    if n:
+        return down(n - 1)  # DOWN-LINE
+    x = 0
+    for i in range(300):
+        x += i
+    return x
+def work():
+    i = 0
+    while True:
+        down(i % 40)  # WORK-LINE
+        i += 1
+start(work); ready(); forever()
+""",
+    # One thread holds the GIL for good inside one C call (sum() never lets it go), called
+    # from known lines, while N threads wait: its Python stack stands still for reading.
+    "pinned": """
+import itertools
+def hold():
+    ready()
+    return sum(itertools.repeat(1, 10 ** 15))  # PINNED-LINE
+class Outer:
+    def middle(self):
+        return hold()  # MIDDLE-LINE
+def spin():
+    x = 0
+    while True:
+        x += 1
+start(spin)
+time.sleep(0.2)
+threading.Thread(target=Outer().middle, name="pinned-holder", daemon=True).start()
+forever()
+""",
 }
 
 

@@ -10,6 +10,7 @@ are in docs/gil-internals.md. Split by idea:
 * ``location`` - strategies that find ``struct _gil_runtime_state`` and validate it live;
 * ``reader``   - ``GilReader``: one pread per sample, and periodic re-validation;
 * ``threads``  - an interpreter's thread states (native TIDs; per-thread GIL flags on 3.15+).
+* ``frames``   - a thread's Python stack (3.11+): frame and code-object layouts, line tables.
 """
 from .elf import NotElf, clear_cache as clear_elf_cache
 from .identity import FUTEX_SYSCALL, Target, identify, identify_target, version_from_sys_version_buffer
