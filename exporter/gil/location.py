@@ -13,6 +13,7 @@ Strategies, in order (every candidate is validated against the live process firs
 """
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import time
@@ -22,7 +23,7 @@ from .identity import FUTEX_SYSCALL, Target, identify_target
 from .layouts import (DEBUG_OFFSETS_LAYOUTS, KNOWN_GIL_OFFSETS, gil_layout,
                       layout_from_debug_offsets, parse_debug_offsets,
                       parse_debug_offsets_prefix, thread_layout_from_debug_offsets)
-from .memory import WritableRanges, host_arch, open_mem, pread_exact, task_ids
+from .memory import WritableRanges, host_arch, open_mem, pread_exact, proc_access, task_ids
 from .records import GilLayout, GilLocation, ProbeUnavailable
 from exporter import procfs
 
@@ -56,13 +57,8 @@ def futex_waiters(pid: int, gil_address: int, layout: GilLayout) -> int:
         raise ProbeUnavailable("unsupported_arch", host_arch())
     lo, hi = layout.cond_words
     lo, hi = gil_address + lo, gil_address + hi
-    try:
+    with proc_access(pid):
         calls = procfs.task_syscalls(pid)
-    except procfs.ProcessGone as exc:
-        raise ProbeUnavailable("exited", f"pid {pid}") from exc
-    except OSError as exc:
-        from .memory import proc_error
-        raise proc_error(exc, pid) from exc
     return sum(1 for call in calls.values() if call[0] == nr and len(call) > 1 and lo <= call[1] < hi)
 
 
@@ -258,6 +254,25 @@ def _search(pid: int, fd: int, target: Target, layout: GilLayout) -> List[int]:
     return out
 
 
+def _strategy(method: str):
+    """A strategy of _Locator: bad data (ValueError) or an unreadable address ends it with a
+    reason in `why` and None; the target exiting or denying access ends locate() itself."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(self, *args):
+            try:
+                return fn(self, *args)
+            except ValueError as exc:
+                self.why.append(f"{method}: {exc}")
+            except ProbeUnavailable as exc:
+                if exc.reason != "validation_failed":
+                    raise
+                self.why.append(f"{method}: {exc.detail}")
+            return None
+        return run
+    return wrap
+
+
 class _Locator:
     """One locate() call: the target, its memory fd, and why each strategy failed."""
 
@@ -283,75 +298,55 @@ class _Locator:
                 raise
             return exc.detail
 
-    def debug_offsets(self, mm: Tuple[int, int]) -> Optional[GilLocation]:
-        try:
-            head = pread_exact(self.fd, 512, self.rt, self.pid)
-            offs = parse_debug_offsets(head, mm)
-            layout = layout_from_debug_offsets(offs, self.target.condvar)
-            interp = _main_interpreter(self.pid, self.fd, self.rt, offs)
-            gil_ptr, = _U64.unpack(pread_exact(self.fd, 8, interp + offs["interpreter_state.ceval_gil"], self.pid))
-        except ValueError as exc:
-            self.why.append(f"debug_offsets: {exc}")
-            return None
-        except ProbeUnavailable as exc:
-            if exc.reason != "validation_failed":
-                raise
-            self.why.append(f"debug_offsets: {exc.detail}")
-            return None
+    def require(self, address: int, layout: Optional[GilLayout] = None, prefix: str = "") -> None:
+        bad = self.check(address, layout)
+        if bad:
+            raise ValueError(prefix + bad)
+
+    @_strategy("debug_offsets")
+    def debug_offsets(self, mm: Tuple[int, int]) -> GilLocation:
+        offs = parse_debug_offsets(pread_exact(self.fd, 512, self.rt, self.pid), mm)
+        layout = layout_from_debug_offsets(offs, self.target.condvar)
+        interp = _main_interpreter(self.pid, self.fd, self.rt, offs)
+        gil_ptr, = _U64.unpack(pread_exact(self.fd, 8, interp + offs["interpreter_state.ceval_gil"], self.pid))
         own = interp + offs["interpreter_state.gil_runtime_state"]
         if gil_ptr != own:
-            self.why.append(f"debug_offsets: ceval.gil {gil_ptr:#x} != interp->_gil {own:#x}")
-            return None
+            raise ValueError(f"ceval.gil {gil_ptr:#x} != interp->_gil {own:#x}")
         self.runtime.interpreters.add(interp)
-        bad = self.check(own, layout)
-        if bad:
-            self.why.append(f"debug_offsets: {bad}")
-            return None
+        self.require(own, layout)
         return self.location(own, "debug_offsets", layout, interp, thread_layout_from_debug_offsets(offs))
 
-    def debug_offsets_search(self) -> Optional[GilLocation]:
+    @_strategy("debug_offsets_search")
+    def debug_offsets_search(self) -> GilLocation:
         """A version without a table: the stable prefix finds the main interpreter; its GIL is
         the struct inside it that one of its own words points at (interp->ceval.gil), validated."""
-        try:
-            offs = parse_debug_offsets_prefix(pread_exact(self.fd, 512, self.rt, self.pid))
-            isize = offs["interpreter_state.size"]
-            if not (offs["runtime_state.interpreters_head"] + 8 <= offs["runtime_state.size"] <= 64 << 20
-                    and 1024 <= isize <= 16 << 20):
-                self.why.append("debug_offsets_search: implausible _Py_DebugOffsets prefix")
-                return None
-            interp = _main_interpreter(self.pid, self.fd, self.rt, offs)
-            data = pread_exact(self.fd, isize, interp, self.pid)
-        except ValueError as exc:
-            self.why.append(f"debug_offsets_search: {exc}")
-            return None
-        except ProbeUnavailable as exc:
-            if exc.reason != "validation_failed":
-                raise
-            self.why.append(f"debug_offsets_search: {exc.detail}")
-            return None
+        offs = parse_debug_offsets_prefix(pread_exact(self.fd, 512, self.rt, self.pid))
+        isize = offs["interpreter_state.size"]
+        if not (offs["runtime_state.interpreters_head"] + 8 <= offs["runtime_state.size"] <= 64 << 20
+                and 1024 <= isize <= 16 << 20):
+            raise ValueError("implausible _Py_DebugOffsets prefix")
+        interp = _main_interpreter(self.pid, self.fd, self.rt, offs)
+        data = pread_exact(self.fd, isize, interp, self.pid)
         self.runtime.interpreters.add(interp)
         size = self.layout.mutex + 40
         cands = sorted({v for (v,) in _U64.iter_unpack(data)
                         if interp < v <= interp + isize - size and not (v - interp) % 8})
         good = [a for a in cands[:64] if not self.check(a, reads=4, strict=True)]
-        if len(good) == 1:
-            return self.location(good[0], "debug_offsets_search", interpreter=interp)
-        self.why.append(f"debug_offsets_search: {len(cands)} pointers into the interpreter, "
-                        f"{len(good)} valid GILs")
-        return None
+        if len(good) != 1:
+            raise ValueError(f"{len(cands)} pointers into the interpreter, {len(good)} valid GILs")
+        return self.location(good[0], "debug_offsets_search", interpreter=interp)
 
+    @_strategy("offset_table")
     def offset_table(self, mm: Tuple[int, int]) -> Optional[GilLocation]:
         ident = self.target.identity
         off = KNOWN_GIL_OFFSETS.get(ident.version, KNOWN_GIL_OFFSETS.get(f"{mm[0]}.{mm[1]}"))
         if off is None or self.rt_size < off + self.layout.mutex + 40:
             return None
-        bad = self.check(self.rt + off)
-        if not bad:
-            return self.location(self.rt + off, "offset_table")
-        self.why.append(f"offset_table {off}: {bad}")
-        return None
+        self.require(self.rt + off, prefix=f"{off}: ")
+        return self.location(self.rt + off, "offset_table")
 
-    def search(self, mm: Tuple[int, int]) -> Optional[GilLocation]:
+    @_strategy("search")
+    def search(self, mm: Tuple[int, int]) -> GilLocation:
         cands = _search(self.pid, self.fd, self.target, self.layout)
         good = []
         for off in cands[:32]:
@@ -361,10 +356,9 @@ class _Locator:
                 continue
             if not self.check(self.rt + off, reads=4, strict=True):
                 good.append(off)
-        if len(good) == 1:
-            return self.location(self.rt + good[0], "search")
-        self.why.append(f"search: {len(cands)} candidates, {len(good)} valid {good[:4]}")
-        return None
+        if len(good) != 1:
+            raise ValueError(f"{len(cands)} candidates, {len(good)} valid {good[:4]}")
+        return self.location(self.rt + good[0], "search")
 
 
 def interpreters(pid: int, fd: int, runtime_address: int, offs: Dict[str, int]) -> List[Tuple[int, int]]:

@@ -6,6 +6,7 @@ target is not stopped, and it is only ever read.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import os
 from typing import List, Sequence
@@ -26,13 +27,20 @@ def proc_error(exc: OSError, pid: int) -> ProbeUnavailable:
                             f"pid {pid}: {exc}")
 
 
-def read_maps(pid: int) -> List[MapEntry]:
+@contextlib.contextmanager
+def proc_access(pid: int):
+    """/proc reads of one target: its exit or a denied access become ProbeUnavailable."""
     try:
-        maps = procfs.maps(pid)
+        yield
     except procfs.ProcessGone as exc:
         raise ProbeUnavailable("exited", f"pid {pid}") from exc
     except OSError as exc:
         raise proc_error(exc, pid) from exc
+
+
+def read_maps(pid: int) -> List[MapEntry]:
+    with proc_access(pid):
+        maps = procfs.maps(pid)
     if not maps:
         # Zombies (exited, not reaped) and kernel threads have no mappings.
         state = procfs.process_state(pid)
@@ -43,21 +51,13 @@ def read_maps(pid: int) -> List[MapEntry]:
 
 def start_time(pid: int) -> int:
     """Field 22 of /proc/PID/stat (clock ticks since boot): identifies a process across PID reuse."""
-    try:
+    with proc_access(pid):
         return procfs.start_time(pid)
-    except procfs.ProcessGone as exc:
-        raise ProbeUnavailable("exited", f"pid {pid}") from exc
-    except OSError as exc:
-        raise proc_error(exc, pid) from exc
 
 
 def task_ids(pid: int) -> List[int]:
-    try:
+    with proc_access(pid):
         return procfs.task_ids(pid)
-    except procfs.ProcessGone as exc:
-        raise ProbeUnavailable("exited", f"pid {pid}") from exc
-    except OSError as exc:
-        raise proc_error(exc, pid) from exc
 
 
 def open_mem(pid: int) -> int:
