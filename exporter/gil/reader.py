@@ -100,7 +100,7 @@ class GilReader:
         return GilReading(interval, bool(locked), switch, waiters, holder,
                           None if enabled < 0 else enabled != 0)
 
-    def recheck(self) -> Tuple[str, int]:
+    def recheck(self, futex: bool = True) -> Tuple[str, int]:
         """Re-validate the location on the live process without sleeping.
 
         Returns (problem, futex_waiters): problem is "" when one snapshot of the struct
@@ -108,6 +108,8 @@ class GilReader:
         a live thread state of the runtime's interpreter. Raises ProbeUnavailable when
         the process exited, was replaced, or denies access. Costs a few /proc reads;
         the writable mappings and the verified interpreter are cached between calls.
+        ``futex=False`` leaves out the futex cross-check (futex_waiters -1): it reads every
+        thread's /proc/PID/task/TID/syscall, and only has something to say while threads wait.
         """
         if not self.same_process():
             raise ProbeUnavailable("exited", f"pid {self.pid} exited or was replaced")
@@ -121,7 +123,7 @@ class GilReader:
             problem = self._recheck_snapshot(data, len(tids))
             if not problem:
                 break
-        if problem:
+        if problem or not futex:
             return problem, -1
         return "", futex_waiters(self.pid, self.address, loc.layout)
 
