@@ -228,13 +228,14 @@ metrics: <a href="{html.escape(metrics_path)}">{html.escape(metrics_path)}</a>
 
 
 class RenderedMetrics:
-    """The /metrics body, rendered at most once per monitor tick and set of live processes.
+    """The /metrics body, rendered at most once per monitor pass and set of live processes.
 
-    The figures only change when the monitor ticks (once a second), but a scrape must never
-    show a process that has exited since. So a scrape checks liveness (one small read per
-    process) and reuses the body rendered for the same tick and the same live processes;
-    after each tick the body is rendered ahead of time while someone is scraping, which keeps
-    the text formatting off the scrape's path.
+    The figures only change when the monitor makes a pass, but a scrape must never show a
+    process that has exited since. So a scrape checks liveness (one pread per process) and
+    reuses the body rendered for the same pass and the same live processes. The monitor
+    follows the scrapes (Monitor.follow_scrapes): it makes a pass just before each expected
+    scrape, after which the body is rendered ahead of time, which keeps the text formatting
+    off the scrape's path; a scrape that finds the figures older than a tick waits for a pass.
     """
 
     PRERENDER_WHILE_SCRAPED = 120.0  # seconds after the last scrape
@@ -247,11 +248,17 @@ class RenderedMetrics:
         self._lock = threading.Lock()
         self._last_scrape = 0.0
         self._last_accept = ""
+        monitor.follow_scrapes()
         monitor.tick_listeners.append(self._prerender)
 
     def body(self, accept: str) -> tuple[bytes, str]:
-        encoder, content_type = choose_encoder(accept)
         self._last_scrape, self._last_accept = time.monotonic(), accept
+        self.monitor.scraped()
+        self.monitor.refresh()
+        return self._render(accept)
+
+    def _render(self, accept: str) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)
         alive = self.monitor.alive_keys()
         generation = self.monitor.generation
         hit = self._cache.get(content_type)
@@ -264,8 +271,13 @@ class RenderedMetrics:
         return body, content_type
 
     def _prerender(self) -> None:
-        if time.monotonic() - self._last_scrape < self.PRERENDER_WHILE_SCRAPED:
-            self.body(self._last_accept)
+        now = time.monotonic()
+        if now - self._last_scrape >= self.PRERENDER_WHILE_SCRAPED:
+            return
+        expected = self.monitor.scrape_expected
+        if expected is not None and expected - now > 2 * self.monitor.lead:
+            return  # a pass for a window's start, not one a scrape is about to read
+        self._render(self._last_accept)
 
 
 class _Server(ThreadingHTTPServer):
