@@ -148,7 +148,7 @@ class Peer:
         self.log = tempfile.NamedTemporaryFile(prefix="bench-peers-",
                                                suffix=".log", delete=False)
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=self.log, preexec_fn=_die_with_parent)
 
     def get(self) -> tuple[float, str]:
         s = time.perf_counter()
@@ -184,12 +184,18 @@ def pe_ready(body: str, n: int) -> bool:
     return len(set(re.findall(r'namedprocess_namegroup_num_procs\{groupname="([^"]+)"\} 1', body))) == n
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the bench dies, however it dies (no orphaned spinners)."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def start_workers(python: str, n: int, threads: int, spinning: int) -> list:
     procs = []
     for i in range(n):
         spin = 3 if i < spinning else 0
         procs.append(subprocess.Popen([python, "-c", WORKER, str(threads), str(spin), TAG],
-                                      stdout=subprocess.PIPE, text=True))
+                                      stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent))
     for p in procs:
         if p.stdout.readline().strip() != "ready":
             sys.exit("bench_peers: a worker did not start")
@@ -313,6 +319,7 @@ def table(peers: list) -> list:
 
 
 def main(argv=None) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (finally) on SIGTERM too
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--processes", type=int, default=100)
     ap.add_argument("--threads", type=int, default=10)

@@ -4,10 +4,12 @@ A process is identified by (pid, start_time), so a reused PID is a new process.
 The first target whose matchers all hold claims a process (as in
 process-exporter), so a process is never counted twice.
 
-A scan reads every PID's identity marks (three small reads: stat, cmdline, owner) and
-reads the full ProcessInfo (psutil: a dozen reads, a passwd lookup) only for a PID it has
-not seen with the same marks: a new process, a reused PID, an exec, a rewritten argv or a
-change of user. Matching itself is redone at every scan (pidfiles and cgroups move).
+A scan reads the full ProcessInfo (psutil: a dozen reads, a passwd lookup) only for a PID it
+has not seen with the same identity marks (stat, cmdline, owner: three small reads). A PID
+seen before costs one stat() of /proc/PID per scan, which tells a reused PID (new inode) or
+a change of user; its identity marks, which tell an exec, a rewritten argv or a rename, are
+read every FULL_EVERY scans. Matching itself is redone at every scan (pidfiles and cgroups
+move).
 """
 from __future__ import annotations
 
@@ -65,15 +67,20 @@ def _cgroup_matches(pid: int, pattern: re.Pattern) -> bool:
         return False
 
 
+FULL_EVERY = 6  # scans between two readings of a known PID's identity marks
+
+
 class _Seen:
     """What a scan learnt about one PID, valid while its identity marks stay the same."""
 
-    __slots__ = ("marks", "info", "python")
+    __slots__ = ("marks", "info", "python", "quick", "checked")
 
     def __init__(self, marks: tuple, info: procfs.ProcessInfo | None):
         self.marks = marks
         self.info = info                    # None: a kernel thread or zombie (nothing to match)
         self.python: bool | None = None     # is_cpython(info), once asked (reads maps)
+        self.quick: tuple = ()              # procfs.quick_marks at the last scan
+        self.checked = 0                    # scan at which the marks were last read
 
 
 class Discoverer:
@@ -81,6 +88,7 @@ class Discoverer:
         self.config = config
         self._self_pid = os.getpid()
         self._seen: dict[int, _Seen] = {}   # pid -> what the last scans read
+        self._scans = 0
 
     def _is_python(self, info: procfs.ProcessInfo) -> bool:
         seen = self._seen.get(info.pid)
@@ -92,13 +100,20 @@ class Discoverer:
 
     def _info(self, pid: int) -> procfs.ProcessInfo | None:
         """The process's info, read again only when its identity marks changed; None to skip."""
-        marks = procfs.identity_marks(pid)
+        quick = procfs.quick_marks(pid)
         seen = self._seen.get(pid)
+        if seen is not None and seen.quick == quick and self._scans - seen.checked < FULL_EVERY:
+            return seen.info
+        marks = procfs.identity_marks(pid)
         if seen is None or seen.marks != marks:
             info = procfs.process_info(pid)
             if not info.exe and not info.cmdline:
                 info = None  # kernel thread or zombie
             seen = self._seen[pid] = _Seen(marks, info)
+            seen.checked = self._scans - pid % FULL_EVERY  # spread the next readings over scans
+        else:
+            seen.checked = self._scans
+        seen.quick = quick
         return seen.info
 
     def matches(self, match: Match, info: procfs.ProcessInfo, pidfile_pids: dict[str, int | None]) -> bool:
@@ -121,6 +136,7 @@ class Discoverer:
         return True
 
     def scan(self) -> ScanResult:
+        self._scans += 1
         targets: tuple[Target, ...] = self.config.targets
         pidfile_pids = {t.match.pidfile: procfs.read_pidfile(t.match.pidfile)
                         for t in targets if t.match.pidfile is not None}

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__, procfs, score
+from exporter.collector import exposition
 from exporter.monitor import Monitor
 from exporter.webconfig import BasicAuth, WebConfig
 
@@ -266,7 +267,10 @@ class RenderedMetrics:
             return hit[2], content_type
         with self._lock:
             with self.collector.pinned(alive):
-                body = encoder(self.registry)
+                om = _openmetrics(content_type)
+                body = None if om is None else exposition(self.registry.collect(), om)
+                if body is None:
+                    body = encoder(self.registry)
             self._cache[content_type] = (generation, alive, body)
         return body, content_type
 
@@ -278,6 +282,20 @@ class RenderedMetrics:
         if expected is not None and expected - now > 2 * self.monitor.lead:
             return  # a pass for a window's start, not one a scrape is about to read
         self._render(self._last_accept)
+
+
+def _openmetrics(content_type: str) -> bool | None:
+    """For the formats exposition() writes (names in the legacy character set need no
+    escaping): True for OpenMetrics 1.0.0, False for the text format; None for any other."""
+    params = [p.strip() for p in content_type.split(";")]
+    escaping = next((p[9:] for p in params if p.startswith("escaping=")), "underscores")
+    if escaping not in ("underscores", "allow-utf-8"):
+        return None
+    if params[0] == "application/openmetrics-text" and "version=1.0.0" in params:
+        return True
+    if params[0] == "text/plain" and ("version=0.0.4" in params or "version=1.0.0" in params):
+        return False
+    return None
 
 
 class _Server(ThreadingHTTPServer):

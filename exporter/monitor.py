@@ -22,6 +22,7 @@ the sum go down.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -46,9 +47,9 @@ _RELOCATE_AFTER = 30.0  # seconds between attempts to locate a GIL that was not 
 #: (about 13 KiB per process).
 SCORE_HISTORY_STEP = 5.0
 SCORE_HISTORY = 120
-# An idle process is sampled once per this many ticks of the GIL sampler (5 Hz at the default
-# 100 Hz), a process that showed a waiter in the last second at every tick (sampler.py).
-IDLE_TICKS = 20
+# An idle process is sampled once per this many ticks of the GIL sampler (2 Hz at the default
+# 100 Hz), a process that showed a waiter in the last 0.25 s at every tick (sampler.py).
+IDLE_TICKS = 50
 _LOCATORS = 4             # locating is mostly waiting (validation reads 4 ms apart): in parallel
 _LEAD = 0.5               # a pass this long before an expected scrape
 _ANCHOR_LATE = 0.3        # the window's first pass: this much less than a window before the last
@@ -221,6 +222,10 @@ class Monitor:
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
         procfs.raise_fd_limit()  # kept /proc files: one per process and thread
+        # The modules' objects live as long as the process: keep them out of the cyclic
+        # collector's full passes (a gen-2 pass over them took ~20 ms).
+        gc.collect()
+        gc.freeze()
         if self.sampler:
             self.sampler.start()
         self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)

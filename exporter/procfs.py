@@ -165,6 +165,17 @@ class StatFile:
             os.close(fd)
 
 
+def quick_marks(pid: int) -> tuple[int, int]:
+    """(inode, owner) of /proc/PID, from one stat(). The kernel drops a process's /proc
+    entries when it is reaped, so a reused PID comes back with another inode; an exec or an
+    argv rewrite keeps it (identity_marks tells those)."""
+    try:
+        st = os.stat(f"{PROC}/{pid}")
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise ProcessGone(pid) from e
+    return st.st_ino, st.st_uid
+
+
 def identity_marks(pid: int) -> tuple:
     """What tells a process seen before from a new one under the same PID, or from the same
     process after it exec'd, renamed itself, rewrote its argv (setproctitle) or changed user:

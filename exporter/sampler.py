@@ -19,9 +19,12 @@ due are slept through.
 Time is a "sampled clock": wall time, except that a gap between two ticks longer than
 three periods (the sampler itself was starved) counts for three periods only.
 
-Every `check_every` seconds (staggered, one target per tick at most) a target is
-re-validated (same process, GIL struct shape, live holder); while it shows waiters they are
-also counted from /proc/PID/task/*/syscall as a cross-check.
+Every `check_every` seconds (staggered; 12 times less often while it is sampled slowly) a
+target is re-validated (same process, GIL struct shape, live holder); while it shows waiters,
+once a minute, they are also counted from /proc/PID/task/*/syscall as a cross-check.
+
+The loop runs in C when the optional extension exporter._hotloop was built (_hotloop.c,
+the same loop; Python does the rest between its calls, every 0.25 s or so), else in Python.
 """
 from __future__ import annotations
 
@@ -31,14 +34,24 @@ import os
 import random
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Dict, Hashable, List, Optional
 
+from . import procfs
 from .gil import GilLocation, GilReader, INTERVAL_MAX_US, INTERVAL_MIN_US, ProbeUnavailable
+from .gil.reader import FIELDS
+
+try:
+    from . import _hotloop  # the loop below, in C (setup.py builds it when a compiler is there)
+except ImportError:
+    _hotloop = None
 
 __all__ = ["GilTotals", "GilSampler"]
 
 _MASK64 = (1 << 64) - 1
+IDLE_CHECKS = 12      # a target sampled slowly is re-validated this many times less often
+FUTEX_EVERY = 60.0    # seconds between futex cross-checks of one target
 
 
 @dataclass(frozen=True)
@@ -65,7 +78,8 @@ _EMPTY_STATE = (0.0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 0, -1)
 class _Target:
     __slots__ = ("key", "reader", "pid", "read", "unpack", "size", "state", "futex",
                  "next_check", "bad_checks", "failure", "free_threaded", "waiting",
-                 "start", "length", "last_waiter", "removed", "checked_wait")
+                 "start", "length", "last_waiter", "removed", "checked_wait", "checked_at",
+                 "checked", "stat", "core", "slot")
 
     def __init__(self, key: Hashable, reader: Optional[GilReader], check_at: float) -> None:
         self.key = key
@@ -90,10 +104,34 @@ class _Target:
         self.start = 0             # tick index where the current stratum starts
         self.length = 1            # its length in ticks
         self.last_waiter = -(1 << 62)  # tick index of the last sample that saw a waiter
-        self.checked_wait = -1.0   # wait_seconds at the last futex cross-check
+        self.checked_wait = -1.0   # wait_seconds at the last re-validation
+        self.checked_at = 0.0      # when the last futex cross-check was made
+        self.checked = (0.0, 0)    # (time, samples) at the last re-validation
+        self.stat: Optional[procfs.StatFile] = None  # kept /proc/PID/stat: is it the same process
+        self.core = None           # the C loop's Core while it samples this target
+        self.slot = (0, 0)         # (index, uid) in it
+
+    def still_readable(self) -> bool:
+        """The PID still names this process (kept stat fd), and we may still read it: readlink
+        of /proc/PID/exe needs the same ptrace access (PermissionError once it is lost; the
+        open /proc/PID/mem fd itself would keep reading)."""
+        stat = self.stat
+        if stat is None or not stat.alive():
+            return False
+        os.readlink(f"/proc/{self.pid}/exe")
+        return True
+
+    def snapshot(self) -> tuple:
+        """The state tuple: from the C loop while it samples this target."""
+        core = self.core
+        if core is not None:
+            state = core.state(*self.slot)
+            if state is not None:
+                return state
+        return self.state
 
     def totals(self) -> GilTotals:
-        _c, _l, _w, _s, interval, sampled, held, wait, contended, switches, samples, en = self.state
+        _c, _l, _w, _s, interval, sampled, held, wait, contended, switches, samples, en = self.snapshot()
         return GilTotals(sampled, held, wait, contended, switches, interval / 1e6, samples, self.futex,
                          None if en < 0 else bool(en))
 
@@ -108,7 +146,9 @@ class GilSampler:
     until ``remove(key)``.
 
     ``idle_ticks`` (1: every target every tick) and ``hold_seconds`` set the adaptive rate
-    described in the module docstring.
+    described in the module docstring. The hold is short: an idle process whose threads
+    wake together now and then shows a waiter for a moment, which is no reason to sample it
+    at the full rate for long; sustained contention shows waiters at every sample.
 
     Concurrency: the sampling thread takes no lock per tick. Targets due at a tick sit in
     that tick's slot of a ring that only the sampling thread touches; add() hands new
@@ -119,9 +159,13 @@ class GilSampler:
     """
 
     def __init__(self, rate_hz: float = 100.0, jitter: float = 0.5,
-                 check_every: float = 5.0, idle_ticks: int = 1, hold_seconds: float = 1.0) -> None:
+                 check_every: float = 5.0, idle_ticks: int = 1, hold_seconds: float = 0.25,
+                 native: Optional[bool] = None) -> None:
         if int(idle_ticks) != idle_ticks or idle_ticks < 1:
             raise ValueError("idle_ticks must be a whole number >= 1")
+        if native and _hotloop is None:
+            raise ValueError("the C hot loop (exporter._hotloop) was not built")
+        self.native = _hotloop is not None if native is None else native
         if not hold_seconds >= 0:
             raise ValueError("hold_seconds must be >= 0")
         self.idle_ticks = int(idle_ticks)
@@ -140,6 +184,8 @@ class GilSampler:
         self.reads = 0                  # target-samples taken
         self._next_check = 0.0          # earliest time any target is due for re-validation
         self._clock = 0.0               # the sampled clock where the last sampling thread left it
+        self._recent: deque = deque(maxlen=64)  # times of the last ticks (the Python loop)
+        self._core = None               # the C loop's Core, while it runs
         self.native_id = 0              # sampler thread's TID (for CPU accounting)
 
     # ----------------------------------------------------------------- schedule
@@ -204,6 +250,10 @@ class GilSampler:
         check_at = time.monotonic() + self._rng.uniform(0.2, 1.0) * self.check_every
         try:
             st = _Target(key, GilReader(location), check_at)
+            try:
+                st.stat = procfs.StatFile(st.pid, st.reader.start_time)
+            except (procfs.ProcessGone, OSError):
+                pass  # re-validation falls back to GilReader.same_process()
         except ProbeUnavailable as exc:
             st = _Target(key, None, check_at)
             st.failure = exc.reason
@@ -247,6 +297,11 @@ class GilSampler:
         t = self._thread
         return t is not None and t.is_alive()
 
+    def recent_ticks(self) -> list:
+        """Monotonic times of the last (up to 64) ticks the sampling thread woke at."""
+        core = self._core
+        return core.recent if core is not None else list(self._recent)
+
     # ----------------------------------------------------------------- internals
     def _rebuild(self) -> None:
         # called with the lock held
@@ -258,6 +313,9 @@ class GilSampler:
         if st.reader is not None:
             self._to_close.append(st.reader)
             st.reader = None
+        if st.stat is not None:
+            self._to_close.append(st.stat)
+            st.stat = None
 
     def _close_pending(self) -> None:
         with self._lock:
@@ -277,12 +335,88 @@ class GilSampler:
             self.native_id = threading.get_native_id()
         except AttributeError:  # pragma: no cover
             self.native_id = 0
+        if self.native:
+            self._run_native()
+        else:
+            self._run_python()
+
+    def _run_native(self) -> None:
+        """The loop of _run_python in C (Core.run), in chunks of ~0.25 s; between them, here:
+        new and removed targets, failures, re-validation, closing readers."""
+        core = self._core = _hotloop.Core(self.idle_ticks, self._clock, self._period * self._rng.random(),
+                                          self._rng.getrandbits(64))
+        sampled: Dict[int, _Target] = {}   # core index -> target
+        params = self._params
+        running = self._running
+        monotonic = time.monotonic
+        try:
+            while running[0]:
+                if self._params is not params:     # rate or jitter changed
+                    params = self._params
+                    core.reschedule(monotonic() + params[0] + params[1] * self._rng.random())
+                for i, st in list(sampled.items()):
+                    if st.removed or st.failure is not None:
+                        self._unhook(core, i, st, sampled)
+                if self._to_close:
+                    self._close_pending()   # after _unhook: the C loop no longer reads them
+                if self._new:
+                    with self._lock:
+                        new, self._new = self._new, []
+                    for st in new:
+                        if st.failure is None and not st.removed and st.reader is not None:
+                            self._hook(core, st, sampled)
+                now = monotonic()
+                if now >= self._next_check - 0.01:
+                    self._housekeeping(now, None, ahead=0.25)
+                lo, span, max_gap, hold = params
+                # at least the next tick: never a call that returns at once
+                until = max(min(now + 0.25, self._next_check), core.plan)
+                failures = core.run(until, lo, span, max_gap, hold)
+                self.ticks, self.reads = core.ticks, core.reads
+                if failures:
+                    failed = []
+                    for i, err, kind in failures:
+                        st = sampled.get(i)
+                        if st is None:
+                            continue
+                        self._unhook(core, i, st, sampled)
+                        failed.append((st, OSError(err, os.strerror(err)) if kind == 0 else
+                                       (None if kind == 2 else EOFError("short read"))))
+                    self._housekeeping(monotonic(), failed)
+        finally:
+            for i, st in list(sampled.items()):
+                self._unhook(core, i, st, sampled)
+            self._clock = core.clock
+            self._close_pending()
+
+    @staticmethod
+    def _hook(core, st: _Target, sampled: dict) -> None:
+        reader = st.reader
+        layout = reader.location.layout
+        st.slot = core.add(reader.fd, reader.address, reader.size,
+                           tuple(getattr(layout, f) for f in FIELDS if f != "last_holder")
+                           + (layout.enabled,), st.waiting, st.state)
+        st.core = core
+        sampled[st.slot[0]] = st
+
+    @staticmethod
+    def _unhook(core, i: int, st: _Target, sampled: dict) -> None:
+        """Stop sampling st in C; its totals stay readable from st.state."""
+        state = core.state(*st.slot)
+        if state is not None:
+            st.state = state
+        st.core = None
+        core.remove(i)
+        del sampled[i]
+
+    def _run_python(self) -> None:
         params = self._params
         lo, span, max_gap, hold = params
         idle = self.idle_ticks
         rand = self._rng.random
         monotonic = time.monotonic
         sleep = time.sleep
+        recent = self._recent.append
         running = self._running          # a list, not Event.is_set(): no Python call per tick
         # Ring of the last ticks (index & mask): the sampled clock at each tick, and the
         # targets due at each of the next ticks. A stratum starts at most idle-1 ticks
@@ -314,6 +448,7 @@ class GilSampler:
             c += gap if gap < max_gap else max_gap
             clock[j & mask] = c
             last = now
+            recent(now)
             if self._new:
                 with self._lock:
                     new, self._new = self._new, []
@@ -415,9 +550,10 @@ class GilSampler:
         self._clock = c
         self._close_pending()
 
-    def _housekeeping(self, now: float, failed) -> None:
-        """Record failures from the hot path; re-validate at most one due target."""
-        due = None
+    def _housekeeping(self, now: float, failed, ahead: float = 0.0) -> None:
+        """Record failures from the hot path; re-validate the targets due (the Python loop:
+        one per tick at most; the C loop: every one due within `ahead` seconds)."""
+        due = []
         with self._lock:
             for st, exc in failed or ():
                 if exc is None:
@@ -429,30 +565,40 @@ class GilSampler:
                 self._fail(st, reason)
             soonest = now + self.check_every
             for st in self._active:
-                if st.next_check <= now and due is None:
-                    due = st
+                if st.next_check <= now + ahead and (ahead or not due):
+                    due.append(st)
                 elif st.next_check < soonest:
                     soonest = st.next_check
             self._next_check = soonest
-        if due is not None:
-            self._check(due, now)
+        for st in due:
+            self._check(st, now)
+        if due:
             with self._lock:
-                self._next_check = min(self._next_check, due.next_check)
+                self._next_check = min([self._next_check] + [st.next_check for st in due])
 
     def _check(self, st: _Target, now: float) -> None:
-        """Occasional re-validation of one target (sampling thread); while it shows waiters,
-        a futex cross-check too."""
-        st.next_check = now + self.check_every * self._rng.uniform(0.8, 1.2)
+        """Occasional re-validation of one target (sampling thread): every check_every
+        seconds while it is sampled at the full rate, IDLE_CHECKS times less often while it is
+        sampled slowly. The futex cross-check reads every thread's syscall file: only while
+        waiters are seen, at most once a FUTEX_EVERY seconds."""
+        state = st.snapshot()
+        interval, samples, wait = state[4], state[10], state[7]
+        then, before = st.checked
+        st.checked = (now, samples)
+        fast = self.idle_ticks == 1 or (samples - before) >= 0.5 * self._rate_hz * (now - then)
+        every = self.check_every * (1 if fast else IDLE_CHECKS)
+        st.next_check = now + every * self._rng.uniform(0.8, 1.2)
         reader = st.reader
         if reader is None:      # removed meanwhile; its reader is queued for closing
             return
         reason = None
         futex = -1
-        state = st.state
-        interval, samples, wait = state[4], state[10], state[7]
-        cross_check = state[2] > 0 or wait > st.checked_wait
+        cross_check = (state[2] > 0 or wait > st.checked_wait) and (
+            st.checked_at == 0.0 or now - st.checked_at >= FUTEX_EVERY)
+        st.checked_wait = wait
         try:
-            problem, futex = reader.recheck(futex=cross_check)
+            problem, futex = reader.recheck(futex=cross_check,
+                                            alive=None if st.stat is None else st.still_readable)
             if samples and not INTERVAL_MIN_US <= interval <= INTERVAL_MAX_US:
                 problem = problem or f"interval {interval} us out of range"
             if problem:
@@ -472,7 +618,7 @@ class GilSampler:
             reason = "validation_failed"
         if futex >= 0:
             st.futex = futex
-            st.checked_wait = wait
+            st.checked_at = now
         if reason is not None:
             with self._lock:
                 if self._targets.get(st.key) is st:
