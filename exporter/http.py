@@ -394,9 +394,11 @@ class ExporterServer:
                         return
                     self._send(200, content_type, body)
                 elif path == "/":
+                    server.monitor.refresh()  # figures at most a tick old, as for a scrape
                     page = landing_page(server.monitor, server.metrics_path).encode()
                     self._send(200, "text/html; charset=utf-8", page)
                 elif path.startswith("/process/") and path[len("/process/"):].isdigit():
+                    server.monitor.refresh()
                     page = process_page(server.monitor, int(path[len("/process/"):]),
                                         server.metrics_path)
                     if page is None:

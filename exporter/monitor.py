@@ -172,7 +172,7 @@ class _ProcessState:
     history: deque = field(default_factory=deque)
     scores: deque = field(default_factory=lambda: deque(maxlen=SCORE_HISTORY))
     stat: procfs.StatFile | None = None  # kept /proc/PID/stat (closed under Monitor._lock)
-    tasks: procfs.ThreadFiles | None = None  # kept /proc/PID/task/*/status (monitor thread only)
+    tasks: procfs.ThreadFiles | None = None  # kept task status and schedstat (monitor thread only)
 
     def ctx_totals(self, per_thread: dict[int, tuple[int, int]]) -> tuple[int, int]:
         ended_v, ended_i = self.ended
@@ -449,8 +449,7 @@ class Monitor:
         pid = key[0]
         try:
             stat = state.stat.read()
-            per_thread = state.tasks.read(stat.threads)
-            sched = procfs.task_schedstat(pid)
+            per_thread, sched = state.tasks.read(stat.threads)
         except procfs.ProcessGone:
             with self._lock:
                 self._forget(key)

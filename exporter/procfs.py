@@ -301,9 +301,9 @@ def raise_fd_limit() -> int:
 
 
 class ThreadFiles:
-    """/proc/PID/task/TID/status of every thread of one process, kept open.
+    """/proc/PID/task/TID/status and .../schedstat of every thread of one process, kept open.
 
-    A reading is one pread per thread. The thread list is read again only when the thread
+    A reading is one pread per file. The thread list is read again only when the thread
     count (from /proc/PID/stat) changed or a thread ended: a kept fd of an ended thread
     fails with ESRCH, so the same count with no such failure means the same threads.
     Beyond the fd budget (see raise_fd_limit) it opens each file per reading instead.
@@ -314,39 +314,52 @@ class ThreadFiles:
 
     def __init__(self, pid: int):
         self.pid = pid
-        self.fds: dict[int, int] = {}
+        self.fds: dict[int, tuple[int, int]] = {}  # tid -> (status fd, schedstat fd or -1)
         self.kept = True
 
-    def read(self, threads: int = -1) -> dict[int, tuple[int, int]]:
-        """Per-thread (voluntary, involuntary) context switches; `threads`: count just read."""
+    def read(self, threads: int = -1) -> tuple[dict[int, tuple[int, int]], dict[int, tuple[int, int]]]:
+        """Per thread (voluntary, involuntary) context switches, and (ns on a CPU, ns runnable
+        but waiting) as task_schedstat gives them; `threads`: the count just read."""
         if not self.kept:
-            return task_ctx_switches(self.pid)
+            return task_ctx_switches(self.pid), task_schedstat(self.pid)
         if threads != len(self.fds):
             self._sync()
-        out: dict[int, tuple[int, int]] = {}
-        ended = None
-        for tid, fd in self.fds.items():
-            try:
-                out[tid] = parse_ctx_switches(os.pread(fd, 4096, 0))
-            except ProcessLookupError:
-                if ended is None:
-                    ended = []
-                ended.append(tid)
+        ctx: dict[int, tuple[int, int]] = {}
+        sched: dict[int, tuple[int, int]] = {}
+        ended = self._read(self.fds.items(), ctx, sched)
         if ended:
             for tid in ended:
-                os.close(self.fds.pop(tid))
-                _kept[0] -= 1
+                self._drop(tid)
             new = self._sync()
             if not self.kept:
-                return task_ctx_switches(self.pid)
-            for tid in new:
-                try:
-                    out[tid] = parse_ctx_switches(os.pread(self.fds[tid], 4096, 0))
-                except ProcessLookupError:
-                    continue
-        if not out and not os.path.exists(f"{PROC}/{self.pid}"):
+                return task_ctx_switches(self.pid), task_schedstat(self.pid)
+            self._read([(tid, self.fds[tid]) for tid in new], ctx, sched)
+        if not ctx and not os.path.exists(f"{PROC}/{self.pid}"):
             raise ProcessGone(self.pid)
-        return out
+        return ctx, sched
+
+    @staticmethod
+    def _read(items, ctx: dict, sched: dict) -> list[int]:
+        ended = []
+        pread = os.pread
+        for tid, (status, schedstat) in items:
+            try:
+                ctx[tid] = parse_ctx_switches(pread(status, 4096, 0))
+                if schedstat >= 0:
+                    run, delay, _slices = pread(schedstat, 128, 0).split()
+                    sched[tid] = (int(run), int(delay))
+            except ProcessLookupError:
+                ended.append(tid)
+                ctx.pop(tid, None)
+        return ended
+
+    def _drop(self, tid: int) -> None:
+        status, schedstat = self.fds.pop(tid)
+        os.close(status)
+        _kept[0] -= 1
+        if schedstat >= 0:
+            os.close(schedstat)
+            _kept[0] -= 1
 
     def _sync(self) -> list[int]:
         """Open the threads not open yet, close the ended ones; returns the new TIDs."""
@@ -356,29 +369,32 @@ class ThreadFiles:
         except (FileNotFoundError, ProcessLookupError) as e:
             raise ProcessGone(self.pid) from e
         for tid in [t for t in self.fds if t not in tids]:
-            os.close(self.fds.pop(tid))
-            _kept[0] -= 1
+            self._drop(tid)
         if _kept[1] < 0:
             raise_fd_limit()
         new = []
+        flags = os.O_RDONLY | os.O_CLOEXEC
         for tid in tids - self.fds.keys():
-            if _kept[0] >= _kept[1]:
+            if _kept[0] + 2 > _kept[1]:
                 self.close()
                 self.kept = False
                 return []
             try:
-                self.fds[tid] = os.open(f"{base}/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
+                status = os.open(f"{base}/{tid}/status", flags)
             except (FileNotFoundError, ProcessLookupError):
                 continue  # ended meanwhile
-            _kept[0] += 1
+            try:
+                schedstat = os.open(f"{base}/{tid}/schedstat", flags)
+            except (FileNotFoundError, ProcessLookupError):
+                schedstat = -1  # ended meanwhile, or a kernel without schedstat
+            self.fds[tid] = (status, schedstat)
+            _kept[0] += 1 if schedstat < 0 else 2
             new.append(tid)
         return new
 
     def close(self) -> None:
-        fds, self.fds = self.fds, {}
-        for fd in fds.values():
-            os.close(fd)
-        _kept[0] -= len(fds)
+        for tid in list(self.fds):
+            self._drop(tid)
 
 
 def parse_maps(text: str) -> list[MapEntry]:
