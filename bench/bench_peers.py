@@ -126,6 +126,19 @@ def loadavg() -> str:
         return " ".join(f.read().split()[:3])
 
 
+def host_busy(seconds: float = 3.0) -> float:
+    """CPUs busy with other work right now, from /proc/stat over `seconds` (load averages lag
+    by minutes: after a run they still show its spinning threads)."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v[:8]) - v[3] - v[4], sum(v[:8])
+    b0, t0 = read()
+    time.sleep(seconds)
+    b1, t1 = read()
+    return (os.cpu_count() or 1) * (b1 - b0) / max(1, t1 - t0)
+
+
 @dataclass
 class Peer:
     name: str
@@ -208,7 +221,7 @@ def exporter_command() -> list:
 
 
 def run_once(args, pe_binary: str, python: str, tmp: Path) -> list:
-    load_before = loadavg()   # other work on the host, before the bench's own spinners add theirs
+    load_before = f"{loadavg()}; other work kept {host_busy():.2f} CPUs busy"  # before the spinners
     workers = start_workers(python, args.processes, args.threads, args.spinning)
     n = args.processes
     peers = []
