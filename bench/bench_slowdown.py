@@ -2,10 +2,13 @@
 """How much the exporter slows down the process it samples, measured so that 0.5 % shows.
 
 The target does fixed units of pure-Python work in T threads (3: its GIL is contended, so
-the exporter samples it at the full rate, the worst case) and reports, when asked, the units
-done and its own CPU time (time.process_time_ns). The real daemon samples it at the default
-rate. The measure is the target's CPU time per unit of work, not wall time: what the other
-work on this 2-core machine takes from the target shows up in wall time, not in CPU per unit.
+the exporter samples it at the full rate, the worst case); each thread clocks the CPU time of
+each unit it does (time.thread_time_ns), and the target reports, when asked, the units done and
+the CPU time they took. The real daemon samples it at the default rate. The measure is CPU time
+per unit of work, not wall time: what the other work on this 2-core machine takes from the
+target shows up in wall time, not in CPU per unit; and it is the work's own CPU, not the
+process's, which also counts the waiting threads' wake-ups (they vary with the GIL's rhythm
+from one second to the next, by about 10 %).
 
 Rounds of three phases, in a random order per round: "on" (the exporter runs), "off" (the
 exporter is stopped with SIGSTOP: nothing of it runs) and "off again" (stopped too: the A/A
@@ -14,7 +17,12 @@ cpu_per_unit(on) / cpu_per_unit(off) - 1 and the control cpu_per_unit(off again)
 cpu_per_unit(off) - 1; the table gives their means with a 95 % confidence interval
 (mean +- 1.96 standard errors over the rounds) and medians.
 
-    .venv/bin/python bench/bench_slowdown.py --rounds 100 --phase 2
+Phases are short (50 ms) and many. On this VM the CPU time of a fixed unit of work moves by
+8-10 % between two adjacent windows whether they last 50 ms or 1 s (the host's other tenants),
+so the confidence interval shrinks with the number of rounds, not with their length: 10 minutes
+of 50 ms phases resolve about +-0.2 %, of 1 s phases about +-1 %.
+
+    .venv/bin/python bench/bench_slowdown.py --minutes 10
 """
 from __future__ import annotations
 
@@ -38,18 +46,22 @@ from bench_peers import _die_with_parent, exporter_command, free_port, loadavg, 
 TAG = "bench-slowdown-target"
 TARGET = """
 import sys, threading, time
-units = [0] * int(sys.argv[1])
+n = int(sys.argv[1])
+units, cpu = [0] * n, [0] * n
 def work(i):
     x = 0
+    clock = time.thread_time_ns
     while True:
+        t0 = clock()
         for k in range(20000):
             x += k
+        cpu[i] += clock() - t0
         units[i] += 1
-for i in range(len(units)):
+for i in range(n):
     threading.Thread(target=work, args=(i,), daemon=True).start()
 print("ready", flush=True)
 for _ in sys.stdin:
-    print(sum(units), time.process_time_ns(), flush=True)
+    print(sum(units), sum(cpu), flush=True)
 """
 
 
@@ -78,8 +90,8 @@ def ci95(xs: list[float]) -> tuple[float, float]:
 def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=100)
-    ap.add_argument("--phase", type=float, default=2.0, help="seconds per phase")
+    ap.add_argument("--minutes", type=float, default=10.0, help="how long to alternate")
+    ap.add_argument("--phase", type=float, default=0.05, help="seconds per phase")
     ap.add_argument("--threads", type=int, default=3, help="threads of the target")
     ap.add_argument("--python", default="3.12")
     args = ap.parse_args(argv)
@@ -111,8 +123,10 @@ def main(argv=None) -> int:
             time.sleep(3)
             load0 = loadavg()
             on, control = [], []
+            ran, since = 0.0, time.monotonic()   # seconds the exporter ran (not stopped)
             samples0 = _sampled_seconds(port)
-            for _ in range(args.rounds):
+            end = time.monotonic() + 60 * args.minutes
+            while time.monotonic() < end:
                 phases = ["on", "off", "off again"]
                 rng.shuffle(phases)
                 per_unit = {}
@@ -120,8 +134,11 @@ def main(argv=None) -> int:
                     want_stopped = phase != "on"
                     if want_stopped != stopped:
                         exporter.send_signal(signal.SIGSTOP if want_stopped else signal.SIGCONT)
+                        if want_stopped:
+                            ran += time.monotonic() - since
+                        else:
+                            since = time.monotonic()
                         stopped = want_stopped
-                        time.sleep(0.2)  # let the sampler run again (or stop) before measuring
                     u0, c0 = target.mark()
                     time.sleep(args.phase)
                     u1, c1 = target.mark()
@@ -131,7 +148,9 @@ def main(argv=None) -> int:
             if stopped:
                 exporter.send_signal(signal.SIGCONT)
                 stopped = False
+                since = time.monotonic()
             samples1 = _sampled_seconds(port)
+            ran += time.monotonic() - since
             load1 = loadavg()
         finally:
             if stopped:
@@ -140,9 +159,9 @@ def main(argv=None) -> int:
             exporter.wait()
             log.close()
             target.stop()
-    on_time = args.rounds * (args.phase + 0.2)
-    covered = (samples1 - samples0) / on_time if samples1 is not None and samples0 is not None else float("nan")
-    print(f"\n{args.rounds} rounds of 3 phases x {args.phase:g} s, target: {args.threads} pure-Python threads "
+    covered = (samples1 - samples0) / ran if samples1 is not None and samples0 is not None else float("nan")
+    print(f"\n{len(on)} rounds of 3 phases x {args.phase:g} s ({args.minutes:g} min), target: {args.threads} "
+          f"pure-Python threads "
           f"(CPython {args.python}); the exporter's GIL samples covered {100 * covered:.0f} % of the time it "
           f"ran; load average {load0} at start, {load1} at the end\n")
     print("| comparison | rounds | CPU per unit of work (mean ± 95 %) | median |")
