@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable  # the test venv: the servers are installed by the [test] extra
 
 # case -> (server, route, contended?, workers/threads). CPU routes run pure Python in every
-# handler thread; I/O routes sleep 50 ms or run a small sqlite query.
+# handler thread; I/O routes sleep 50 ms or wait ~30 ms on a sqlite join (GIL released).
 CASES = {
     "gunicorn-cpu": ("gunicorn", "/cpu", True),
     "gunicorn-io": ("gunicorn", "/io", False),

@@ -2,7 +2,7 @@
 
 gunicorn gthread + Flask, uvicorn + sync FastAPI endpoints, waitress, and a ThreadPoolExecutor
 batch parsing dates with python-dateutil (tests/servers.py), each with CPU-bound handlers
-(contended) and I/O-bound ones (50 ms sleeps, small sqlite queries). `gil-exporter diagnose`
+(contended) and I/O-bound ones (50 ms sleeps, ~30 ms sqlite joins). `gil-exporter diagnose`
 reads each from outside; the test asserts the exit code, the verdict kind, that the advice fits
 the server, and that the /proc-only estimate on the same figures never flags an I/O-bound one.
 
@@ -33,6 +33,8 @@ ADVICE = {  # what the first piece of advice must name, per server
 }
 WHAT = {"gunicorn": "request handlers", "uvicorn": "request handlers",
         "waitress": "request handlers", "pool": "Python threads"}
+# The sqlite join runs in sqlite with the GIL released: on a host with room, 2 cores of native work
+NOT_CONTENDED = {"gunicorn-sqlite": ("gil_released", "no_contention")}
 PROCFS_FIELDS = ("gil_enabled", "interval_seconds", "held_ratio", "waiting_threads",
                  "switches_per_second", "contended_ratio", "gil_sampled_seconds")
 
@@ -78,7 +80,7 @@ def test_verdict_on_a_real_server(case):
         assert not any("setswitchinterval(0.001)" in a for a in verdict["advice"])
     else:
         assert code == 0 and not verdict["contended"], verdict
-        assert verdict["kind"] in ("no_contention", "idle"), verdict
+        assert verdict["kind"] in NOT_CONTENDED.get(case, ("no_contention", "idle")), verdict
         assert fig["score"] < 0.5
         # The /proc-only estimate on the same window: a low number or unknown, never an alarm.
         f = dataclasses.replace(_figures(out), **{k: None for k in PROCFS_FIELDS})
