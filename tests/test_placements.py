@@ -322,7 +322,10 @@ def test_unknown_version_found_by_validated_search(tmp_path, sampler, report):
         sampler.add(p.pid, loc)
         time.sleep(1.0)
         t = sampler.totals(p.pid)
-        assert t.interval_seconds == 0.0077 and t.contended_seconds / t.sampled_seconds >= 0.7
+        # Two spinning threads: one of them always holds the GIL, even while a loaded host
+        # runs neither; how often the other is waiting for it depends on the CPU the host gives.
+        assert t.interval_seconds == 0.0077 and t.held_seconds / t.sampled_seconds >= 0.9, t
+        assert t.switches > 0 and t.contended_seconds > 0, t
         report.record("3.16 (contrived)", "unknown version", f"{loc.method}, interval 7.7 ms exact")
     finally:
         _stop(p)
