@@ -72,7 +72,9 @@ def measure(pid: int, seconds: float, rate_hz: float = 100.0) -> Measurement:
         raise DiagnoseError(f"cannot read /proc/{pid}: {e}") from None
     key = (pid, info.start_time)
     tick = min(1.0, max(0.1, seconds / 5))
-    monitor = Monitor(_config(pid, seconds, rate_hz), tick_seconds=tick)
+    # idle_ticks=1: every tick, waiters or not. The daemon's idle rate (2 Hz) is unbiased but
+    # would leave a few-second window with a handful of samples of a process without waiters.
+    monitor = Monitor(_config(pid, seconds, rate_hz), tick_seconds=tick, idle_ticks=1)
     monitor.start()
     exited = DiagnoseError(f"process {pid} exited during the measurement")
     try:

@@ -189,7 +189,7 @@ class _ProcessState:
 
 class Monitor:
     def __init__(self, config: Config, tick_seconds: float = 1.0,
-                 pod_resolver: Callable | None = None):
+                 pod_resolver: Callable | None = None, idle_ticks: int = IDLE_TICKS):
         self.config = config
         self.tick_seconds = tick_seconds
         self.errors: Counter = Counter()
@@ -214,7 +214,7 @@ class Monitor:
         self._locator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gil-locate")
         self.sampler: GilSampler | None = None
         if config.sampling.enabled:
-            self.sampler = GilSampler(rate_hz=config.sampling.rate_hz, idle_ticks=IDLE_TICKS)
+            self.sampler = GilSampler(rate_hz=config.sampling.rate_hz, idle_ticks=idle_ticks)
         self.ready = threading.Event()  # set after the first pass
         self.lead = _LEAD  # how long before an expected scrape its pass happens
         self.generation = 0  # passes done: what /metrics shows changes only when this does

@@ -137,3 +137,31 @@ def test_probe_unavailable_says_why(world_readable_install):
     else:
         assert verdict["kind"] == "unknown" and fig["score"] is None
         assert "cannot tell" in verdict["headline"]
+
+
+def test_diagnose_samples_a_process_without_waiters_at_the_full_rate():
+    """The daemon samples a process without waiters at 2 Hz (unbiased over time); diagnose's
+    few-second window would then rest on a handful of samples. Its Monitor reads every tick:
+    compare the reads of the two on the same sleeping process, over the same time."""
+    import time
+
+    from exporter import diagnose as diagnose_mod
+    from exporter.monitor import Monitor
+    with start_workload("sleep") as w:
+        reads = {}
+        for name, kwargs in (("daemon", {}), ("diagnose", {"idle_ticks": 1})):
+            m = Monitor(diagnose_mod._config(w.pid, 3.0, 100.0), tick_seconds=0.5, **kwargs)
+            m.start()
+            try:
+                deadline = time.monotonic() + 30
+                while not (m.sampler.reads and m.sampler.ticks) and time.monotonic() < deadline:
+                    time.sleep(0.1)            # located and sampled once
+                r0, t0 = m.sampler.reads, m.sampler.ticks
+                time.sleep(3.0)
+                reads[name] = (m.sampler.reads - r0, m.sampler.ticks - t0)
+            finally:
+                m.stop()
+        daemon_reads, _ = reads["daemon"]
+        diag_reads, diag_ticks = reads["diagnose"]
+        assert diag_reads >= 0.95 * diag_ticks and diag_ticks >= 50, reads   # every tick it woke
+        assert daemon_reads * 5 < diag_reads, reads                            # 2 Hz against 100
