@@ -38,6 +38,31 @@ def condvar_for_glibc(minor: int) -> Optional[CondvarLayout]:
     return CONDVARS[max(known)] if known else None
 
 
+# --------------------------------------------------------------------------- glibc struct pthread
+
+@dataclass(frozen=True)
+class PthreadLayout:
+    """glibc's struct pthread on x86_64: where the thread's kernel TID is. A pthread_t (what
+    pthread_self() returns, and PyThreadState.thread_id holds) is the address of this struct."""
+    name: str
+    tid: int        # pid_t tid: after the TCB header (tcbhead_t, 704 bytes) and list_t list (16)
+
+
+#: Keyed, like CONDVARS, by the first glibc minor version with that layout. Measured live on
+#: glibc 2.36 and 2.43 (the only offset at which every thread's struct holds its own TID);
+#: the probe reads no glibc before 2.25. aarch64 puts the TCB after the struct: no row.
+PTHREADS: Dict[str, Dict[int, PthreadLayout]] = {
+    "x86_64": {25: PthreadLayout("glibc-2.25", tid=720)},
+}
+
+
+def pthread_for_glibc(minor: int, arch: str = "x86_64") -> Optional[PthreadLayout]:
+    """The struct pthread layout of glibc 2.<minor> on `arch`, None when we have none."""
+    rows = PTHREADS.get(arch, {})
+    known = [k for k in rows if k <= minor]
+    return rows[max(known)] if known else None
+
+
 # --------------------------------------------------------------------------- struct _gil_runtime_state
 
 #: Field offsets of struct _gil_runtime_state (LP64, 3.8 .. 3.15). Free-threaded builds
@@ -74,6 +99,15 @@ KNOWN_GIL_OFFSETS: Dict[str, int] = {
     "3.12.1": 77432,
     "3.13": 96104,
     "3.13.0": 96104,
+}
+
+#: PyThreadState.thread_id (unsigned long, the thread's pthread_t) where the thread state holds
+#: no native_thread_id (3.8-3.10; 3.11 and 3.12 have one: frames.STATIC_FRAME_LAYOUTS, 3.13+
+#: _Py_DebugOffsets). offsetof() over the installed headers of 3.8.18, 3.9.18 and 3.10.13.
+PTHREAD_ID_OFFSETS: Dict[Tuple[int, int], int] = {
+    (3, 8): 176,
+    (3, 9): 176,
+    (3, 10): 176,
 }
 
 # --------------------------------------------------------------------------- _Py_DebugOffsets (3.13+)

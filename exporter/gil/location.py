@@ -47,8 +47,16 @@ _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
 
 
-def futex_waiters(pid: int, gil_address: int, layout: GilLayout) -> int:
-    """Threads of `pid` blocked in futex() on the GIL's condvar words (from /proc/PID/task/*/syscall).
+def task_syscalls(pid: int) -> Dict[int, tuple]:
+    """/proc/PID/task/*/syscall of every thread, with /proc errors as ProbeUnavailable."""
+    with proc_access(pid):
+        return procfs.task_syscalls(pid)
+
+
+def futex_waiting_tids(pid: int, gil_address: int, layout: GilLayout,
+                       calls: Optional[Dict[int, tuple]] = None) -> List[int]:
+    """TIDs of the threads of `pid` blocked in futex() on the GIL's condvar words, from
+    /proc/PID/task/*/syscall (or `calls`, that file of every thread read already).
 
     Needs the same permission as /proc/PID/mem, never stops the target.
     """
@@ -57,9 +65,18 @@ def futex_waiters(pid: int, gil_address: int, layout: GilLayout) -> int:
         raise ProbeUnavailable("unsupported_arch", host_arch())
     lo, hi = layout.cond_words
     lo, hi = gil_address + lo, gil_address + hi
-    with proc_access(pid):
-        calls = procfs.task_syscalls(pid)
-    return sum(1 for call in calls.values() if call[0] == nr and len(call) > 1 and lo <= call[1] < hi)
+    if calls is None:
+        calls = task_syscalls(pid)
+    return [tid for tid, call in calls.items()
+            if call[0] == nr and len(call) > 1 and lo <= call[1] < hi]
+
+
+def futex_waiters(pid: int, gil_address: int, layout: GilLayout) -> int:
+    """Threads of `pid` blocked in futex() on the GIL's condvar words (from /proc/PID/task/*/syscall).
+
+    Needs the same permission as /proc/PID/mem, never stops the target.
+    """
+    return len(futex_waiting_tids(pid, gil_address, layout))
 
 
 # --------------------------------------------------------------------------- validation
