@@ -179,7 +179,38 @@ time.sleep(0.2)
 threading.Thread(target=Outer().middle, name="pinned-holder", daemon=True).start()
 forever()
 """,
+    # One CPU-bound thread among N threads that sleep and wake every 20 ms: the hot one holds the
+    # GIL, the sleepers wait for it each time they wake. After "ready", one line gives each
+    # thread's name and native TID ("hot-worker=123 sleeper-0=124 ...").
+    "sleepers": """
+def hot():
+    x = 0
+    while True:
+        for i in range(10000):
+            x += i * i
+def sleeper():
+    while True:
+        time.sleep(0.02)
+        sum(range(200))
+ts = [threading.Thread(target=hot, name="hot-worker", daemon=True)]
+ts += [threading.Thread(target=sleeper, name="sleeper-%d" % i, daemon=True) for i in range(N)]
+for t in ts:
+    t.start()
+time.sleep(0.1); ready()
+sys.stdout.write(" ".join("%s=%d" % (t.name, t.native_id) for t in ts) + "\\n"); sys.stdout.flush()
+forever()
+""",
 }
+
+
+def thread_ids(w: "Workload") -> dict[str, int]:
+    """{thread name: native TID} from the line a workload prints right after "ready"
+    ("sleepers"). Read without select(): reading "ready" may have buffered it already."""
+    line = w.proc.stdout.readline()
+    pairs = [p.partition("=") for p in line.split()]
+    if not pairs:
+        raise RuntimeError(f"workload {w.name} printed no thread ids: {line!r}")
+    return {name: int(tid) for name, _, tid in pairs}
 
 
 @dataclass
