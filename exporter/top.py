@@ -16,10 +16,12 @@ import select
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from exporter import gil, procfs
+from exporter.attribution import ThreadSampler
 from exporter.gil.frames import Frame, StackReader, TornStack
 from exporter.monitor import Monitor, ProcessView
 
@@ -70,14 +72,52 @@ class ThreadRow:
 
 
 #: The hook per-thread GIL shares come through (issue 9, part 1): given a pid, the share of the
-#: window each thread (by TID) held the GIL and waited for it, {tid: (held, waiting)}, or None
-#: when they are not measured. Until the monitor measures them, `no_thread_shares` says so and
-#: top shows no such columns: it never shows a share it did not measure.
+#: last seconds each thread (by TID) held the GIL and waited for it, {tid: (held, waiting)}, or
+#: None when they are not measured (then top shows no such columns: it never shows a share it
+#: did not measure). `SampledShares` samples the process being viewed; an object with a
+#: close() method is told when the view leaves that process.
 ThreadShares = Callable[[int], Optional[Dict[int, Tuple[float, float]]]]
 
 
 def no_thread_shares(pid: int) -> Optional[Dict[int, Tuple[float, float]]]:
     return None
+
+
+class SampledShares:
+    """The ThreadShares of `top`: one `attribution.ThreadSampler` on the process being viewed
+    (and no other), shares over its last `window` seconds. close() stops the sampling; the
+    view calls it when it leaves the process."""
+
+    def __init__(self, rate_hz: float = 100.0, window: float = 5.0) -> None:
+        self.rate_hz = rate_hz
+        self.window = window
+        self._pid = 0
+        self._sampler: Optional[ThreadSampler] = None
+        self._history: deque = deque()      # (monotonic time, ThreadAttribution copy)
+
+    def __call__(self, pid: int) -> Optional[Dict[int, Tuple[float, float]]]:
+        if pid != self._pid or self._sampler is None:
+            self.close()
+            self._pid = pid
+            self._sampler = ThreadSampler(pid, self.rate_hz).start()
+        now = time.monotonic()
+        att, _book = self._sampler.snapshot()
+        self._history.append((now, att))
+        while len(self._history) > 2 and now - self._history[1][0] >= self.window:
+            self._history.popleft()
+        recent = att.since(self._history[0][1]) if len(self._history) > 1 else att
+        if recent.sampled <= 0:
+            return None
+        return {tid: (recent.held.get(tid, 0.0) / recent.sampled,
+                      recent.waiting.get(tid, 0.0) / recent.sampled)
+                for tid in set(recent.held) | set(recent.waiting) if tid}
+
+    def close(self) -> None:
+        sampler, self._sampler = self._sampler, None
+        self._history.clear()
+        self._pid = 0
+        if sampler is not None:
+            sampler.stop()
 
 
 class ThreadCpu:
@@ -288,6 +328,9 @@ class TopView:
             self._holder_probe.close()
         self._holder_probe = None
         self.opened = None
+        close = getattr(self.thread_shares, "close", None)
+        if close is not None:         # stop sampling the process we leave
+            close()
 
     def close(self) -> None:
         self.back()
@@ -392,7 +435,7 @@ def run_top(config, refresh: float = 1.0) -> int:
     import tty
 
     monitor = Monitor(config, tick_seconds=min(1.0, refresh))
-    view = TopView(monitor)
+    view = TopView(monitor, thread_shares=SampledShares())
     console = Console()
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)
