@@ -146,7 +146,7 @@ class ThreadShare:
     waiting: Optional[float]
     cpu: Optional[float]
     alive: bool = True            # False: the thread ended during the measurement
-    interpreter: int = 0          # id of the interpreter whose GIL it held or waited for
+    interpreter: Optional[int] = None   # id of the interpreter whose GIL it held or awaited
     threads: int = 1              # threads folded into this row
 
 
@@ -200,7 +200,7 @@ def thread_table(pid: int, attribution: Optional[ThreadAttribution], book: TaskB
             waiting = att.waiting.get(tid, 0.0) / att.sampled
         rows.append(ThreadShare(tid, book.names.get(tid, "?"), held, waiting, book.cpu(tid),
                                 tid in book.alive,
-                                att.interpreter.get(tid, 0) if att is not None else 0))
+                                att.interpreter.get(tid) if att is not None else None))
     rows.sort(key=_rank)
     if limit and len(rows) > limit + 1:
         rest = rows[limit:]
@@ -210,7 +210,7 @@ def thread_table(pid: int, attribution: Optional[ThreadAttribution], book: TaskB
         rows = rows[:limit] + [ThreadShare(
             0, f"{OTHER} ({len(rest)} threads)", total([r.held for r in rest]),
             total([r.waiting for r in rest]), total([r.cpu for r in rest]),
-            any(r.alive for r in rest), 0, len(rest))]
+            any(r.alive for r in rest), None, len(rest))]
     seconds = (book.t1 - book.t0) if book.t0 is not None and book.t1 is not None else 0.0
     waiting_threads = None
     if att is not None:
@@ -245,7 +245,8 @@ def render(table: ThreadTable) -> str:
     for r in table.rows:
         name = r.name if len(r.name) <= name_w else r.name[:name_w - 1] + "…"
         lines.append(f"  {r.tid or '':>8}  {name:<{name_w}}  {_pct(r.held):>8}  {_pct(r.waiting):>7}  "
-                     f"{_pct(r.cpu):>5}" + (f"  {r.interpreter}" if interp and r.tid else "")
+                     f"{_pct(r.cpu):>5}"
+                     + (f"  {'–' if r.interpreter is None else r.interpreter:>11}" if interp else "")
                      + ("  (ended)" if not r.alive else ""))
     if table.unknown_held >= 0.005:
         lines.append(f"  GIL held by a thread whose TID could not be read: {table.unknown_held:.0%}")
