@@ -16,7 +16,8 @@ import math
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from exporter import gil, procfs
@@ -125,6 +126,23 @@ class TaskBook:
             self.last[tid] = st.cpu_seconds
             self.names[tid] = st.name
         self.alive = set(stats)
+
+    def copy(self) -> "TaskBook":
+        out = TaskBook()
+        out.t0, out.t1 = self.t0, self.t1
+        out.base, out.last, out.used = dict(self.base), dict(self.last), dict(self.used)
+        out.names, out.alive = dict(self.names), set(self.alive)
+        return out
+
+    def since(self, earlier: "TaskBook") -> "TaskBook":
+        """The CPU time used after `earlier` (a copy() of this one)."""
+        out = self.copy()
+        out.t0 = earlier.t1
+        out.used = {}
+        for tid, cpu in self.last.items():
+            then = earlier.last.get(tid)
+            out.base[tid] = then if then is not None and then <= cpu else 0.0
+        return out
 
     def cpu(self, tid: int) -> Optional[float]:
         """Share of one core the thread used over the measurement; None before two reads."""
@@ -399,12 +417,15 @@ class ThreadSampler:
 
     TASKS_EVERY = 1.0
     RELOCATE_AFTER = 1.0
+    HISTORY = 120          # snapshots kept for table(window=...): 2 minutes
 
     def __init__(self, pid: int, rate_hz: float = 100.0, jitter: float = 0.5,
-                 locations: Optional[Sequence[gil.GilLocation]] = None) -> None:
+                 locations: Optional[Sequence[gil.GilLocation]] = None,
+                 read_gil: bool = True) -> None:
         if not rate_hz > 0 or not 0 <= jitter < 1:
             raise ValueError("rate_hz must be > 0 and jitter in [0, 1)")
         self.pid = pid
+        self.read_gil = read_gil           # False: names and CPU only, target memory never read
         self.period = 1.0 / rate_hz
         self.jitter = jitter
         self.locations = list(locations) if locations else None
@@ -419,6 +440,7 @@ class ThreadSampler:
         self._readers: List[_Gil] = []
         self.sampler_cpu = 0.0
         self._tids: Set[int] = set()
+        self._history: deque = deque(maxlen=self.HISTORY)   # (t, ThreadAttribution, TaskBook)
 
     def start(self) -> "ThreadSampler":
         self._thread = threading.Thread(target=self._run, name="gil-threads", daemon=True)
@@ -434,16 +456,20 @@ class ThreadSampler:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def table(self, limit: int = 0) -> ThreadTable:
+    def table(self, limit: int = 0, window: Optional[float] = None) -> ThreadTable:
+        """The table since the start, or over about the last `window` seconds (from the
+        snapshot kept every TASKS_EVERY seconds that is closest to that far back)."""
         with self._lock:
             att = self.attribution.copy()
-            book = _copy_book(self.book)
+            book = self.book.copy()
+            history = list(self._history)
+        if window is not None and history:
+            now = book.t1 if book.t1 is not None else time.monotonic()
+            base = next((h for h in reversed(history) if now - h[0] >= window), history[0])
+            if base[0] < now:
+                att, book = att.since(base[1]), book.since(base[2])
         return thread_table(self.pid, att, book, limit, self.waiting_source, max(1, self.gils),
                             self.unavailable)
-
-    def snapshot(self) -> Tuple[ThreadAttribution, TaskBook]:
-        with self._lock:
-            return self.attribution.copy(), _copy_book(self.book)
 
     # ------------------------------------------------------------ the thread
     def _open(self) -> None:
@@ -465,6 +491,7 @@ class ThreadSampler:
         stats = procfs.task_stats(self.pid)
         with self._lock:
             self.book.observe(stats, now)
+            self._history.append((now, self.attribution.copy(), self.book.copy()))
         self._tids = set(stats)
 
     def _run(self) -> None:
@@ -474,6 +501,10 @@ class ThreadSampler:
                 self._tasks(time.monotonic())
             except (procfs.ProcessGone, PermissionError) as exc:
                 self.unavailable = f"/proc/{self.pid}/task: {exc or 'process gone'}"
+                return
+            if not self.read_gil:
+                self.unavailable = "sampling.enabled is false in the config"
+                self._tasks_for(math.inf)
                 return
             while True:
                 try:
@@ -573,9 +604,63 @@ class ThreadSampler:
         return tid if tid in self._tids else 0
 
 
-def _copy_book(book: TaskBook) -> TaskBook:
-    out = TaskBook()
-    out.t0, out.t1 = book.t0, book.t1
-    out.base, out.last, out.used = dict(book.base), dict(book.last), dict(book.used)
-    out.names, out.alive = dict(book.names), set(book.alive)
-    return out
+class SamplerPool:
+    """On-demand ThreadSamplers for the landing page's per-process pages: one per process being
+    looked at, started by the first look and stopped `idle` seconds after the last one; at most
+    `max_samplers` at a time (the one looked at longest ago is stopped first)."""
+
+    def __init__(self, rate_hz: float = 100.0, idle: float = 60.0, max_samplers: int = 4,
+                 read_gil: bool = True) -> None:
+        self.rate_hz = rate_hz
+        self.idle = idle
+        self.max_samplers = max_samplers
+        self.read_gil = read_gil
+        self._lock = threading.Lock()
+        self._samplers: Dict[Tuple[int, int], Tuple[ThreadSampler, float]] = {}  # (pid, start) -> (sampler, last look)
+
+    def table(self, pid: int, start_time: int, window: float, limit: int = 0,
+              wait: float = 2.0) -> ThreadTable:
+        """The table of the process over about its last `window` seconds. The first look
+        starts sampling and waits up to `wait` seconds for a first second of samples."""
+        key = (pid, start_time)
+        now = time.monotonic()
+        with self._lock:
+            self._reap(now)
+            hit = self._samplers.get(key)
+            fresh = hit is None
+            sampler = ThreadSampler(pid, self.rate_hz, read_gil=self.read_gil).start() if fresh else hit[0]
+            self._samplers[key] = (sampler, now)
+            while len(self._samplers) > self.max_samplers:
+                oldest = min(self._samplers, key=lambda k: self._samplers[k][1])
+                self._samplers.pop(oldest)[0].stop()
+        if fresh:
+            deadline = now + wait
+            while time.monotonic() < deadline and sampler.running():
+                t = sampler.table()
+                if t.sampled_seconds >= 1.0 or (t.unavailable and t.seconds >= 1.0):
+                    break
+                time.sleep(0.1)
+        return sampler.table(limit, window)
+
+    def configure(self, rate_hz: float, read_gil: bool) -> None:
+        """After a config reload: samplers started from now on use these; running ones that
+        read target memory although they no longer may are stopped."""
+        with self._lock:
+            self.rate_hz = rate_hz
+            if self.read_gil and not read_gil:
+                samplers, self._samplers = list(self._samplers.values()), {}
+                for sampler, _last in samplers:
+                    sampler.stop()
+            self.read_gil = read_gil
+
+    def _reap(self, now: float) -> None:
+        for key, (sampler, last) in list(self._samplers.items()):
+            if now - last > self.idle or not sampler.running():
+                del self._samplers[key]
+                sampler.stop()
+
+    def close(self) -> None:
+        with self._lock:
+            samplers, self._samplers = list(self._samplers.values()), {}
+        for sampler, _last in samplers:
+            sampler.stop()

@@ -16,7 +16,6 @@ import select
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -91,31 +90,16 @@ class SampledShares:
     def __init__(self, rate_hz: float = 100.0, window: float = 5.0) -> None:
         self.rate_hz = rate_hz
         self.window = window
-        self._pid = 0
         self._sampler: Optional[ThreadSampler] = None
-        self._history: deque = deque()      # (monotonic time, ThreadAttribution copy)
 
     def __call__(self, pid: int) -> Optional[Dict[int, Tuple[float, float]]]:
-        if pid != self._pid or self._sampler is None:
+        if self._sampler is None or self._sampler.pid != pid:
             self.close()
-            self._pid = pid
             self._sampler = ThreadSampler(pid, self.rate_hz).start()
-        now = time.monotonic()
-        att, _book = self._sampler.snapshot()
-        self._history.append((now, att))
-        while len(self._history) > 2 and now - self._history[1][0] >= self.window:
-            self._history.popleft()
-        recent = att.since(self._history[0][1]) if len(self._history) > 1 else att
-        if recent.sampled <= 0:
-            return None
-        return {tid: (recent.held.get(tid, 0.0) / recent.sampled,
-                      recent.waiting.get(tid, 0.0) / recent.sampled)
-                for tid in set(recent.held) | set(recent.waiting) if tid}
+        return self._sampler.table(window=self.window).shares() or None
 
     def close(self) -> None:
         sampler, self._sampler = self._sampler, None
-        self._history.clear()
-        self._pid = 0
         if sampler is not None:
             sampler.stop()
 
