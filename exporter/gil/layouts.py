@@ -157,6 +157,17 @@ _DEBUG_OFFSETS_315: Dict[str, int] = {
     "thread_state.holds_gil": 272, "thread_state.gil_requested": 280,
     "_end": 304,
 }
+#: The interpreter list of 3.12, which has per-interpreter GILs but no _Py_DebugOffsets: the
+#: same fields, named as above, from offsetof() over the installed headers of 3.12.1
+#: (Py_BUILD_CORE: _PyRuntimeState.interpreters.head, PyInterpreterState.next, id,
+#: threads.head, ceval.gil and _gil). locate_all() only trusts them when they lead from the
+#: main interpreter to the very GIL that locate() found.
+INTERPRETER_LAYOUTS: Dict[Tuple[int, int], Dict[str, int]] = {
+    (3, 12): {"runtime_state.interpreters_head": 40, "interpreter_state.next": 0,
+              "interpreter_state.id": 8, "interpreter_state.threads_head": 72,
+              "interpreter_state.ceval_gil": 384, "interpreter_state.gil_runtime_state": 1040},
+}
+
 DEBUG_OFFSETS_LAYOUTS: Dict[Tuple[int, int], Dict[str, int]] = {
     (3, 13): _DEBUG_OFFSETS_313,
     (3, 14): _DEBUG_OFFSETS_314,

@@ -17,10 +17,11 @@ import functools
 import os
 import struct
 import time
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .identity import FUTEX_SYSCALL, Target, identify_target
-from .layouts import (DEBUG_OFFSETS_LAYOUTS, KNOWN_GIL_OFFSETS, gil_layout,
+from .layouts import (DEBUG_OFFSETS_LAYOUTS, INTERPRETER_LAYOUTS, KNOWN_GIL_OFFSETS, gil_layout,
                       layout_from_debug_offsets, parse_debug_offsets,
                       parse_debug_offsets_prefix, thread_layout_from_debug_offsets)
 from .memory import WritableRanges, host_arch, open_mem, pread_exact, proc_access, task_ids
@@ -395,21 +396,30 @@ def locate_all(pid: int) -> List[GilLocation]:
     Since 3.12 a subinterpreter may have its own GIL (concurrent.interpreters and
     InterpreterPoolExecutor create them so): `interp->ceval.gil` then points at the
     interpreter's own `_gil`, and that struct is validated like the main one. Interpreters that
-    share the main GIL add nothing. Read through _Py_DebugOffsets, so 3.13+ (the layouts of 3.12's
-    PyInterpreterState are not in our tables: there only the main GIL is returned).
+    share the main GIL add nothing. The interpreter list is read through _Py_DebugOffsets on
+    3.13+, and on 3.12 through INTERPRETER_LAYOUTS, trusted only when it leads from the main
+    interpreter to the GIL that locate() found.
     """
     main = locate(pid)
     mm = tuple(int(x) for x in main.identity.version.split(".")[:2])
-    table = DEBUG_OFFSETS_LAYOUTS.get(mm)
-    if table is None or main.method != "debug_offsets":
+    if main.method == "debug_offsets" and mm in DEBUG_OFFSETS_LAYOUTS:
+        static = None
+    elif mm in INTERPRETER_LAYOUTS and not main.identity.free_threaded:
+        static = INTERPRETER_LAYOUTS[mm]
+    else:
         return [main]
     fd = open_mem(pid)
     try:
         rt = main.identity.runtime_address
-        offs = parse_debug_offsets(pread_exact(fd, 512, rt, pid), mm)
+        offs = static or parse_debug_offsets(pread_exact(fd, 512, rt, pid), mm)
         runtime = RuntimeView(pid, fd, rt, max(main.runtime_size, 8))
         found = {main.address: main}
         listed = interpreters(pid, fd, rt, offs)
+        if static is not None:
+            if not listed or listed[-1][0] + offs["interpreter_state.gil_runtime_state"] != main.address:
+                return [main]     # not the layout we know: the main GIL alone, as located
+            main = replace(main, interpreter=listed[-1][0])
+            found[main.address] = main
         runtime.interpreters.update(a for a, _ in listed)
         maps = identify_target(pid).maps if len(listed) > 1 else ()
         for interp, iid in listed:
@@ -419,7 +429,7 @@ def locate_all(pid: int) -> List[GilLocation]:
                 continue          # shares another interpreter's GIL (or is the main one)
             if validate(pid, fd, own, main.layout, maps, runtime, reads=3):
                 continue          # torn or being torn down: skip it this time
-            found[own] = GilLocation(pid, own, main.layout, main.identity, "debug_offsets",
+            found[own] = GilLocation(pid, own, main.layout, main.identity, main.method,
                                      main.runtime_size, interp, main.threads, iid)
         return [main] + sorted((loc for a, loc in found.items() if a != main.address),
                                key=lambda loc: loc.interpreter_id)
