@@ -344,3 +344,23 @@ for sub in subs:
     sub.exec(code % N)
 time.sleep(0.5); ready(); forever()
 """
+
+# The same on 3.12, through its private module (3.12 has per-interpreter GILs, not yet
+# concurrent.interpreters): isolated=True gives each interpreter its own GIL.
+SCRIPTS["subinterpreters_312"] = """
+import _xxsubinterpreters as _interpreters
+code = '''
+import threading
+def spin():
+    x = 0
+    while True:
+        for i in range(10000):
+            x += i
+for _ in range(%d):
+    threading.Thread(target=spin).start()
+'''
+subs = [_interpreters.create(isolated=True) for _ in range(2)]
+for sub in subs:
+    _interpreters.run_string(sub, code % N)
+time.sleep(0.5); ready(); forever()
+"""
