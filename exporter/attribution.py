@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from exporter import gil, procfs
-from exporter.gil.location import task_syscalls
+from exporter.gil.memory import task_syscalls
 from exporter.gil.threads import GilThreads
 
 #: The label value that every thread without a series of its own adds up in.

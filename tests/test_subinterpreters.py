@@ -26,11 +26,10 @@ INTERPRETERS = {i.name: i for i in placements.interpreters()}
 
 
 def _start(name: str, threads: int = 2) -> placements.PlacedWorkload:
-    interp = INTERPRETERS.get(name)
-    if interp is None or not interp.available():
-        pytest.skip(f"{name}: not installed here (pyenv, or tests/setup/rootfs.sh)")
-    placement = "host" if interp.rootfs == placements.BOOKWORM else "pivot_root"
-    return placements.start(CASES[name], interp, placement, threads=threads)
+    if name not in INTERPRETERS:
+        pytest.skip(f"{name}: not installed here (pyenv)")
+    interp = placements.require(INTERPRETERS[name])
+    return placements.start(CASES[name], interp, placements.usual_placement(interp), threads=threads)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

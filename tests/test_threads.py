@@ -22,6 +22,7 @@ from harness import exporter_command
 from exporter import gil
 from exporter.attribution import OTHER, ThreadLabels, ThreadSampler, render
 from exporter.gil.layouts import PTHREAD_ID_OFFSETS, PTHREADS, pthread_for_glibc
+from exporter.gil.memory import task_syscalls
 from exporter.gil.threads import GilThreads
 
 
@@ -41,14 +42,10 @@ NAMES = sorted(INTERPRETERS, key=lambda n: (tuple(int(x) for x in INTERPRETERS[n
 
 
 def _interp(name: str) -> placements.Interpreter:
-    interp = INTERPRETERS[name]
-    if not interp.available():
-        pytest.skip(f"{name}: root filesystem not built (tests/setup/rootfs.sh)")
-    return interp
+    return placements.require(INTERPRETERS[name])
 
 
-def _placement(interp: placements.Interpreter) -> str:
-    return "host" if interp.rootfs == placements.BOOKWORM else "pivot_root"
+_placement = placements.usual_placement
 
 
 def _mm(interp: placements.Interpreter) -> tuple:
@@ -98,7 +95,7 @@ def test_holder_and_waiters_are_live_threads_by_tid(name, report):
                         holders.add(tid)
                     else:
                         junk += 1
-                waiting = gt.waiting(g, lambda: gil.location.task_syscalls(w.pid), tid)
+                waiting = gt.waiting(g, lambda: task_syscalls(w.pid), tid)
                 assert set(waiting) <= workers, (waiting, workers)
                 assert tid not in waiting or not tid
                 waiters.update(waiting)

@@ -325,8 +325,7 @@ def kill_quietly(pid: int) -> None:
 
 # Subinterpreters with their own GIL (3.14+: concurrent.interpreters). WORKLOAD_THREADS CPU
 # threads inside each of 2 subinterpreters: contended inside each one, parallel across them.
-SCRIPTS["subinterpreters"] = """
-from concurrent import interpreters
+_SPIN_IN_SUBINTERPRETER = """
 code = '''
 import threading
 def spin():
@@ -337,6 +336,10 @@ def spin():
 for _ in range(%d):
     threading.Thread(target=spin).start()
 '''
+"""
+SCRIPTS["subinterpreters"] = """
+from concurrent import interpreters
+""" + _SPIN_IN_SUBINTERPRETER + """
 # Both interpreters exist before any of their threads starts: creating one while another's
 # threads start was seen to hang 3.14.10 (main thread parked in create(), never woken).
 subs = [interpreters.create() for _ in range(2)]
@@ -349,16 +352,7 @@ time.sleep(0.5); ready(); forever()
 # concurrent.interpreters): isolated=True gives each interpreter its own GIL.
 SCRIPTS["subinterpreters_312"] = """
 import _xxsubinterpreters as _interpreters
-code = '''
-import threading
-def spin():
-    x = 0
-    while True:
-        for i in range(10000):
-            x += i
-for _ in range(%d):
-    threading.Thread(target=spin).start()
-'''
+""" + _SPIN_IN_SUBINTERPRETER + """
 subs = [_interpreters.create(isolated=True) for _ in range(2)]
 for sub in subs:
     _interpreters.run_string(sub, code % N)

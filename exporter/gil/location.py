@@ -24,9 +24,8 @@ from .identity import FUTEX_SYSCALL, Target, identify_target
 from .layouts import (DEBUG_OFFSETS_LAYOUTS, INTERPRETER_LAYOUTS, KNOWN_GIL_OFFSETS, gil_layout,
                       layout_from_debug_offsets, parse_debug_offsets,
                       parse_debug_offsets_prefix, thread_layout_from_debug_offsets)
-from .memory import WritableRanges, host_arch, open_mem, pread_exact, proc_access, task_ids
+from .memory import WritableRanges, host_arch, open_mem, pread_exact, task_ids, task_syscalls
 from .records import GilLayout, GilLocation, ProbeUnavailable
-from exporter import procfs
 
 # PyThreadState begins with prev, next, interp in every version 3.8 .. 3.15.
 TSTATE_INTERP_OFFSET = 16
@@ -46,12 +45,6 @@ INT_MAX = 2**31 - 1
 _U64 = struct.Struct("<Q")
 _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
-
-
-def task_syscalls(pid: int) -> Dict[int, tuple]:
-    """/proc/PID/task/*/syscall of every thread, with /proc errors as ProbeUnavailable."""
-    with proc_access(pid):
-        return procfs.task_syscalls(pid)
 
 
 def futex_waiting_tids(pid: int, gil_address: int, layout: GilLayout,
