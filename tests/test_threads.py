@@ -138,7 +138,7 @@ def test_table_names_the_cpu_bound_thread_among_sleepers(name, report):
         # futex() before, where a waiter just woken is counted by the condvar but not seen there
         found = sum(r.waiting for r in table.rows)
         assert found <= table.waiting_threads * 1.1 + 0.02, text
-        assert found >= table.waiting_threads * (0.8 if _mm(interp) >= (3, 15) else 0.4), text
+        assert found >= table.waiting_threads * (0.8 if _mm(interp) >= (3, 15) else 0.25), text
         if _mm(interp) >= (3, 14):
             assert first.name == "hot-worker", text
             assert {rows[t].name for t in sleepers} == {f"sleeper-{i}" for i in range(4)}, text
