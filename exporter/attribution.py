@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from exporter import gil, procfs
 from exporter.gil.memory import task_syscalls
@@ -279,16 +279,22 @@ def render(table: ThreadTable) -> str:
 # ---------------------------------------------------------------- the cap on series
 
 
+#: A thread on a per-thread counter: (group, TID). The group is the interpreter id on a process
+#: with several GILs (0 otherwise); TID 0 is a holder whose TID was not read.
+ThreadKey = Tuple[int, int]
+
+
 class ThreadLabels:
     """Which threads get a `thread` label value of their own on a per-thread counter; the time
-    of every other thread adds up in `thread="other"`.
+    of every other thread adds up in `thread="other"` (one per group).
 
     At most `max_threads` threads hold a label at a time, chosen by their held time over about
     the last `window` seconds. Churn cannot make series: a thread is a candidate only after
     being seen for `window` seconds, and it takes a label from a labelled thread only with twice
     that thread's recent time, once that one has held its label for `window` seconds. A thread
     that ends gives its label up. Only time credited after a thread got its label goes to its
-    series, so every counter is monotonic and all of them add up to the time credited.
+    series, so every counter is monotonic and, per group, all of them add up to the time
+    credited.
 
     The label is the thread's name where that name is unique among the live threads (CPython
     3.14 names OS threads after `threading.Thread`), otherwise its TID.
@@ -301,82 +307,87 @@ class ThreadLabels:
             raise ValueError("max_threads must be >= 0 and window > 0")
         self.max_threads = max_threads
         self.window = window
-        self.other = 0.0
-        self.labels: Dict[int, str] = {}           # tid -> label
-        self.since: Dict[int, float] = {}          # tid -> when it got its label
-        self.values: Dict[str, float] = {}         # label -> counter value (live labels)
-        self.kept: Dict[str, float] = {}           # label -> value, of labels given up
-        self.recent: Dict[int, float] = {}         # tid -> decayed held seconds
-        self.first_seen: Dict[int, float] = {}
+        self.other: Dict[int, float] = {}                # group -> value of thread="other"
+        self.labels: Dict[ThreadKey, str] = {}
+        self.since: Dict[ThreadKey, float] = {}          # when it got its label
+        self.values: Dict[Tuple[str, int], float] = {}   # (label, group) -> value, live labels
+        self.kept: Dict[Tuple[str, int], float] = {}     # ... of labels given up
+        self.recent: Dict[ThreadKey, float] = {}         # decayed held seconds
+        self.first_seen: Dict[int, float] = {}           # tid -> when first seen alive
         self._last: Optional[float] = None
 
-    def update(self, now: float, increments: Dict[int, float], names: Dict[int, str],
-               alive: Set[int]) -> Dict[str, float]:
-        """Credit `increments` (held seconds per TID since the last update; TID 0: holder not
-        known) under the labels of the last update, then relabel. Returns the counter value of
-        every live label and of "other"."""
+    def update(self, now: float, increments: Dict[ThreadKey, float],
+               names: Callable[[], Dict[int, str]], alive: Set[int]) -> Dict[Tuple[str, int], float]:
+        """Credit `increments` (held seconds per thread since the last update) under the labels
+        of the last update, then relabel; `names()` (read only when a thread is to get a label)
+        gives the live threads' names by TID, `alive` their TIDs. Returns the counter value of
+        every live (label, group), "other" included."""
         dt = 0.0 if self._last is None else max(0.0, now - self._last)
         self._last = now
         decay = math.exp(-dt / self.window)
-        for tid in self.recent:
-            self.recent[tid] *= decay
-        for tid, inc in increments.items():
+        for key in self.recent:
+            self.recent[key] *= decay
+        for key, inc in increments.items():
             if inc <= 0:
                 continue
-            label = self.labels.get(tid)
+            label = self.labels.get(key)
             if label is None:
-                self.other += inc
+                self.other[key[0]] = self.other.get(key[0], 0.0) + inc
             else:
-                self.values[label] += inc
-            if tid:
-                self.recent[tid] = self.recent.get(tid, 0.0) + inc
+                self.values[(label, key[0])] += inc
+            if key[1]:
+                self.recent[key] = self.recent.get(key, 0.0) + inc
         for tid in alive:
             self.first_seen.setdefault(tid, now)
-        for tid in [t for t in self.labels if t not in alive]:
-            self._release(tid)
+        for key in [k for k in self.labels if k[1] not in alive]:
+            self._release(key)
         for tid in [t for t in self.first_seen if t not in alive]:
             del self.first_seen[tid]
-            self.recent.pop(tid, None)
+        for key in [k for k in self.recent if k[1] not in alive]:
+            del self.recent[key]
         self._promote(now, names, alive)
-        return {**self.values, OTHER: self.other}
+        return {**self.values, **{(OTHER, g): v for g, v in self.other.items()}}
 
-    def _release(self, tid: int) -> None:
-        label = self.labels.pop(tid)
-        self.since.pop(tid, None)
-        self.kept[label] = self.values.pop(label)
+    def _release(self, key: ThreadKey) -> None:
+        label = self.labels.pop(key)
+        self.since.pop(key, None)
+        self.kept[(label, key[0])] = self.values.pop((label, key[0]))
         while len(self.kept) > self.PERSIST:
             del self.kept[next(iter(self.kept))]
 
     def _label_for(self, tid: int, names: Dict[int, str], alive: Set[int]) -> str:
         name = names.get(tid, "")
-        taken = set(self.values)
+        taken = {label for label, _g in self.values}
         same = sum(1 for t in alive if names.get(t) == name)
         if name and same == 1 and name != OTHER and not name.isdigit() and name not in taken:
             return name
         return str(tid)
 
-    def _assign(self, tid: int, now: float, names: Dict[int, str], alive: Set[int]) -> None:
-        label = self._label_for(tid, names, alive)
-        self.labels[tid] = label
-        self.since[tid] = now
-        self.values[label] = self.kept.pop(label, 0.0)
+    def _assign(self, key: ThreadKey, now: float, names: Dict[int, str], alive: Set[int]) -> None:
+        label = self._label_for(key[1], names, alive)
+        self.labels[key] = label
+        self.since[key] = now
+        self.values[(label, key[0])] = self.kept.pop((label, key[0]), 0.0)
 
-    def _promote(self, now: float, names: Dict[int, str], alive: Set[int]) -> None:
-        ready = sorted((t for t in alive if t not in self.labels and self.recent.get(t, 0.0) > 0
-                        and now - self.first_seen.get(t, now) >= self.window),
-                       key=lambda t: (-self.recent[t], t))
-        for tid in ready:
+    def _promote(self, now: float, names: Callable[[], Dict[int, str]], alive: Set[int]) -> None:
+        ready = sorted((k for k, r in self.recent.items() if r > 0 and k not in self.labels
+                        and now - self.first_seen.get(k[1], now) >= self.window),
+                       key=lambda k: (-self.recent[k], k))
+        if not ready:
+            return
+        known = names()
+        for key in ready:
             if len(self.labels) < self.max_threads:
-                self._assign(tid, now, names, alive)
+                self._assign(key, now, known, alive)
                 continue
-            settled = [t for t in self.labels if now - self.since[t] >= self.window]
+            settled = [k for k in self.labels if now - self.since[k] >= self.window]
             if not settled:
                 break
-            weakest = min(settled, key=lambda t: (self.recent.get(t, 0.0), t))
-            if self.recent[tid] <= 2 * self.recent.get(weakest, 0.0):
+            weakest = min(settled, key=lambda k: (self.recent.get(k, 0.0), k))
+            if self.recent[key] <= 2 * self.recent.get(weakest, 0.0):
                 break
             self._release(weakest)
-            self._assign(tid, now, names, alive)
+            self._assign(key, now, known, alive)
             break           # one swap per update: no flapping
 
 

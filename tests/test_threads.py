@@ -203,7 +203,7 @@ def test_labels_cap_sums_and_churn():
         inc = {2: 0.3, 3: 0.2, 4: 0.1 if step < 20 else 0.45, churn: 0.05, churn + 1: 0.05, 0: 0.01}
         names.update({churn: "worker", churn + 1: "worker"})
         total += sum(inc.values())
-        new = labels.update(t, inc, names, alive)
+        new = labels.update(t, {(0, tid): v for tid, v in inc.items()}, lambda: names, alive)
         assert len(new) <= 3                                # 2 threads + other
         for k, v in values.items():
             if k in new:
@@ -212,15 +212,17 @@ def test_labels_cap_sums_and_churn():
         # every credit went to exactly one series: the live ones, the ones given up, and other
         assert abs(sum(new.values()) + sum(labels.kept.values()) - total) < 1e-9
         churn += 2
-    assert set(values) == {"hot-a", "hot-c", OTHER}         # hot-c outgrew hot-b and took its label
-    assert not any(k.isdigit() for k in values)             # no churned thread ever got one
+    assert set(values) == {("hot-a", 0), ("hot-c", 0), (OTHER, 0)}   # hot-c outgrew hot-b
+    assert not any(label.isdigit() for label, _g in values)           # no churned thread got one
 
 
-def test_labels_use_the_tid_when_names_repeat():
+def test_labels_use_the_tid_when_names_repeat_and_other_per_group():
     labels = ThreadLabels(max_threads=3, window=1.0)
     names = {10: "ThreadPoolExecu", 11: "ThreadPoolExecu", 12: "other", 13: "loop"}
     for t in (1.0, 2.0, 3.0):
-        out = labels.update(t, {10: 0.2, 11: 0.2, 12: 0.2, 13: 0.2}, names, {10, 11, 12, 13})
-    assert len(out) == 4 and OTHER in out
-    assert set(out) - {OTHER} <= {"10", "11", "12", "loop"}
-    assert "12" in out or "loop" in out
+        out = labels.update(t, {(1, 10): 0.2, (1, 11): 0.2, (2, 12): 0.2, (2, 13): 0.2},
+                            lambda: names, {10, 11, 12, 13})
+    assert {label for label, _g in out} - {OTHER} <= {"10", "11", "12", "loop"}
+    assert len(out) == 5 and (OTHER, 1) in out and (OTHER, 2) in out
+    for group in (1, 2):         # per group, the series add up to what that group was credited
+        assert abs(sum(v for (_l, g), v in out.items() if g == group) - 3 * 0.4) < 1e-9
