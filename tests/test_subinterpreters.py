@@ -40,6 +40,9 @@ def test_every_gil_is_found_and_each_thread_is_in_its_interpreter(name, report):
         assert len(locs) == 3 and len({loc.address for loc in locs}) == 3, locs
         assert [loc.interpreter_id for loc in locs] == [0, 1, 2]
         assert locs[0].address == gil.locate(w.pid).address
+        # listed again (as the daemon does every scan): the known ones are taken as they are
+        again = gil.other_gils(locs[0], {loc.address: loc for loc in locs[1:]})
+        assert len(again) == 2 and all(a is b for a, b in zip(again, locs[1:]))
         sampler = ThreadSampler(w.pid).start()
         time.sleep(3)
         table = sampler.stop()
