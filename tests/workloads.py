@@ -358,3 +358,39 @@ for sub in subs:
     _interpreters.run_string(sub, code % N)
 time.sleep(0.5); ready(); forever()
 """
+
+# 3.14's concurrent.futures.InterpreterPoolExecutor: every worker runs its tasks in an
+# interpreter with its own GIL. "pool_contended": one worker whose task starts N CPU threads
+# inside its interpreter (contended inside that interpreter); "pool_parallel": N workers, one CPU
+# task each (one thread per interpreter: they run in parallel, nothing contends).
+_POOL = """
+from concurrent.futures import InterpreterPoolExecutor
+def spin():
+    x = 0
+    while True:
+        for i in range(10000):
+            x += i
+def spin_threads(n):
+    import threading            # runs in the worker's interpreter: nothing from here but itself
+    def spin():
+        x = 0
+        while True:
+            for i in range(10000):
+                x += i
+    ts = [threading.Thread(target=spin) for _ in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+"""
+SCRIPTS["pool_contended"] = _POOL + """
+pool = InterpreterPoolExecutor(max_workers=1)
+pool.submit(spin_threads, N)
+time.sleep(1); ready(); forever()
+"""
+SCRIPTS["pool_parallel"] = _POOL + """
+pool = InterpreterPoolExecutor(max_workers=N)
+for _ in range(N):
+    pool.submit(spin)
+time.sleep(1); ready(); forever()
+"""
