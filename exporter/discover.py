@@ -3,6 +3,13 @@
 A process is identified by (pid, start_time), so a reused PID is a new process.
 The first target whose matchers all hold claims a process (as in
 process-exporter), so a process is never counted twice.
+
+A scan reads the full ProcessInfo (psutil: a dozen reads, a passwd lookup) only for a PID it
+has not seen with the same identity marks (stat, cmdline, owner: three small reads). A PID
+seen before costs one stat() of /proc/PID per scan, which tells a reused PID (new inode) or
+a change of user; its identity marks, which tell an exec, a rewritten argv or a rename, are
+read every FULL_EVERY scans. Matching itself is redone at every scan (pidfiles and cgroups
+move).
 """
 from __future__ import annotations
 
@@ -60,19 +67,54 @@ def _cgroup_matches(pid: int, pattern: re.Pattern) -> bool:
         return False
 
 
+FULL_EVERY = 6  # scans between two readings of a known PID's identity marks
+
+
+class _Seen:
+    """What a scan learnt about one PID, valid while its identity marks stay the same."""
+
+    __slots__ = ("marks", "info", "python", "quick", "checked")
+
+    def __init__(self, marks: tuple, info: procfs.ProcessInfo | None):
+        self.marks = marks
+        self.info = info                    # None: a kernel thread or zombie (nothing to match)
+        self.python: bool | None = None     # is_cpython(info), once asked (reads maps)
+        self.quick: tuple = ()              # procfs.quick_marks at the last scan
+        self.checked = 0                    # scan at which the marks were last read
+
+
 class Discoverer:
     def __init__(self, config: Config):
         self.config = config
         self._self_pid = os.getpid()
-        # (pid, start_time) -> is CPython; reading maps is the costly check, do it once.
-        self._python_cache: dict[tuple[int, float], bool] = {}
+        self._seen: dict[int, _Seen] = {}   # pid -> what the last scans read
+        self._scans = 0
 
     def _is_python(self, info: procfs.ProcessInfo) -> bool:
-        key = (info.pid, info.start_time)
-        hit = self._python_cache.get(key)
-        if hit is None:
-            hit = self._python_cache[key] = is_cpython(info)
-        return hit
+        seen = self._seen.get(info.pid)
+        if seen is None or seen.info is not info:
+            return is_cpython(info)
+        if seen.python is None:
+            seen.python = is_cpython(info)
+        return seen.python
+
+    def _info(self, pid: int) -> procfs.ProcessInfo | None:
+        """The process's info, read again only when its identity marks changed; None to skip."""
+        quick = procfs.quick_marks(pid)
+        seen = self._seen.get(pid)
+        if seen is not None and seen.quick == quick and self._scans - seen.checked < FULL_EVERY:
+            return seen.info
+        marks = procfs.identity_marks(pid)
+        if seen is None or seen.marks != marks:
+            info = procfs.process_info(pid)
+            if not info.exe and not info.cmdline:
+                info = None  # kernel thread or zombie
+            seen = self._seen[pid] = _Seen(marks, info)
+            seen.checked = self._scans - pid % FULL_EVERY  # spread the next readings over scans
+        else:
+            seen.checked = self._scans
+        seen.quick = quick
+        return seen.info
 
     def matches(self, match: Match, info: procfs.ProcessInfo, pidfile_pids: dict[str, int | None]) -> bool:
         if match.pid is not None and info.pid != match.pid:
@@ -94,28 +136,29 @@ class Discoverer:
         return True
 
     def scan(self) -> ScanResult:
+        self._scans += 1
         targets: tuple[Target, ...] = self.config.targets
         pidfile_pids = {t.match.pidfile: procfs.read_pidfile(t.match.pidfile)
                         for t in targets if t.match.pidfile is not None}
         wanted_pids = self._restricting_pids(targets, pidfile_pids)
         pids = procfs.pids() if wanted_pids is None else sorted(wanted_pids)
         found: dict[str, list[Candidate]] = {t.name: [] for t in targets}
-        alive: set[tuple[int, float]] = set()
+        present: set[int] = set()
         for pid in pids:
             if pid == self._self_pid:
                 continue
             try:
-                info = procfs.process_info(pid)
+                info = self._info(pid)
             except (procfs.ProcessGone, PermissionError):
                 continue
-            if not info.exe and not info.cmdline:
-                continue  # kernel thread or zombie
-            alive.add((pid, info.start_time))
+            present.add(pid)
+            if info is None:
+                continue
             for target in targets:
                 if self.matches(target.match, info, pidfile_pids):
                     found[target.name].append(Candidate(target.name, info))
                     break
-        self._python_cache = {k: v for k, v in self._python_cache.items() if k in alive}
+        self._seen = {pid: seen for pid, seen in self._seen.items() if pid in present}
         limits = self.config.limits
         out: list[Candidate] = []
         dropped: dict[str, int] = {}

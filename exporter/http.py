@@ -17,6 +17,7 @@ from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__, procfs, score
 from exporter.attribution import SamplerPool, ThreadTable
+from exporter.collector import exposition
 from exporter.monitor import Monitor
 from exporter.webconfig import BasicAuth, WebConfig
 
@@ -278,13 +279,14 @@ metrics: <a href="{html.escape(metrics_path)}">{html.escape(metrics_path)}</a>
 
 
 class RenderedMetrics:
-    """The /metrics body, rendered at most once per monitor tick and set of live processes.
+    """The /metrics body, rendered at most once per monitor pass and set of live processes.
 
-    The figures only change when the monitor ticks (once a second), but a scrape must never
-    show a process that has exited since. So a scrape checks liveness (one small read per
-    process) and reuses the body rendered for the same tick and the same live processes;
-    after each tick the body is rendered ahead of time while someone is scraping, which keeps
-    the text formatting off the scrape's path.
+    The figures only change when the monitor makes a pass, but a scrape must never show a
+    process that has exited since. So a scrape checks liveness (one pread per process) and
+    reuses the body rendered for the same pass and the same live processes. The monitor
+    follows the scrapes (Monitor.follow_scrapes): it makes a pass just before each expected
+    scrape, after which the body is rendered ahead of time, which keeps the text formatting
+    off the scrape's path; a scrape that finds the figures older than a tick waits for a pass.
     """
 
     PRERENDER_WHILE_SCRAPED = 120.0  # seconds after the last scrape
@@ -297,11 +299,17 @@ class RenderedMetrics:
         self._lock = threading.Lock()
         self._last_scrape = 0.0
         self._last_accept = ""
+        monitor.follow_scrapes()
         monitor.tick_listeners.append(self._prerender)
 
     def body(self, accept: str) -> tuple[bytes, str]:
-        encoder, content_type = choose_encoder(accept)
         self._last_scrape, self._last_accept = time.monotonic(), accept
+        self.monitor.scraped()
+        self.monitor.refresh()
+        return self._render(accept)
+
+    def _render(self, accept: str) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)
         alive = self.monitor.alive_keys()
         generation = self.monitor.generation
         hit = self._cache.get(content_type)
@@ -309,13 +317,35 @@ class RenderedMetrics:
             return hit[2], content_type
         with self._lock:
             with self.collector.pinned(alive):
-                body = encoder(self.registry)
+                om = _openmetrics(content_type)
+                body = None if om is None else exposition(self.registry.collect(), om)
+                if body is None:
+                    body = encoder(self.registry)
             self._cache[content_type] = (generation, alive, body)
         return body, content_type
 
     def _prerender(self) -> None:
-        if time.monotonic() - self._last_scrape < self.PRERENDER_WHILE_SCRAPED:
-            self.body(self._last_accept)
+        now = time.monotonic()
+        if now - self._last_scrape >= self.PRERENDER_WHILE_SCRAPED:
+            return
+        expected = self.monitor.scrape_expected
+        if expected is not None and expected - now > 2 * self.monitor.lead:
+            return  # a pass for a window's start, not one a scrape is about to read
+        self._render(self._last_accept)
+
+
+def _openmetrics(content_type: str) -> bool | None:
+    """For the formats exposition() writes (names in the legacy character set need no
+    escaping): True for OpenMetrics 1.0.0, False for the text format; None for any other."""
+    params = [p.strip() for p in content_type.split(";")]
+    escaping = next((p[9:] for p in params if p.startswith("escaping=")), "underscores")
+    if escaping not in ("underscores", "allow-utf-8"):
+        return None
+    if params[0] == "application/openmetrics-text" and "version=1.0.0" in params:
+        return True
+    if params[0] == "text/plain" and ("version=0.0.4" in params or "version=1.0.0" in params):
+        return False
+    return None
 
 
 class _Server(ThreadingHTTPServer):
@@ -417,9 +447,11 @@ class ExporterServer:
                         return
                     self._send(200, content_type, body)
                 elif path == "/":
+                    server.monitor.refresh()  # figures at most a tick old, as for a scrape
                     page = landing_page(server.monitor, server.metrics_path).encode()
                     self._send(200, "text/html; charset=utf-8", page)
                 elif path.startswith("/process/") and path[len("/process/"):].isdigit():
+                    server.monitor.refresh()
                     page = process_page(server.monitor, int(path[len("/process/"):]),
                                         server.metrics_path, server.threads)
                     if page is None:

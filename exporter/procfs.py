@@ -1,10 +1,12 @@
 """All raw /proc reading and parsing, in one place (after psutil's _pslinux.py).
 
-Process-level figures that psutil reads well (cmdline, exe, uids, CPU times, start
-time, host per-CPU times) come from psutil. What psutil gets wrong or does not
-offer is parsed here: context switches summed over every task (psutil counts the
-main thread only on Linux, psutil issue 1467), /proc/PID/maps, /proc/PID/cgroup
-and /proc/PID/task/TID/syscall.
+A process's identity and matching attributes (cmdline, exe, uids, user name) come from
+psutil, once per process. What is read again and again is read here, as cheaply as /proc
+allows: per-process figures from one pread of a kept /proc/PID/stat fd (StatFile), host
+CPU times from a kept /proc/stat fd, and the marks that tell a known PID from a new
+process (identity_marks). So is what psutil gets wrong or does not offer: context
+switches summed over every task (psutil counts the main thread only on Linux, psutil
+issue 1467), /proc/PID/maps, /proc/PID/cgroup and /proc/PID/task/TID/syscall.
 
 Every function raises ProcessGone when the process vanished and PermissionError
 when access is denied; callers treat both as normal operation.
@@ -57,7 +59,7 @@ class MapEntry:
 
 
 def pids() -> list[int]:
-    return psutil.pids()
+    return [int(name) for name in os.listdir(PROC) if name.isdigit()]
 
 
 def _process(pid: int) -> psutil.Process:
@@ -107,11 +109,99 @@ def _stat_fields(pid: int) -> list[bytes]:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError) as e:
         raise ProcessGone(pid) from e
+    return _fields(pid, data)
+
+
+def _fields(pid: int, data: bytes) -> list[bytes]:
     # comm may contain spaces and parentheses: fields start after the last ')'.
     fields = data[data.rfind(b")") + 2:].split()
     if len(fields) < 20 or fields[0] in (b"Z", b"X"):
         raise ProcessGone(pid)
     return fields
+
+
+class StatFile:
+    """/proc/PID/stat of one process, kept open: each reading is one pread, with no path lookup.
+
+    The fd stays bound to the process it was opened for. Once that process is reaped, reads
+    fail with ESRCH (ProcessGone) even if its PID has been reused: a kept fd never shows
+    another process. Closing is the owner's business (Monitor: under its lock).
+    """
+
+    __slots__ = ("pid", "fd")
+
+    def __init__(self, pid: int, start_time: int):
+        self.pid = pid
+        try:
+            self.fd = os.open(f"{PROC}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError) as e:
+            raise ProcessGone(pid) from e
+        try:
+            if self.read().start_time != start_time:
+                raise ProcessGone(pid)
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self) -> ProcessStat:
+        try:
+            data = os.pread(self.fd, 1024, 0)
+        except (ProcessLookupError, FileNotFoundError) as e:
+            raise ProcessGone(self.pid) from e
+        f = _fields(self.pid, data)
+        return ProcessStat(start_time=int(f[19]), threads=int(f[17]),
+                           cpu_user=int(f[11]) / _CLK_TCK, cpu_system=int(f[12]) / _CLK_TCK)
+
+    def alive(self) -> bool:
+        try:
+            self.read()
+            return True
+        except (ProcessGone, OSError):
+            return False
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def quick_marks(pid: int) -> tuple[int, int]:
+    """(inode, owner) of /proc/PID, from one stat(). The kernel drops a process's /proc
+    entries when it is reaped, so a reused PID comes back with another inode; an exec or an
+    argv rewrite keeps it (identity_marks tells those)."""
+    try:
+        st = os.stat(f"{PROC}/{pid}")
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise ProcessGone(pid) from e
+    return st.st_ino, st.st_uid
+
+
+def identity_marks(pid: int) -> tuple:
+    """What tells a process seen before from a new one under the same PID, or from the same
+    process after it exec'd, renamed itself, rewrote its argv (setproctitle) or changed user:
+    start time, comm and code/stack addresses (/proc/PID/stat), the raw cmdline, and the owner
+    of /proc/PID. Three small reads, against psutil's dozen for the full ProcessInfo.
+    """
+    try:
+        fd = os.open(f"{PROC}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            stat = os.read(fd, 1024)
+        finally:
+            os.close(fd)
+        fd = os.open(f"{PROC}/{pid}/cmdline", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            cmdline = os.read(fd, 131072)
+        finally:
+            os.close(fd)
+        uid = os.stat(f"{PROC}/{pid}").st_uid
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise ProcessGone(pid) from e
+    i = stat.rfind(b")")
+    f = stat[i + 2:].split()
+    if len(f) < 26:
+        raise ProcessGone(pid)
+    # comm; starttime (22); startcode, endcode, startstack (26-28, 0 without ptrace access)
+    return stat[stat.find(b"(") + 1:i], f[19], f[23], f[24], f[25], cmdline, uid
 
 
 def start_time(pid: int) -> int:
@@ -168,18 +258,143 @@ def task_ctx_switches(pid: int) -> dict[int, tuple[int, int]]:
     base = f"{PROC}/{pid}/task"
     try:
         tids = os.listdir(base)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ProcessLookupError) as e:
         raise ProcessGone(pid) from e
     out: dict[int, tuple[int, int]] = {}
+    flags = os.O_RDONLY | os.O_CLOEXEC
     for tid in tids:
         try:
-            with open(f"{base}/{tid}/status", "rb") as f:
-                out[int(tid)] = parse_ctx_switches(f.read())
+            fd = os.open(f"{base}/{tid}/status", flags)
         except (FileNotFoundError, ProcessLookupError):
             continue  # thread ended between listdir and open
+        try:
+            out[int(tid)] = parse_ctx_switches(os.read(fd, 4096))
+        except ProcessLookupError:
+            continue
+        finally:
+            os.close(fd)
     if not out and not os.path.exists(f"{PROC}/{pid}"):
         raise ProcessGone(pid)
     return out
+
+
+# Kept fds (StatFile, ThreadFiles) stay below the fd limit less this reserve: connections,
+# the sampler's /proc/PID/mem fds and one-off opens must never hit EMFILE.
+_FD_RESERVE = 1024
+_kept = [0, -1]  # kept thread fds now, and how many may be kept (-1: not yet known)
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (as Go programs do at start). Returns it."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    _kept[1] = max(0, min(soft, 1 << 20) - _FD_RESERVE)
+    return soft
+
+
+class ThreadFiles:
+    """/proc/PID/task/TID/status and .../schedstat of every thread of one process, kept open.
+
+    A reading is one pread per file. The thread list is read again only when the thread
+    count (from /proc/PID/stat) changed or a thread ended: a kept fd of an ended thread
+    fails with ESRCH, so the same count with no such failure means the same threads.
+    Beyond the fd budget (see raise_fd_limit) it opens each file per reading instead.
+    Used from one thread at a time.
+    """
+
+    __slots__ = ("pid", "fds", "kept")
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.fds: dict[int, tuple[int, int]] = {}  # tid -> (status fd, schedstat fd or -1)
+        self.kept = True
+
+    def read(self, threads: int = -1) -> tuple[dict[int, tuple[int, int]], dict[int, tuple[int, int]]]:
+        """Per thread (voluntary, involuntary) context switches, and (ns on a CPU, ns runnable
+        but waiting) as task_schedstat gives them; `threads`: the count just read."""
+        if not self.kept:
+            return task_ctx_switches(self.pid), task_schedstat(self.pid)
+        if threads != len(self.fds):
+            self._sync()
+        ctx: dict[int, tuple[int, int]] = {}
+        sched: dict[int, tuple[int, int]] = {}
+        ended = self._read(self.fds.items(), ctx, sched)
+        if ended:
+            for tid in ended:
+                self._drop(tid)
+            new = self._sync()
+            if not self.kept:
+                return task_ctx_switches(self.pid), task_schedstat(self.pid)
+            self._read([(tid, self.fds[tid]) for tid in new], ctx, sched)
+        if not ctx and not os.path.exists(f"{PROC}/{self.pid}"):
+            raise ProcessGone(self.pid)
+        return ctx, sched
+
+    @staticmethod
+    def _read(items, ctx: dict, sched: dict) -> list[int]:
+        ended = []
+        pread = os.pread
+        for tid, (status, schedstat) in items:
+            try:
+                ctx[tid] = parse_ctx_switches(pread(status, 4096, 0))
+                if schedstat >= 0:
+                    run, delay, _slices = pread(schedstat, 128, 0).split()
+                    sched[tid] = (int(run), int(delay))
+            except ProcessLookupError:
+                ended.append(tid)
+                ctx.pop(tid, None)
+        return ended
+
+    def _drop(self, tid: int) -> None:
+        status, schedstat = self.fds.pop(tid)
+        os.close(status)
+        _kept[0] -= 1
+        if schedstat >= 0:
+            os.close(schedstat)
+            _kept[0] -= 1
+
+    def _sync(self) -> list[int]:
+        """Open the threads not open yet, close the ended ones; returns the new TIDs."""
+        base = f"{PROC}/{self.pid}/task"
+        try:
+            tids = {int(t) for t in os.listdir(base)}
+        except (FileNotFoundError, ProcessLookupError) as e:
+            raise ProcessGone(self.pid) from e
+        for tid in [t for t in self.fds if t not in tids]:
+            self._drop(tid)
+        if _kept[1] < 0:
+            raise_fd_limit()
+        new = []
+        flags = os.O_RDONLY | os.O_CLOEXEC
+        for tid in tids - self.fds.keys():
+            if _kept[0] + 2 > _kept[1]:
+                self.close()
+                self.kept = False
+                return []
+            try:
+                status = os.open(f"{base}/{tid}/status", flags)
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # ended meanwhile
+            try:
+                schedstat = os.open(f"{base}/{tid}/schedstat", flags)
+            except (FileNotFoundError, ProcessLookupError):
+                schedstat = -1  # ended meanwhile, or a kernel without schedstat
+            self.fds[tid] = (status, schedstat)
+            _kept[0] += 1 if schedstat < 0 else 2
+            new.append(tid)
+        return new
+
+    def close(self) -> None:
+        for tid in list(self.fds):
+            self._drop(tid)
 
 
 def parse_maps(text: str) -> list[MapEntry]:
@@ -276,12 +491,26 @@ def cgroup(pid: int) -> str:
         raise ProcessGone(pid) from e
 
 
+_proc_stat_fd = -1
+
+
 def host_cpu_times() -> list[tuple[float, float]]:
-    """Per CPU (busy seconds, total seconds) since boot. iowait counts as idle."""
+    """Per CPU (busy seconds, total seconds) since boot. iowait counts as idle.
+
+    From one pread of a kept /proc/stat fd; total is the sum of every field, as psutil's
+    cpu_times(percpu=True) sums them (guest time included twice, as the kernel reports it).
+    """
+    global _proc_stat_fd
+    if _proc_stat_fd < 0:
+        _proc_stat_fd = os.open(f"{PROC}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    data = os.pread(_proc_stat_fd, 65536, 0)
     out = []
-    for t in psutil.cpu_times(percpu=True):
-        total = sum(t)
-        idle = t.idle + getattr(t, "iowait", 0.0)
+    for line in data.split(b"\n"):
+        if not line.startswith(b"cpu") or line.startswith(b"cpu "):
+            continue
+        ticks = [int(x) for x in line.split()[1:11]]
+        total = sum(ticks) / _CLK_TCK
+        idle = (ticks[3] + (ticks[4] if len(ticks) > 4 else 0)) / _CLK_TCK
         out.append((total - idle, total))
     return out
 

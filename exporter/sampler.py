@@ -1,14 +1,30 @@
-"""Background GIL sampler: one daemon thread samples every target at ~100 Hz.
+"""Background GIL sampler: one daemon thread samples every target, at ~100 Hz when it matters.
 
-Each tick happens at a jittered time (uniform in period * [1 - jitter, 1 + jitter]) so
-the samples cannot lock onto the target's 5 ms switch-interval rhythm. A tick reads
-every target with ONE os.pread of its GIL struct on a kept /proc/PID/mem fd, and
-accounts time-weighted (sample-and-hold): the state seen at one sample is taken to
-last until the next sample of that target.
+Ticks happen at jittered times (uniform in period * [1 - jitter, 1 + jitter]) so the samples
+cannot lock onto the target's 5 ms switch-interval rhythm. A sample is ONE os.pread of the
+target's GIL struct on a kept /proc/PID/mem fd; time is accounted time-weighted.
 
-Every `check_every` seconds (staggered, one target per tick at most) a target is
-re-validated (same process, GIL struct shape, live holder) and its futex-blocked
-waiters are counted from /proc/PID/task/*/syscall as a cross-check.
+Adaptive rate, unbiased (``idle_ticks`` > 1; the daemon's default). Time is cut, per target,
+into strata of whole ticks: one tick while the target showed a waiter in the last
+``hold_seconds`` (every tick is a sample, exactly as at the full rate), ``idle_ticks`` ticks
+otherwise. Each stratum is sampled once, at a tick drawn uniformly among its ticks, and the
+state seen there is credited for the whole stratum. A stratum's length is fixed before any
+of its ticks is seen, from samples taken before it, and where in it the sample falls is a
+coin the target cannot influence; so the expected credit of every stratum equals what
+sampling each of its ticks would credit, whatever the target does. (Choosing how long to
+hold a state from that same state -- "idle, so look again in 200 ms" -- would not be: long
+holds would go to idle states and short ones to busy states.) Ticks at which no target is
+due are slept through.
+
+Time is a "sampled clock": wall time, except that a gap between two ticks longer than
+three periods (the sampler itself was starved) counts for three periods only.
+
+Every `check_every` seconds (staggered; 12 times less often while it is sampled slowly) a
+target is re-validated (same process, GIL struct shape, live holder); while it shows waiters,
+once a minute, they are also counted from /proc/PID/task/*/syscall as a cross-check.
+
+The loop runs in C when the optional extension exporter._hotloop was built (_hotloop.c,
+the same loop; Python does the rest between its calls, every 0.25 s or so), else in Python.
 """
 from __future__ import annotations
 
@@ -18,14 +34,24 @@ import os
 import random
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Dict, Hashable, List, Optional
 
+from . import procfs
 from .gil import GilLocation, GilReader, INTERVAL_MAX_US, INTERVAL_MIN_US, ProbeUnavailable
+from .gil.reader import FIELDS
+
+try:
+    from . import _hotloop  # the loop below, in C (setup.py builds it when a compiler is there)
+except ImportError:
+    _hotloop = None
 
 __all__ = ["GilTotals", "GilSampler"]
 
 _MASK64 = (1 << 64) - 1
+IDLE_CHECKS = 12      # a target sampled slowly is re-validated this many times less often
+FUTEX_EVERY = 60.0    # seconds between futex cross-checks of one target
 
 
 @dataclass(frozen=True)
@@ -43,14 +69,17 @@ class GilTotals:
 
 # Per-target state is one tuple, replaced whole at every sample: the sampler thread is the
 # only writer, and readers (totals()) get a consistent copy by reading one attribute.
-# (t, locked, waiters, switch, interval_us, sampled, held, wait, contended, switches, samples,
-#  enabled) -- enabled is -1 on builds without a switchable GIL
+# (c, locked, waiters, switch, interval_us, sampled, held, wait, contended, switches, samples,
+#  enabled) -- c is the sampled clock up to which time is credited; enabled is -1 on builds
+# without a switchable GIL
 _EMPTY_STATE = (0.0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 0, -1)
 
 
 class _Target:
     __slots__ = ("key", "reader", "pid", "read", "unpack", "size", "state", "futex",
-                 "next_check", "bad_checks", "failure", "free_threaded", "waiting")
+                 "next_check", "bad_checks", "failure", "free_threaded", "waiting",
+                 "start", "length", "last_waiter", "removed", "checked_wait", "checked_at",
+                 "checked", "stat", "core", "slot")
 
     def __init__(self, key: Hashable, reader: Optional[GilReader], check_at: float) -> None:
         self.key = key
@@ -71,9 +100,38 @@ class _Target:
         self.next_check = check_at
         self.bad_checks = 0
         self.failure: Optional[str] = None
+        self.removed = False       # set (under the lock) before its reader is queued for closing
+        self.start = 0             # tick index where the current stratum starts
+        self.length = 1            # its length in ticks
+        self.last_waiter = -(1 << 62)  # tick index of the last sample that saw a waiter
+        self.checked_wait = -1.0   # wait_seconds at the last re-validation
+        self.checked_at = 0.0      # when the last futex cross-check was made
+        self.checked = (0.0, 0)    # (time, samples) at the last re-validation
+        self.stat: Optional[procfs.StatFile] = None  # kept /proc/PID/stat: is it the same process
+        self.core = None           # the C loop's Core while it samples this target
+        self.slot = (0, 0)         # (index, uid) in it
+
+    def still_readable(self) -> bool:
+        """The PID still names this process (kept stat fd), and we may still read it: readlink
+        of /proc/PID/exe needs the same ptrace access (PermissionError once it is lost; the
+        open /proc/PID/mem fd itself would keep reading)."""
+        stat = self.stat
+        if stat is None or not stat.alive():
+            return False
+        os.readlink(f"/proc/{self.pid}/exe")
+        return True
+
+    def snapshot(self) -> tuple:
+        """The state tuple: from the C loop while it samples this target."""
+        core = self.core
+        if core is not None:
+            state = core.state(*self.slot)
+            if state is not None:
+                return state
+        return self.state
 
     def totals(self) -> GilTotals:
-        _t, _l, _w, _s, interval, sampled, held, wait, contended, switches, samples, en = self.state
+        _c, _l, _w, _s, interval, sampled, held, wait, contended, switches, samples, en = self.snapshot()
         return GilTotals(sampled, held, wait, contended, switches, interval / 1e6, samples, self.futex,
                          None if en < 0 else bool(en))
 
@@ -87,26 +145,47 @@ class GilSampler:
     sampling: its last totals stay readable and ``failure(key)`` gives the reason,
     until ``remove(key)``.
 
-    Concurrency: the sampling thread takes no lock per tick. It reads the current tuple
-    of active targets, and each target's state is an immutable tuple it replaces whole.
-    add()/remove() swap the active tuple under a lock; readers of removed targets are
-    closed by the sampling thread itself at its next tick (never while it may still
-    read their fd), or at once when it is not running.
+    ``idle_ticks`` (1: every target every tick) and ``hold_seconds`` set the adaptive rate
+    described in the module docstring. The hold is short: an idle process whose threads
+    wake together now and then shows a waiter for a moment, which is no reason to sample it
+    at the full rate for long; sustained contention shows waiters at every sample.
+
+    Concurrency: the sampling thread takes no lock per tick. Targets due at a tick sit in
+    that tick's slot of a ring that only the sampling thread touches; add() hands new
+    targets over through a list swapped under a lock, and each target's state is an
+    immutable tuple it replaces whole. remove() marks the target and queues its reader;
+    readers are closed by the sampling thread itself at its next tick (never while it may
+    still read their fd), or at once when it is not running.
     """
 
     def __init__(self, rate_hz: float = 100.0, jitter: float = 0.5,
-                 check_every: float = 5.0) -> None:
+                 check_every: float = 5.0, idle_ticks: int = 1, hold_seconds: float = 0.25,
+                 native: Optional[bool] = None) -> None:
+        if int(idle_ticks) != idle_ticks or idle_ticks < 1:
+            raise ValueError("idle_ticks must be a whole number >= 1")
+        if native and _hotloop is None:
+            raise ValueError("the C hot loop (exporter._hotloop) was not built")
+        self.native = _hotloop is not None if native is None else native
+        if not hold_seconds >= 0:
+            raise ValueError("hold_seconds must be >= 0")
+        self.idle_ticks = int(idle_ticks)
+        self.hold_seconds = hold_seconds
         self._schedule(rate_hz, jitter)
         self.check_every = check_every
-        self._lock = threading.Lock()            # targets dict, active tuple, to-close list
+        self._lock = threading.Lock()            # targets dict, active tuple, new and to-close lists
         self._targets: Dict[Hashable, _Target] = {}
-        self._active: tuple = ()
+        self._active: tuple = ()                 # targets still sampled (for re-validation)
+        self._new: List[_Target] = []            # added, not yet scheduled by the sampling thread
         self._to_close: List[GilReader] = []
         self._running = [False]
         self._thread: Optional[threading.Thread] = None
         self._rng = random.Random()
-        self.ticks = 0
+        self.ticks = 0                  # ticks at which the thread woke
+        self.reads = 0                  # target-samples taken
         self._next_check = 0.0          # earliest time any target is due for re-validation
+        self._clock = 0.0               # the sampled clock where the last sampling thread left it
+        self._recent: deque = deque(maxlen=64)  # times of the last ticks (the Python loop)
+        self._core = None               # the C loop's Core, while it runs
         self.native_id = 0              # sampler thread's TID (for CPU accounting)
 
     # ----------------------------------------------------------------- schedule
@@ -121,10 +200,11 @@ class GilSampler:
         self._period = period
         # One tuple, swapped whole; the sampling thread picks up a new one at its next tick.
         # (lo, span): next tick in period * [1 - jitter, 1 + jitter).
-        # max_gap: longest gap credited to one sample; beyond it the sampler was starved
-        # and holding the old state would invent data, so the excess is not sampled.
+        # max_gap: longest gap between ticks counted on the sampled clock; beyond it the
+        # sampler was starved and holding the old state would invent data.
+        # hold: ticks a target stays at the full rate after a sample that saw a waiter.
         self._params = (period * (1.0 - jitter), 2.0 * period * jitter,
-                        3.0 * period * (1.0 + jitter))
+                        3.0 * period * (1.0 + jitter), max(1, round(self.hold_seconds * rate_hz)))
 
     @property
     def rate_hz(self) -> float:
@@ -148,6 +228,8 @@ class GilSampler:
         if self._thread is not None and self._thread.is_alive():
             return
         self._running = [True]           # a fresh flag per thread: a stopped one never revives
+        with self._lock:                 # a new thread schedules every target afresh
+            self._new = [st for st in self._targets.values() if st.failure is None]
         self._thread = threading.Thread(target=self._run, name="gil-sampler", daemon=True)
         self._thread.start()
 
@@ -168,6 +250,10 @@ class GilSampler:
         check_at = time.monotonic() + self._rng.uniform(0.2, 1.0) * self.check_every
         try:
             st = _Target(key, GilReader(location), check_at)
+            try:
+                st.stat = procfs.StatFile(st.pid, st.reader.start_time)
+            except (procfs.ProcessGone, OSError):
+                pass  # re-validation falls back to GilReader.same_process()
         except ProbeUnavailable as exc:
             st = _Target(key, None, check_at)
             st.failure = exc.reason
@@ -177,6 +263,8 @@ class GilSampler:
         with self._lock:
             old = self._targets.pop(key, None)
             self._targets[key] = st
+            if st.failure is None:
+                self._new.append(st)
             self._next_check = min(self._next_check, check_at) if self._next_check else check_at
             self._rebuild()
             if old is not None:
@@ -209,16 +297,25 @@ class GilSampler:
         t = self._thread
         return t is not None and t.is_alive()
 
+    def recent_ticks(self) -> list:
+        """Monotonic times of the last (up to 64) ticks the sampling thread woke at."""
+        core = self._core
+        return core.recent if core is not None else list(self._recent)
+
     # ----------------------------------------------------------------- internals
     def _rebuild(self) -> None:
-        # called with the lock held; one atomic swap of the tuple the hot path iterates
+        # called with the lock held
         self._active = tuple(st for st in self._targets.values() if st.failure is None)
 
     def _retire(self, st: _Target) -> None:
         # called with the lock held: the reader is closed later, by the sampling thread
+        st.removed = True
         if st.reader is not None:
             self._to_close.append(st.reader)
             st.reader = None
+        if st.stat is not None:
+            self._to_close.append(st.stat)
+            st.stat = None
 
     def _close_pending(self) -> None:
         with self._lock:
@@ -238,28 +335,135 @@ class GilSampler:
             self.native_id = threading.get_native_id()
         except AttributeError:  # pragma: no cover
             self.native_id = 0
+        if self.native:
+            self._run_native()
+        else:
+            self._run_python()
+
+    def _run_native(self) -> None:
+        """The loop of _run_python in C (Core.run), in chunks of ~0.25 s; between them, here:
+        new and removed targets, failures, re-validation, closing readers."""
+        core = self._core = _hotloop.Core(self.idle_ticks, self._clock, self._period * self._rng.random(),
+                                          self._rng.getrandbits(64))
+        sampled: Dict[int, _Target] = {}   # core index -> target
         params = self._params
-        lo, span, max_gap = params
+        running = self._running
+        monotonic = time.monotonic
+        try:
+            while running[0]:
+                if self._params is not params:     # rate or jitter changed
+                    params = self._params
+                    core.reschedule(monotonic() + params[0] + params[1] * self._rng.random())
+                for i, st in list(sampled.items()):
+                    if st.removed or st.failure is not None:
+                        self._unhook(core, i, st, sampled)
+                if self._to_close:
+                    self._close_pending()   # after _unhook: the C loop no longer reads them
+                if self._new:
+                    with self._lock:
+                        new, self._new = self._new, []
+                    for st in new:
+                        if st.failure is None and not st.removed and st.reader is not None:
+                            self._hook(core, st, sampled)
+                now = monotonic()
+                if now >= self._next_check - 0.01:
+                    self._housekeeping(now, None, ahead=0.25)
+                lo, span, max_gap, hold = params
+                # at least the next tick: never a call that returns at once
+                until = max(min(now + 0.25, self._next_check), core.plan)
+                failures = core.run(until, lo, span, max_gap, hold)
+                self.ticks, self.reads = core.ticks, core.reads
+                if failures:
+                    failed = []
+                    for i, err, kind in failures:
+                        st = sampled.get(i)
+                        if st is None:
+                            continue
+                        self._unhook(core, i, st, sampled)
+                        failed.append((st, OSError(err, os.strerror(err)) if kind == 0 else
+                                       (None if kind == 2 else EOFError("short read"))))
+                    self._housekeeping(monotonic(), failed)
+        finally:
+            for i, st in list(sampled.items()):
+                self._unhook(core, i, st, sampled)
+            self._clock = core.clock
+            self._close_pending()
+
+    @staticmethod
+    def _hook(core, st: _Target, sampled: dict) -> None:
+        reader = st.reader
+        layout = reader.location.layout
+        st.slot = core.add(reader.fd, reader.address, reader.size,
+                           tuple(getattr(layout, f) for f in FIELDS if f != "last_holder")
+                           + (layout.enabled,), st.waiting, st.state)
+        st.core = core
+        sampled[st.slot[0]] = st
+
+    @staticmethod
+    def _unhook(core, i: int, st: _Target, sampled: dict) -> None:
+        """Stop sampling st in C; its totals stay readable from st.state."""
+        state = core.state(*st.slot)
+        if state is not None:
+            st.state = state
+        st.core = None
+        core.remove(i)
+        del sampled[i]
+
+    def _run_python(self) -> None:
+        params = self._params
+        lo, span, max_gap, hold = params
+        idle = self.idle_ticks
         rand = self._rng.random
         monotonic = time.monotonic
         sleep = time.sleep
+        recent = self._recent.append
         running = self._running          # a list, not Event.is_set(): no Python call per tick
-        ticks = 0
-        next_t = monotonic() + self._period * rand()
+        # Ring of the last ticks (index & mask): the sampled clock at each tick, and the
+        # targets due at each of the next ticks. A stratum starts at most idle-1 ticks
+        # before its sample, and the next sample is at most 2*idle-1 ticks ahead.
+        size = 4
+        while size < 2 * idle + 2:
+            size *= 2
+        mask = size - 1
+        clock = [0.0] * size
+        due: List[list] = [[] for _ in range(size)]
+        ticks = reads = 0
+        j = 0                            # index of the last tick (woken at or slept through)
+        c = self._clock                  # sampled clock at tick j (continued across restarts)
+        last = monotonic()               # time of tick j
+        plan = last + self._period * rand()   # planned time of tick j + 1, the next to wake at
         while running[0]:
             if self._params is not params:     # rate or jitter changed
                 params = self._params
-                lo, span, max_gap = params
-                next_t = min(next_t, monotonic() + lo + span * rand())
-            delay = next_t - monotonic()
+                lo, span, max_gap, hold = params
+                plan = min(plan, last + lo + span * rand())
+            delay = plan - monotonic()
             if delay > 0:
                 sleep(delay)
             if self._to_close:
                 self._close_pending()
             now = monotonic()
+            j += 1
+            gap = now - last
+            c += gap if gap < max_gap else max_gap
+            clock[j & mask] = c
+            last = now
+            recent(now)
+            if self._new:
+                with self._lock:
+                    new, self._new = self._new, []
+                for st in new:
+                    if st.failure is None and not st.removed:
+                        st.start, st.length = j, 1    # a first stratum of one tick, sampled now
+                        due[j & mask].append(st)
+            slot = j & mask
+            batch = due[slot]
+            due[slot] = []
             failed = None
-            # Hot path: one pread per target and sample-and-hold accounting; no lock.
-            for st in self._active:
+            # Hot path: one pread per due target and time-weighted accounting; no lock.
+            for st in batch:
+                if st.removed or st.failure is not None:
+                    continue                  # its reader is closed, or about to be
                 try:
                     vals = st.unpack(st.read())
                 except Exception as exc:      # OSError, or a short read (struct.error)
@@ -282,11 +486,11 @@ class GilSampler:
                     exact = st.waiting()
                     if exact is not None:
                         waiters = exact
-                t0, l0, w0, s0, _, sampled, held, wait, contended, switches, n, _e = st.state
+                c0, l0, w0, s0, _, sampled, held, wait, contended, switches, n, _e = st.state
                 if n:
-                    dt = now - t0
-                    if dt > max_gap:
-                        dt = max_gap
+                    # The previous stratum's state until this stratum starts, then this one's.
+                    cs = clock[st.start & mask]
+                    dt = cs - c0
                     sampled += dt
                     if l0:
                         held += dt
@@ -294,25 +498,62 @@ class GilSampler:
                             contended += dt
                     if w0:
                         wait += dt * w0
+                    dt = c - cs
+                    if dt:
+                        sampled += dt
+                        if locked:
+                            held += dt
+                            if waiters:
+                                contended += dt
+                        if waiters:
+                            wait += dt * waiters
                     if switch != s0:
                         switches += (switch - s0) & _MASK64
-                st.state = (now, locked, waiters, switch, interval, sampled, held, wait,
+                st.state = (c, locked, waiters, switch, interval, sampled, held, wait,
                             contended, switches, n + 1, enabled)
+                reads += 1
+                # The next stratum, decided from what was seen up to now.
+                if waiters:
+                    st.last_waiter = j
+                start = st.start + st.length
+                st.start = start
+                if j - st.last_waiter < hold or idle == 1:
+                    st.length = 1
+                    due[start & mask].append(st)
+                else:
+                    st.length = idle
+                    due[(start + int(rand() * idle)) & mask].append(st)
             ticks += 1
             self.ticks = ticks
+            self.reads = reads
             if failed is not None or now >= self._next_check:
                 try:
                     self._housekeeping(now, failed)
                 except Exception:  # never let the thread die
                     pass
-            next_t += lo + span * rand()
-            if next_t < now:           # fell behind (starved): restart the schedule
-                next_t = now + lo + span * rand()
+            # The next tick to wake at: the first with a target due, at most `idle` ahead.
+            # Ticks before it are slept through, and go on the clock at their planned times.
+            k = 1
+            while k < idle and not due[(j + k) & mask] and not self._new:
+                k += 1
+            t = plan
+            for i in range(k):
+                if i:
+                    j += 1
+                    c += t - last
+                    clock[j & mask] = c
+                    last = t
+                t += lo + span * rand()
+                if t < now:            # fell behind (starved): restart the schedule
+                    t = now + lo + span * rand()
+            plan = t
+        self._clock = c
         self._close_pending()
 
-    def _housekeeping(self, now: float, failed) -> None:
-        """Record failures from the hot path; re-validate at most one due target."""
-        due = None
+    def _housekeeping(self, now: float, failed, ahead: float = 0.0) -> None:
+        """Record failures from the hot path; re-validate the targets due (the Python loop:
+        one per tick at most; the C loop: every one due within `ahead` seconds)."""
+        due = []
         with self._lock:
             for st, exc in failed or ():
                 if exc is None:
@@ -324,27 +565,40 @@ class GilSampler:
                 self._fail(st, reason)
             soonest = now + self.check_every
             for st in self._active:
-                if st.next_check <= now and due is None:
-                    due = st
+                if st.next_check <= now + ahead and (ahead or not due):
+                    due.append(st)
                 elif st.next_check < soonest:
                     soonest = st.next_check
             self._next_check = soonest
-        if due is not None:
-            self._check(due, now)
+        for st in due:
+            self._check(st, now)
+        if due:
             with self._lock:
-                self._next_check = min(self._next_check, due.next_check)
+                self._next_check = min([self._next_check] + [st.next_check for st in due])
 
     def _check(self, st: _Target, now: float) -> None:
-        """Occasional re-validation and futex cross-check of one target (sampling thread)."""
-        st.next_check = now + self.check_every * self._rng.uniform(0.8, 1.2)
+        """Occasional re-validation of one target (sampling thread): every check_every
+        seconds while it is sampled at the full rate, IDLE_CHECKS times less often while it is
+        sampled slowly. The futex cross-check reads every thread's syscall file: only while
+        waiters are seen, at most once a FUTEX_EVERY seconds."""
+        state = st.snapshot()
+        interval, samples, wait = state[4], state[10], state[7]
+        then, before = st.checked
+        st.checked = (now, samples)
+        fast = self.idle_ticks == 1 or (samples - before) >= 0.5 * self._rate_hz * (now - then)
+        every = self.check_every * (1 if fast else IDLE_CHECKS)
+        st.next_check = now + every * self._rng.uniform(0.8, 1.2)
         reader = st.reader
         if reader is None:      # removed meanwhile; its reader is queued for closing
             return
         reason = None
         futex = -1
-        interval, samples = st.state[4], st.state[10]
+        cross_check = (state[2] > 0 or wait > st.checked_wait) and (
+            st.checked_at == 0.0 or now - st.checked_at >= FUTEX_EVERY)
+        st.checked_wait = wait
         try:
-            problem, futex = reader.recheck()
+            problem, futex = reader.recheck(futex=cross_check,
+                                            alive=None if st.stat is None else st.still_readable)
             if samples and not INTERVAL_MIN_US <= interval <= INTERVAL_MAX_US:
                 problem = problem or f"interval {interval} us out of range"
             if problem:
@@ -364,6 +618,7 @@ class GilSampler:
             reason = "validation_failed"
         if futex >= 0:
             st.futex = futex
+            st.checked_at = now
         if reason is not None:
             with self._lock:
                 if self._targets.get(st.key) is st:

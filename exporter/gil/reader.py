@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import replace
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 from .identity import identify_target
 from .location import (INTERVAL_MAX_US, INTERVAL_MIN_US, TSTATE_INTERP_OFFSET, RuntimeView,
@@ -100,7 +100,7 @@ class GilReader:
         return GilReading(interval, bool(locked), switch, waiters, holder,
                           None if enabled < 0 else enabled != 0)
 
-    def recheck(self) -> Tuple[str, int]:
+    def recheck(self, futex: bool = True, alive: Optional[Callable[[], bool]] = None) -> Tuple[str, int]:
         """Re-validate the location on the live process without sleeping.
 
         Returns (problem, futex_waiters): problem is "" when one snapshot of the struct
@@ -108,8 +108,12 @@ class GilReader:
         a live thread state of the runtime's interpreter. Raises ProbeUnavailable when
         the process exited, was replaced, or denies access. Costs a few /proc reads;
         the writable mappings and the verified interpreter are cached between calls.
+        ``futex=False`` leaves out the futex cross-check (futex_waiters -1): it reads every
+        thread's /proc/PID/task/TID/syscall, and only has something to say while threads wait.
+        ``alive`` replaces same_process() with the caller's own check that the PID still names
+        the process this reader was opened for (the sampler keeps /proc/PID/stat open).
         """
-        if not self.same_process():
+        if not (self.same_process() if alive is None else alive()):
             raise ProbeUnavailable("exited", f"pid {self.pid} exited or was replaced")
         loc = self.location
         data = pread_exact(self.fd, loc.layout.mutex + 40, self.address, self.pid)
@@ -121,7 +125,7 @@ class GilReader:
             problem = self._recheck_snapshot(data, len(tids))
             if not problem:
                 break
-        if problem:
+        if problem or not futex:
             return problem, -1
         return "", futex_waiters(self.pid, self.address, loc.layout)
 
