@@ -8,6 +8,8 @@ interpreter sleeps: contended inside each interpreter, parallel across them.
 """
 from __future__ import annotations
 
+import re
+import subprocess
 import time
 
 import pytest
@@ -63,3 +65,99 @@ def test_every_gil_is_found_and_each_thread_is_in_its_interpreter(name, report):
             f"interp {i}: held {sum(r.held for r in rs):.2f}" for i, rs in sorted(by_interp.items())))
     finally:
         w.stop()
+
+
+# ------------------------------------------------------------------ the daemon
+
+
+def _gil_series(exp, pid: int, name: str) -> dict:
+    """{interpreter label or None: value} of one GIL family for one process, from one scrape."""
+    return {s.labels.get("interpreter"): s.value for s in exp.scrape()
+            if s.name == name and s.labels.get("pid") == str(pid)}
+
+
+def test_interpreter_label_and_verdicts_with_interpreter_pool_executor(exporter, tmp_path, report):
+    """3.14's InterpreterPoolExecutor, on the real Debian 3.14 after pivot_root, next to an
+    ordinary process of the same interpreter: the ordinary one keeps exactly its series (no
+    `interpreter` label); the pools get one series per interpreter. One worker running CPU
+    threads inside its interpreter is contended (and the verdict names that interpreter); two
+    workers with one CPU thread each run in parallel, each on its own GIL: not GIL-bound.
+    Per-thread series carry the interpreter too, and add up per interpreter."""
+    from harness import exporter_command, write_config
+    interp = placements.require(INTERPRETERS["3.14 Debian sid"])
+    ordinary = placements.start("cpu", interp, "pivot_root", threads=2)
+    contended = placements.start("pool_contended", interp, "pivot_root", threads=2)
+    parallel = placements.start("pool_parallel", interp, "pivot_root", threads=2)
+    try:
+        cfg = write_config(tmp_path, f"""
+targets:
+  - name: ordinary
+    match: {{pid: {ordinary.pid}}}
+  - name: contended
+    match: {{pid: {contended.pid}}}
+  - name: parallel
+    match: {{pid: {parallel.pid}}}
+scan_interval_seconds: 1
+window_seconds: 4
+sampling:
+  per_thread: true
+""")
+        exp = exporter("--config", str(cfg))
+        score = "pygil_gil_contention_score"
+        exp.wait_for(lambda: len(_gil_series(exp, parallel.pid, score)) == 3
+                     and len(_gil_series(exp, contended.pid, score)) == 2
+                     and _gil_series(exp, ordinary.pid, score), timeout=90)
+        time.sleep(5)                        # a whole window with every GIL sampled
+        samples = exp.scrape()
+        mine = [s for s in samples if s.name.startswith("pygil_") and s.labels.get("pid")]
+        # the ordinary process: no series of its has an interpreter label
+        assert not [s for s in mine if s.labels["pid"] == str(ordinary.pid) and "interpreter" in s.labels]
+        for w, ids in ((contended, {"0", "1"}), (parallel, {"0", "1", "2"})):
+            gil_series = [s for s in mine if s.labels["pid"] == str(w.pid) and s.name.startswith("pygil_gil_")
+                          and s.name != "pygil_gil_enabled"]
+            assert gil_series and all("interpreter" in s.labels for s in gil_series), gil_series
+            assert {s.labels["interpreter"] for s in gil_series} == ids
+            # the process's own series (CPU, threads, info) keep their labels
+            assert not [s for s in mine if s.labels["pid"] == str(w.pid) and s.name.startswith("pygil_process_")
+                        and "interpreter" in s.labels]
+        # the same families for every process: a pool's have one more label (interpreter)
+        def shape(pid: int, drop: set) -> set:
+            return {(s.name, frozenset(set(s.labels) - drop)) for s in mine if s.labels["pid"] == str(pid)}
+        assert shape(contended.pid, {"interpreter"}) == shape(parallel.pid, {"interpreter"}) \
+            == shape(ordinary.pid, set()), (shape(ordinary.pid, set()) ^ shape(contended.pid, {"interpreter"}))
+        c = _gil_series(exp, contended.pid, score)
+        p = _gil_series(exp, parallel.pid, score)
+        # inside interpreter 1, one of its two CPU threads waits whenever the other holds its
+        # GIL (how long the GIL is held at all depends on the CPU the busy host gives)
+        held = _gil_series(exp, contended.pid, "pygil_gil_held_seconds_total")
+        busy = _gil_series(exp, contended.pid, "pygil_gil_contended_seconds_total")
+        assert held["1"] > 1.0 and busy["1"] >= 0.7 * held["1"], (held, busy)
+        assert c["1"] > c["0"] and c["0"] <= 0.2, c
+        assert max(p.values()) <= 0.3, p
+        # per-thread series: per interpreter, they add up to that interpreter's held time
+        for w in (contended, parallel):
+            held = _gil_series(exp, w.pid, "pygil_gil_held_seconds_total")
+            threads: dict = {}
+            for s in exp.scrape():
+                if s.name == "pygil_thread_gil_held_seconds_total" and s.labels["pid"] == str(w.pid):
+                    threads[s.labels["interpreter"]] = threads.get(s.labels["interpreter"], 0.0) + s.value
+            for i in held:
+                if held[i] > 0 or i in threads:
+                    assert abs(threads[i] - held[i]) <= 1e-6 * max(1.0, held[i]), (i, threads, held)
+        # the verdicts, as diagnose gives them
+        out = subprocess.run(exporter_command() + ["diagnose", str(contended.pid), "--seconds", "4"],
+                             capture_output=True, text=True, timeout=180)
+        found = re.search(r"the GIL of interpreter 1 contended (\d+)% of the time", out.stdout)
+        assert found and "the most contended of 2 interpreters with a GIL of their own" in out.stdout, \
+            out.stdout + out.stderr
+        # CONTENDED (exit 1) from 50 %: reached unless the host starves the process
+        assert out.returncode == (1 if int(found.group(1)) >= 50 else 0), out.stdout + out.stderr
+        out = subprocess.run(exporter_command() + ["diagnose", str(parallel.pid), "--seconds", "4"],
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "OK: subinterpreters run in parallel, each on its own GIL" in out.stdout, out.stdout
+        report.record("3.14 Debian sid", "InterpreterPoolExecutor scores",
+                      f"contended {c}, parallel {p}")
+    finally:
+        for w in (ordinary, contended, parallel):
+            w.stop()

@@ -226,3 +226,150 @@ def test_labels_use_the_tid_when_names_repeat_and_other_per_group():
     assert len(out) == 5 and (OTHER, 1) in out and (OTHER, 2) in out
     for group in (1, 2):         # per group, the series add up to what that group was credited
         assert abs(sum(v for (_l, g), v in out.items() if g == group) - 3 * 0.4) < 1e-9
+
+
+# ------------------------------------------------------------------ the daemon's per-thread metric
+
+
+@pytest.mark.parametrize("name", ["3.9 pyenv", "3.12 pyenv", "3.14 Debian sid"])
+@pytest.mark.parametrize("native", [True, False], ids=["C loop", "Python loop"])
+def test_sampler_credits_held_time_per_thread(name, native):
+    """The daemon's sampler (its C hot loop and its Python one), with per_thread: the held time
+    it drains per TID goes to the three CPU workers, about a third each, and all of it adds up
+    to the GIL's held time, drain after drain (3.9: TIDs through glibc's struct pthread)."""
+    from exporter import sampler as sampler_mod
+    if native and sampler_mod._hotloop is None:
+        pytest.skip("exporter._hotloop was not built (no C compiler at install)")
+    if name not in INTERPRETERS:
+        pytest.skip(f"{name}: not installed here")
+    interp = _interp(name)
+    w = placements.start("cpu", interp, _placement(interp), threads=3)
+    try:
+        workers = _tasks(w.pid) - {w.pid}
+        s = sampler_mod.GilSampler(idle_ticks=50, native=native)
+        s.add("k", gil.locate(w.pid), per_thread=True)
+        s.start()
+        per_tid: dict = {}
+        try:
+            for _ in range(8):
+                time.sleep(0.4)
+                totals, inc = s.drain("k")
+                for tid, held in inc.items():
+                    per_tid[tid] = per_tid.get(tid, 0.0) + held
+                assert abs(sum(per_tid.values()) - totals.held_seconds) < 1e-9, (per_tid, totals)
+        finally:
+            s.stop()
+        assert set(per_tid) - {0} == workers, (per_tid, workers)
+        assert per_tid.get(0, 0.0) <= 0.02 * totals.held_seconds, per_tid
+        for tid in workers:
+            assert 0.15 <= per_tid[tid] / totals.held_seconds <= 0.55, per_tid
+    finally:
+        w.stop()
+
+
+
+def _thread_series(exp, pid: int) -> tuple[dict, float | None]:
+    """({thread label: held seconds}, the process's held seconds) from one scrape."""
+    samples = exp.scrape()
+    threads = {s.labels["thread"]: s.value for s in samples
+               if s.name == "pygil_thread_gil_held_seconds_total" and s.labels.get("pid") == str(pid)}
+    held = next((s.value for s in samples
+                 if s.name == "pygil_gil_held_seconds_total" and s.labels.get("pid") == str(pid)), None)
+    return threads, held
+
+
+def test_per_thread_metric_is_opt_in(exporter, tmp_path):
+    """Without sampling.per_thread, /metrics has no trace of the per-thread family (not even its
+    HELP line), and the process's GIL series are there as always."""
+    from harness import write_config
+    cfg = write_config(tmp_path, """
+targets:
+  - name: plain
+    match:
+      cmdline: 'gil-workload cpu per-thread-off'
+scan_interval_seconds: 1
+window_seconds: 3
+""")
+    python = workloads.pyenv_pythons().get("3.12")
+    with workloads.start_workload("cpu", python, threads=2, argv_tag="per-thread-off") as w:
+        exp = exporter("--config", str(cfg))
+        exp.wait_for(lambda: exp.value("pygil_gil_held_seconds_total", pid=w.pid), timeout=60)
+        status, text = exp.get("/metrics")
+        assert status == 200 and "pygil_gil_held_seconds_total{" in text
+        assert "pygil_thread_" not in text and 'interpreter="' not in text
+
+
+def test_per_thread_metric_is_capped_under_thread_churn(exporter, tmp_path):
+    """Three steady CPU threads while short-lived threads come and go all the time, with at
+    most 2 threads per process: never more than 2 thread series plus "other", no short-lived
+    thread ever gets one, every series only grows, and they add up to the process's held time
+    in every scrape."""
+    from harness import write_config
+    cfg = write_config(tmp_path, """
+targets:
+  - name: churn
+    match:
+      cmdline: 'gil-workload churn_steady threads-cap'
+scan_interval_seconds: 1
+window_seconds: 3
+sampling:
+  per_thread: true
+limits:
+  max_threads_per_process: 2
+""")
+    python = workloads.pyenv_pythons().get("3.12")
+    with workloads.start_workload("churn_steady", python, threads=4, argv_tag="threads-cap") as w:
+        steady = workloads.thread_ids(w)
+        exp = exporter("--config", str(cfg))
+        exp.wait_for(lambda: len(_thread_series(exp, w.pid)[0]) == 3, timeout=60)
+        seen_labels, last, scrapes, tids_seen = set(), {}, 0, set()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            tids_seen |= _tasks(w.pid)
+            threads, held = _thread_series(exp, w.pid)
+            assert len(threads) <= 3 and "other" in threads, threads
+            assert held is not None and abs(sum(threads.values()) - held) <= 1e-6 * max(1.0, held), \
+                (threads, held)
+            for label, value in threads.items():
+                assert value >= last.get(label, 0.0) - 1e-9, (label, value, last)
+            last = threads
+            seen_labels |= set(threads)
+            scrapes += 1
+            time.sleep(0.5)
+        short = tids_seen - set(steady.values()) - {w.pid}
+        assert len(short) >= 10, "the workload churned threads"   # those /proc showed, meanwhile
+        labelled = seen_labels - {"other"}
+        assert labelled <= {str(t) for t in steady.values()}, (labelled, steady)
+        assert len(labelled) == 2, labelled        # names repeat before 3.14: TIDs; no swap
+        assert scrapes >= 10
+
+
+def test_per_thread_metric_names_threads_on_debian_314(exporter, tmp_path, report):
+    """3.14 names OS threads after threading.Thread: the series are labelled by name, and the
+    CPU-bound thread among sleepers holds most of the process's held time."""
+    from harness import write_config
+    interp = _interp("3.14 Debian sid")
+    w = placements.start("sleepers", interp, "pivot_root", threads=3)
+    try:
+        workloads.thread_ids(w)
+        cfg = write_config(tmp_path, f"""
+targets:
+  - name: named
+    match:
+      pid: {w.pid}
+scan_interval_seconds: 1
+window_seconds: 3
+sampling:
+  per_thread: true
+""")
+        exp = exporter("--config", str(cfg))
+        threads, held = exp.wait_for(lambda: (r := _thread_series(exp, w.pid)) and "hot-worker" in r[0]
+                                     and r[0]["hot-worker"] > 2 and r, timeout=60)
+        assert set(threads) <= {"hot-worker", "other", "python3.14"} | {f"sleeper-{i}" for i in range(3)}
+        assert abs(sum(threads.values()) - held) <= 1e-6 * held
+        # the hot thread holds nearly all the time since it got its label (the time before
+        # that, a window, is in "other")
+        assert threads["hot-worker"] >= 0.5 * held, (threads, held)
+        report.record("3.14 Debian sid", "per-thread series", ", ".join(sorted(threads)))
+    finally:
+        w.stop()

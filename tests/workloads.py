@@ -203,6 +203,36 @@ forever()
 }
 
 
+# Three long-lived CPU threads ("steady-0".."steady-2") while a spawner starts N short-lived
+# threads after one another, each holding the GIL for a moment: thread churn. Prints the
+# steady threads' TIDs after "ready", as "sleepers" does.
+SCRIPTS["churn_steady"] = """
+def cpu():
+    x = 0
+    while True:
+        for i in range(10000):
+            x += i * i
+def short():
+    x = 0
+    for i in range(20000):
+        x += i
+def spawner():
+    while True:
+        ts = [threading.Thread(target=short) for _ in range(N)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+steady = [threading.Thread(target=cpu, name="steady-%d" % i, daemon=True) for i in range(3)]
+for t in steady:
+    t.start()
+threading.Thread(target=spawner, name="spawner", daemon=True).start()
+time.sleep(0.1); ready()
+sys.stdout.write(" ".join("%s=%d" % (t.name, t.native_id) for t in steady) + "\\n"); sys.stdout.flush()
+forever()
+"""
+
+
 def thread_ids(w: "Workload") -> dict[str, int]:
     """{thread name: native TID} from the line a workload prints right after "ready"
     ("sleepers"). Read without select(): reading "ready" may have buffered it already."""
