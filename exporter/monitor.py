@@ -530,7 +530,7 @@ class Monitor:
             else:
                 totals = _add_totals(state.gil_base, now_totals)
         thread_held = None
-        if state.labels is not None:
+        if state.per_thread and state.labels is not None:
             pid_names = key[0]
             values = state.labels.update(time.monotonic(), held, lambda: _thread_names(pid_names),
                                          set(per_thread))
