@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -342,6 +343,55 @@ limits:
         assert labelled <= {str(t) for t in steady.values()}, (labelled, steady)
         assert len(labelled) == 2, labelled        # names repeat before 3.14: TIDs; no swap
         assert scrapes >= 10
+
+
+def test_per_thread_metric_follows_a_thread_into_the_top_n(exporter, tmp_path):
+    """Cap 1: two busy threads share the GIL and one of them gets the label. Then that one goes
+    idle and shift-2 starts burning CPU: the label moves to a busy thread (twice the labelled
+    one's recent time, a window later) and the idle thread's series ends. Every series only
+    grows for as long as it is published, also one that comes back with the same label."""
+    from harness import write_config
+    cfg = write_config(tmp_path, """
+targets:
+  - name: shift
+    match:
+      cmdline: 'gil-workload shift threads-shift'
+scan_interval_seconds: 1
+window_seconds: 2
+sampling:
+  per_thread: true
+limits:
+  max_threads_per_process: 1
+""")
+    python = workloads.pyenv_pythons().get("3.12")
+    with workloads.start_workload("shift", python, threads=3, argv_tag="threads-shift") as w:
+        tids = {name: str(tid) for name, tid in workloads.thread_ids(w).items()}
+        exp = exporter("--config", str(cfg))
+        highest: dict = {}
+
+        def labelled() -> set:
+            threads, held = _thread_series(exp, w.pid)
+            assert len(threads) <= 2 and (not threads or "other" in threads), threads  # 1 label + other
+            if held is not None:
+                assert sum(threads.values()) <= held + 1e-6 * max(1.0, held), (threads, held)
+            for label, value in threads.items():
+                assert value >= highest.get(label, 0.0) - 1e-9, (label, value, highest)
+                highest[label] = value
+            return set(threads) - {"other"}
+
+        first = exp.wait_for(labelled, timeout=60)
+        time.sleep(3)
+        first = exp.wait_for(labelled, timeout=10)
+        assert len(first) == 1 and first <= {tids["shift-0"], tids["shift-1"]}, (first, tids)
+        idle = "shift-0" if first == {tids["shift-0"]} else "shift-1"
+        busy = "shift-1" if idle == "shift-0" else "shift-0"
+        os.kill(w.pid, signal.SIGUSR1 if idle == "shift-0" else signal.SIGUSR2)
+        now = exp.wait_for(lambda: (got := labelled()) and got != first and got, timeout=30)
+        assert now <= {tids[busy], tids["shift-2"]}, (now, tids)
+        end = time.monotonic() + 4
+        while time.monotonic() < end:           # the idle thread does not get it back
+            assert tids[idle] not in labelled()
+            time.sleep(0.5)
 
 
 def test_per_thread_metric_names_threads_on_debian_314(exporter, tmp_path, report):

@@ -233,6 +233,33 @@ forever()
 """
 
 
+# Three threads ("shift-0".."shift-2"): 0 and 1 burn CPU, 2 sleeps, until SIGUSR1 (SIGUSR2)
+# makes 0 (1) sleep and 2 burn CPU: the busiest threads change. Prints the TIDs after "ready".
+SCRIPTS["shift"] = """
+import signal
+hot = [threading.Event() for _ in range(3)]
+def work(i):
+    x = 0
+    while True:
+        if hot[i].is_set():
+            for k in range(10000):
+                x += k * k
+        else:
+            time.sleep(0.01)
+def shift(signum, _frame):
+    hot[0 if signum == signal.SIGUSR1 else 1].clear(); hot[2].set()
+signal.signal(signal.SIGUSR1, shift)
+signal.signal(signal.SIGUSR2, shift)
+hot[0].set(); hot[1].set()
+ts = [threading.Thread(target=work, args=(i,), name="shift-%d" % i, daemon=True) for i in range(3)]
+for t in ts:
+    t.start()
+time.sleep(0.1); ready()
+sys.stdout.write(" ".join("%s=%d" % (t.name, t.native_id) for t in ts) + "\\n"); sys.stdout.flush()
+forever()
+"""
+
+
 def thread_ids(w: "Workload") -> dict[str, int]:
     """{thread name: native TID} from the line a workload prints right after "ready"
     ("sleepers"). Read without select(): reading "ready" may have buffered it already."""
