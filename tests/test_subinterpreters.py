@@ -127,11 +127,14 @@ sampling:
             == shape(ordinary.pid, set()), (shape(ordinary.pid, set()) ^ shape(contended.pid, {"interpreter"}))
         c = _gil_series(exp, contended.pid, score)
         p = _gil_series(exp, parallel.pid, score)
-        # inside interpreter 1, one of its two CPU threads waits whenever the other holds its
-        # GIL (how long the GIL is held at all depends on the CPU the busy host gives)
+        # inside interpreter 1, one of its two CPU threads waits while the other holds its GIL
+        # (not all the time on a saturated host, see test_daemon_samples_every_gil; how long
+        # the GIL is held at all depends on the CPU the host gives)
         held = _gil_series(exp, contended.pid, "pygil_gil_held_seconds_total")
         busy = _gil_series(exp, contended.pid, "pygil_gil_contended_seconds_total")
-        assert held["1"] > 1.0 and busy["1"] >= 0.7 * held["1"], (held, busy)
+        assert held["1"] > 1.0 and busy["1"] >= 0.3 * held["1"], (held, busy)
+        pbusy = _gil_series(exp, parallel.pid, "pygil_gil_contended_seconds_total")
+        assert sum(pbusy.values()) <= 0.05 * busy["1"], pbusy   # nobody waits: one thread per GIL
         assert c["1"] > c["0"] and c["0"] <= 0.2, c
         assert max(p.values()) <= 0.3, p
         # per-thread series: per interpreter, they add up to that interpreter's held time
@@ -161,3 +164,46 @@ sampling:
     finally:
         for w in (ordinary, contended, parallel):
             w.stop()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_daemon_samples_every_gil(name, exporter, tmp_path, report):
+    """The daemon on 3.12 (_xxsubinterpreters) and 3.14/3.15 (concurrent.interpreters): one
+    set of GIL series per interpreter, labelled 0, 1, 2; inside each subinterpreter one of its
+    two CPU threads waits whenever the other holds its GIL; per-thread series add up to each
+    interpreter's held time while no labelled thread has lost its label."""
+    from harness import write_config
+    w = _start(name)
+    try:
+        cfg = write_config(tmp_path, f"""
+targets:
+  - name: subs
+    match: {{pid: {w.pid}}}
+scan_interval_seconds: 1
+window_seconds: 3
+sampling:
+  per_thread: true
+""")
+        exp = exporter("--config", str(cfg))
+        exp.wait_for(lambda: set(_gil_series(exp, w.pid, "pygil_gil_contention_score")) == {"0", "1", "2"},
+                     timeout=90)
+        time.sleep(3)
+        samples = exp.scrape()
+        mine = [s for s in samples if s.labels.get("pid") == str(w.pid)]
+        held = {s.labels["interpreter"]: s.value for s in mine if s.name == "pygil_gil_held_seconds_total"}
+        busy = {s.labels["interpreter"]: s.value for s in mine if s.name == "pygil_gil_contended_seconds_total"}
+        threads: dict = {}
+        for s in mine:
+            if s.name == "pygil_thread_gil_held_seconds_total":
+                threads[s.labels["interpreter"]] = threads.get(s.labels["interpreter"], 0.0) + s.value
+        for i in ("1", "2"):
+            # (not all of it: on a saturated host the thread that just handed the GIL over can
+            # sit runnable, not yet asking again; measured 0.58-0.63 at load 24 on 2 cores)
+            assert held[i] > 0.5 and busy[i] >= 0.3 * held[i], (held, busy)
+            assert abs(threads[i] - held[i]) <= 1e-6 * max(1.0, held[i]), (i, threads, held)
+        assert held["0"] <= 0.2 * max(held["1"], held["2"]), held
+        assert not [s for s in mine if s.name.startswith("pygil_process_") and "interpreter" in s.labels]
+        report.record(name, "daemon: GIL held by interpreter",
+                      ", ".join(f"{i}: {held[i]:.1f} s" for i in sorted(held)))
+    finally:
+        w.stop()
