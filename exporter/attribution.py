@@ -375,10 +375,15 @@ class ThreadLabels:
                        key=lambda k: (-self.recent[k], k))
         if not ready:
             return
-        known = names()
+        known: Dict[int, str] = {}
+
+        def named() -> Dict[int, str]:  # read only when a label is given (not per pass)
+            if not known:
+                known.update(names())
+            return known
         for key in ready:
             if len(self.labels) < self.max_threads:
-                self._assign(key, now, known, alive)
+                self._assign(key, now, named(), alive)
                 continue
             settled = [k for k in self.labels if now - self.since[k] >= self.window]
             if not settled:
@@ -387,7 +392,7 @@ class ThreadLabels:
             if self.recent[key] <= 2 * self.recent.get(weakest, 0.0):
                 break
             self._release(weakest)
-            self._assign(key, now, known, alive)
+            self._assign(key, now, named(), alive)
             break           # one swap per update: no flapping
 
 

@@ -188,7 +188,7 @@ def test_diagnose_prints_the_table_and_json_has_it():
 
 
 # ------------------------------------------------------------------ the cap (logic only; the
-# daemon's series under real churn are tested in test_daemon.py)
+# daemon's series under real churn are tested below)
 
 
 def test_labels_cap_sums_and_churn():
@@ -228,6 +228,19 @@ def test_labels_use_the_tid_when_names_repeat_and_other_per_group():
     for group in (1, 2):         # per group, the series add up to what that group was credited
         assert abs(sum(v for (_l, g), v in out.items() if g == group) - 3 * 0.4) < 1e-9
 
+
+def test_labels_read_names_only_to_give_a_label():
+    """A full cap with a steady candidate that is not busy enough to take a label: the
+    threads' names (a /proc read per thread) are not read again at every update."""
+    labels = ThreadLabels(max_threads=1, window=1.0)
+    reads = []
+
+    def names():
+        reads.append(1)
+        return {1: "a", 2: "b"}
+    for t in range(1, 20):
+        labels.update(float(t), {(0, 1): 0.5, (0, 2): 0.4}, names, {1, 2})
+    assert set(labels.labels.values()) == {"a"} and len(reads) == 1
 
 # ------------------------------------------------------------------ the daemon's per-thread metric
 
