@@ -242,6 +242,7 @@ def test_labels_read_names_only_to_give_a_label():
         labels.update(float(t), {(0, 1): 0.5, (0, 2): 0.4}, names, {1, 2})
     assert set(labels.labels.values()) == {"a"} and len(reads) == 1
 
+
 # ------------------------------------------------------------------ the daemon's per-thread metric
 
 
