@@ -13,6 +13,12 @@
  * Per target, the state is the Python side's 12-tuple:
  * (c, locked, waiters, switch, interval_us, sampled, held, wait, contended, switches,
  *  samples, enabled); state() copies it under a mutex that each tick holds while updating.
+ *
+ * Per thread (sampling.per_thread): a target added with the offset of last_holder also
+ * credits its held time to the holder's thread-state address, in a small table per target
+ * (ACC_SLOTS addresses; any more, and a holder of address 0, go to address 0). drain() hands
+ * the table over with the state it adds up to, under the same mutex, and empties it; the
+ * Python side maps addresses to TIDs. Off, it costs one test of a NULL pointer per credit.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,6 +29,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#define ACC_SLOTS 64      /* a power of 2 */
+
+typedef struct {
+    uint64_t ptr;        /* thread-state address; 0: an empty slot */
+    double seconds;
+} held_t;
+
 typedef struct {
     int active;
     uint64_t uid;        /* which add() filled this slot */
@@ -30,6 +43,10 @@ typedef struct {
     uint64_t addr;
     int size;
     int off_interval, off_locked, off_switch, off_wrefs, off_enabled;  /* off_enabled -1: none */
+    int off_holder;                  /* last_holder; -1: held time is not credited per thread */
+    uint64_t holder;                 /* the holder at the last sample (while locked) */
+    held_t *acc;                     /* per-thread held seconds since the last drain, or NULL */
+    double acc_other;                /* ... of holders with address 0 or beyond ACC_SLOTS */
     PyObject *waiting;               /* callable returning an int or None, or NULL */
     int64_t start, length, last_waiter, next;
     double c;
@@ -104,8 +121,10 @@ static int core_init(Core *self, PyObject *args, PyObject *Py_UNUSED(kw)) {
 }
 
 static void core_dealloc(Core *self) {
-    for (Py_ssize_t i = 0; i < self->n; i++)
+    for (Py_ssize_t i = 0; i < self->n; i++) {
         Py_CLEAR(self->t[i].waiting);
+        PyMem_Free(self->t[i].acc);
+    }
     PyMem_Free(self->t);
     PyMem_Free(self->clock);
     pthread_mutex_destroy(&self->mu);
@@ -113,24 +132,33 @@ static void core_dealloc(Core *self) {
 }
 
 /* add(fd, address, size, (off_interval, off_locked, off_switch, off_wrefs, off_enabled),
- *     waiting or None, state 12-tuple) -> (index, uid); first sampled at the next tick */
+ *     waiting or None, state 12-tuple[, off_holder, holder]) -> (index, uid); first sampled at
+ *     the next tick. off_holder >= 0: credit held time per holder (drain()); holder: the
+ *     holder at the state's last sample. */
 static PyObject *core_add(Core *self, PyObject *args) {
-    int fd, size, oi, ol, os_, ow, oe;
-    unsigned long long addr;
+    int fd, size, oi, ol, os_, ow, oe, oh = -1;
+    unsigned long long addr, holder = 0;
     PyObject *waiting, *st;
     double c, sampled, held, wait, contended;
     long locked, waiters, samples, enabled;
     unsigned long long sw, interval, switches;
-    if (!PyArg_ParseTuple(args, "iKi(iiiii)OO", &fd, &addr, &size, &oi, &ol, &os_, &ow, &oe,
-                          &waiting, &st))
+    if (!PyArg_ParseTuple(args, "iKi(iiiii)OO|iK", &fd, &addr, &size, &oi, &ol, &os_, &ow, &oe,
+                          &waiting, &st, &oh, &holder))
         return NULL;
     if (!PyArg_ParseTuple(st, "dllKKddddKll", &c, &locked, &waiters, &sw, &interval, &sampled,
                           &held, &wait, &contended, &switches, &samples, &enabled))
         return NULL;
     if (size <= 0 || size > 256 || oi < 0 || ol < 0 || os_ < 0 || ow < 0 || oi + 8 > size ||
-        ol + 4 > size || os_ + 8 > size || ow + 4 > size || (oe >= 0 && oe + 4 > size)) {
+        ol + 4 > size || os_ + 8 > size || ow + 4 > size || (oe >= 0 && oe + 4 > size) ||
+        oh + 8 > size) {
         PyErr_SetString(PyExc_ValueError, "field offsets outside the read");
         return NULL;
+    }
+    held_t *acc = NULL;
+    if (oh >= 0) {
+        acc = PyMem_Calloc(ACC_SLOTS, sizeof(held_t));
+        if (!acc)
+            return PyErr_NoMemory();
     }
     Py_ssize_t i;
     for (i = 0; i < self->n; i++)
@@ -140,8 +168,10 @@ static PyObject *core_add(Core *self, PyObject *args) {
         if (self->n == self->cap) {
             Py_ssize_t cap = self->cap ? self->cap * 2 : 16;
             target_t *t = PyMem_Realloc(self->t, (size_t)cap * sizeof(target_t));
-            if (!t)
+            if (!t) {
+                PyMem_Free(acc);
                 return PyErr_NoMemory();
+            }
             pthread_mutex_lock(&self->mu);
             self->t = t;
             self->cap = cap;
@@ -161,6 +191,9 @@ static PyObject *core_add(Core *self, PyObject *args) {
     t->off_switch = os_;
     t->off_wrefs = ow;
     t->off_enabled = oe;
+    t->off_holder = oh;
+    t->holder = holder;
+    t->acc = acc;
     if (waiting != Py_None) {
         Py_INCREF(waiting);
         t->waiting = waiting;
@@ -201,13 +234,16 @@ static PyObject *core_remove(Core *self, PyObject *args) {
     if (index_arg(self, args, &i) < 0)
         return NULL;
     PyObject *waiting = self->t[i].waiting;
+    held_t *acc = self->t[i].acc;
     pthread_mutex_lock(&self->mu);
     self->t[i].active = 0;
     self->t[i].uid = 0;
     self->t[i].fd = -1;
     self->t[i].waiting = NULL;
+    self->t[i].acc = NULL;
     pthread_mutex_unlock(&self->mu);
     Py_XDECREF(waiting);
+    PyMem_Free(acc);
     Py_RETURN_NONE;
 }
 
@@ -229,6 +265,55 @@ static PyObject *core_state(Core *self, PyObject *args) {
                          (unsigned long long)t.switches, t.samples, t.enabled);
 }
 
+/* drain(index, uid) -> (state 12-tuple, {holder address: held seconds}, holder), or None once
+ * that slot holds another target: the held time credited per holder since the last drain,
+ * taken with the state it adds up to, and emptied. */
+static PyObject *core_drain(Core *self, PyObject *args) {
+    Py_ssize_t i;
+    unsigned long long uid;
+    if (!PyArg_ParseTuple(args, "nK", &i, &uid))
+        return NULL;
+    if (i < 0 || i >= self->n)
+        Py_RETURN_NONE;
+    held_t acc[ACC_SLOTS];
+    pthread_mutex_lock(&self->mu);
+    target_t t = self->t[i];
+    double other = 0.0;
+    if (t.uid == uid && t.acc) {
+        memcpy(acc, t.acc, sizeof(acc));
+        memset(t.acc, 0, sizeof(acc));
+        other = t.acc_other;
+        self->t[i].acc_other = 0.0;
+    }
+    pthread_mutex_unlock(&self->mu);
+    if (t.uid != uid)
+        Py_RETURN_NONE;
+    PyObject *held = PyDict_New();
+    if (!held)
+        return NULL;
+    int n = t.acc ? ACC_SLOTS : 0;
+    for (int k = -1; k < n; k++) {
+        uint64_t ptr = k < 0 ? 0 : acc[k].ptr;
+        double s = k < 0 ? other : acc[k].seconds;
+        if ((k >= 0 && !ptr) || s == 0.0)
+            continue;
+        PyObject *key = PyLong_FromUnsignedLongLong(ptr), *val = PyFloat_FromDouble(s);
+        if (!key || !val || PyDict_SetItem(held, key, val) < 0) {
+            Py_XDECREF(key);
+            Py_XDECREF(val);
+            Py_DECREF(held);
+            return NULL;
+        }
+        Py_DECREF(key);
+        Py_DECREF(val);
+    }
+    return Py_BuildValue("((dllKKddddKll)NK)", t.c, t.locked, t.waiters,
+                         (unsigned long long)t.sw, (unsigned long long)t.interval,
+                         t.sampled, t.held, t.wait, t.contended,
+                         (unsigned long long)t.switches, t.samples, t.enabled, held,
+                         (unsigned long long)t.holder);
+}
+
 static inline uint64_t get_u64(const unsigned char *b, int off) {
     uint64_t v;
     memcpy(&v, b + off, 8);
@@ -241,9 +326,25 @@ static inline int32_t get_i32(const unsigned char *b, int off) {
     return v;
 }
 
+/* Held time of the holder at `ptr` (per-thread targets only; mutex held). */
+static void credit(target_t *t, uint64_t ptr, double dt) {
+    if (ptr) {
+        uint64_t h = ((ptr >> 4) * 0x9E3779B97F4A7C15ULL) >> 58;
+        for (uint64_t k = 0; k < ACC_SLOTS; k++) {
+            held_t *e = &t->acc[(h + k) & (ACC_SLOTS - 1)];
+            if (e->ptr == ptr || !e->ptr) {
+                e->ptr = ptr;
+                e->seconds += dt;
+                return;
+            }
+        }
+    }
+    t->acc_other += dt;
+}
+
 /* The accounting of one sample (called with the mutex held). */
 static void account(Core *self, target_t *t, int64_t j, double c, int64_t hold, long locked,
-                    long waiters, uint64_t sw, uint64_t interval, long enabled) {
+                    long waiters, uint64_t sw, uint64_t interval, long enabled, uint64_t holder) {
     if (t->samples) {
         /* the previous stratum's state until this stratum starts, then this one's */
         double cs = self->clock[t->start & self->mask];
@@ -251,6 +352,8 @@ static void account(Core *self, target_t *t, int64_t j, double c, int64_t hold, 
         t->sampled += dt;
         if (t->locked) {
             t->held += dt;
+            if (t->acc)
+                credit(t, t->holder, dt);
             if (t->waiters)
                 t->contended += dt;
         }
@@ -261,6 +364,8 @@ static void account(Core *self, target_t *t, int64_t j, double c, int64_t hold, 
             t->sampled += dt;
             if (locked) {
                 t->held += dt;
+                if (t->acc)
+                    credit(t, holder, dt);
                 if (waiters)
                     t->contended += dt;
             }
@@ -272,6 +377,7 @@ static void account(Core *self, target_t *t, int64_t j, double c, int64_t hold, 
     }
     t->c = c;
     t->locked = locked;
+    t->holder = holder;
     t->waiters = waiters;
     t->sw = sw;
     t->interval = interval;
@@ -346,6 +452,7 @@ static PyObject *core_run(Core *self, PyObject *args) {
             uint64_t sw = get_u64(buf, tp->off_switch);
             long waiters = (long)((uint32_t)get_i32(buf, tp->off_wrefs) >> 3);
             long enabled = tp->off_enabled >= 0 ? get_i32(buf, tp->off_enabled) : -1;
+            uint64_t holder = tp->off_holder >= 0 ? get_u64(buf, tp->off_holder) : 0;
             if (tp->waiting) {
                 PyEval_RestoreThread(save);
                 PyObject *exact = PyObject_CallNoArgs(tp->waiting);
@@ -360,7 +467,7 @@ static PyObject *core_run(Core *self, PyObject *args) {
                 tp = &self->t[i];
             }
             pthread_mutex_lock(&self->mu);
-            account(self, tp, j, c, hold, locked, waiters, sw, interval, enabled);
+            account(self, tp, j, c, hold, locked, waiters, sw, interval, enabled, holder);
             pthread_mutex_unlock(&self->mu);
             self->reads++;
         }
@@ -439,6 +546,7 @@ static PyMethodDef core_methods[] = {
     {"add", (PyCFunction)core_add, METH_VARARGS, "add a target; returns its index"},
     {"remove", (PyCFunction)core_remove, METH_VARARGS, "stop sampling a target"},
     {"state", (PyCFunction)core_state, METH_VARARGS, "a target's state tuple"},
+    {"drain", (PyCFunction)core_drain, METH_VARARGS, "state and per-holder held time since the last drain"},
     {"run", (PyCFunction)core_run, METH_VARARGS, "sample until `until`, or a failure"},
     {"reschedule", (PyCFunction)core_reschedule, METH_VARARGS, "next tick no later than `at`"},
     {NULL}

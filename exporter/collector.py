@@ -2,7 +2,9 @@
 
 Per-process series carry `target` and `pid`, plus `namespace`, `pod` and
 `container` on Kubernetes (absent, not empty, elsewhere), so families are built
-from samples with per-sample label sets.
+from samples with per-sample label sets. The GIL series (and the per-thread ones) of a
+process that has shown several GILs carry `interpreter` too, one per GIL; those of every
+other process never do.
 """
 from __future__ import annotations
 
@@ -47,6 +49,9 @@ class GilCollector:
         host = self.monitor.host()
         families = list(self._process_families(views))
         families.extend(self._gil_families(views))
+        threads = self._thread_family(views)
+        if threads.samples:  # sampling.per_thread only: otherwise /metrics stays as it was
+            families.append(threads)
         families.extend(self._host_families(host))
         families.extend(self._exporter_families())
         yield from families
@@ -125,20 +130,44 @@ class GilCollector:
                                    {**labels, "method": v.score_method}, 1)
             if v.gil_enabled is not None:
                 enabled.add_sample("pygil_gil_enabled", labels, 1 if v.gil_enabled else 0)
-            g = v.gil
-            if g is not None and g.samples > 0:
-                interval.add_sample("pygil_gil_switch_interval_seconds", labels, g.interval_seconds)
-                sampled.add_sample("pygil_gil_sampled_seconds_total", labels, g.sampled_seconds)
-                held.add_sample("pygil_gil_held_seconds_total", labels, g.held_seconds)
-                wait.add_sample("pygil_gil_wait_seconds_total", labels, g.wait_seconds)
-                contended.add_sample("pygil_gil_contended_seconds_total", labels, g.contended_seconds)
-                switches.add_sample("pygil_gil_switches_total", labels, g.switches)
             f = v.figures
-            if f is not None and f.waiting_threads is not None:
-                waiting.add_sample("pygil_gil_waiting_threads", labels, f.waiting_threads)
-            if v.score is not None:
-                score.add_sample("pygil_gil_contention_score", {**labels, "method": v.score_method}, v.score)
+            if v.interpreters:  # several GILs: each one's series, by interpreter
+                gils = [({**labels, "interpreter": str(i.interpreter)}, i.gil, i.waiting_threads, i.score,
+                         i.score_method) for i in v.interpreters]
+            else:
+                gils = [(labels, v.gil, f.waiting_threads if f is not None else None, v.score, v.score_method)]
+            for ls, g, waiting_threads, value, method in gils:
+                if g is not None and g.samples > 0:
+                    interval.add_sample("pygil_gil_switch_interval_seconds", ls, g.interval_seconds)
+                    sampled.add_sample("pygil_gil_sampled_seconds_total", ls, g.sampled_seconds)
+                    held.add_sample("pygil_gil_held_seconds_total", ls, g.held_seconds)
+                    wait.add_sample("pygil_gil_wait_seconds_total", ls, g.wait_seconds)
+                    contended.add_sample("pygil_gil_contended_seconds_total", ls, g.contended_seconds)
+                    switches.add_sample("pygil_gil_switches_total", ls, g.switches)
+                if waiting_threads is not None:
+                    waiting.add_sample("pygil_gil_waiting_threads", ls, waiting_threads)
+                if value is not None:
+                    score.add_sample("pygil_gil_contention_score", {**ls, "method": method}, value)
         return enabled, interval, sampled, held, wait, contended, switches, waiting, score, unknown
+
+    @staticmethod
+    def _thread_family(views: list[ProcessView]):
+        held = _family("pygil_thread_gil_held_seconds",
+                       "Time each thread held the GIL, in seconds (sampled; sampling.per_thread). thread is "
+                       "the thread's name where unique, else its TID; at most limits.max_threads_per_process "
+                       "threads per process get one, by recent held time, and the rest add up in "
+                       "thread=\"other\". Only time after a thread got its label counts in its series.",
+                       "counter")
+        for v in views:
+            if not v.thread_held:
+                continue
+            labels = v.labels
+            for thread, interp, value in v.thread_held:
+                ls = {**labels, "thread": thread}
+                if v.interpreters:
+                    ls["interpreter"] = str(interp)
+                held.add_sample("pygil_thread_gil_held_seconds_total", ls, value)
+        return held
 
     @staticmethod
     def _host_families(host):

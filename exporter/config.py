@@ -91,12 +91,14 @@ class Target:
 class Sampling:
     rate_hz: float = 100.0
     enabled: bool = True
+    per_thread: bool = False  # pygil_thread_gil_held_seconds_total (opt-in)
 
 
 @dataclass(frozen=True)
 class Limits:
     max_targets: int = 100  # max processes monitored at once, all targets together
     max_processes_per_target: int = 50
+    max_threads_per_process: int = 20  # thread label values per process (rest: thread="other")
 
 
 @dataclass(frozen=True)
@@ -583,10 +585,12 @@ def _build(data: Dict[str, Any], source: str) -> Config:
         sampling=Sampling(
             rate_hz=float(sampling.get("rate_hz", 100.0)),
             enabled=bool(sampling.get("enabled", True)),
+            per_thread=bool(sampling.get("per_thread", Sampling.per_thread)),
         ),
         limits=Limits(
             max_targets=int(limits.get("max_targets", Limits.max_targets)),
             max_processes_per_target=int(limits.get("max_processes_per_target", Limits.max_processes_per_target)),
+            max_threads_per_process=int(limits.get("max_threads_per_process", Limits.max_threads_per_process)),
         ),
         source=source,
     )

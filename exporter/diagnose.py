@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from exporter import discover, procfs, score
+from exporter import attribution, discover, procfs, score
 from exporter import stacks as holder_stacks
 from exporter.config import Config, Limits, Match, Sampling, Target
 from exporter.monitor import Monitor, ProcessView
@@ -25,6 +25,8 @@ LOCATE_TIMEOUT = 20.0
 #: GIL samples must cover at least this fraction of the requested window; diagnose waits up to
 #: one more window for them (a starved sampler thread is not credited: see GilTotals).
 MIN_SAMPLED_FRACTION = 0.6
+#: Rows of the per-thread table; the threads past them are folded into one row.
+THREAD_ROWS = 20
 
 
 class DiagnoseError(Exception):
@@ -198,7 +200,9 @@ def run_diagnose(pid: int, seconds: float, rate_hz: float, as_json: bool, stacks
     if seconds <= 0 or rate_hz <= 0:
         print("gil-exporter diagnose: --seconds and --rate-hz must be positive", file=sys.stderr)
         return EXIT_ERROR
-    # --stacks: the GIL holder's Python stack, sampled during the same window
+    # who holds and who waits for the GIL, per thread; with --stacks, the holder's Python
+    # stack: each sampled by its own thread during the same window
+    threads = attribution.ThreadSampler(pid, rate_hz).start()
     sampler = holder_stacks.StackSampler(pid, rate_hz).start() if stacks else None
     try:
         m = measure(pid, seconds, rate_hz)
@@ -208,15 +212,17 @@ def run_diagnose(pid: int, seconds: float, rate_hz: float, as_json: bool, stacks
             print(json.dumps({"pid": pid, "error": str(e)}))
         return EXIT_ERROR
     finally:
+        table = threads.stop(THREAD_ROWS)
         profile = sampler.stop() if sampler else None
     figures, v = report(m)
     if as_json:
-        out = {"figures": figures, "verdict": dataclasses.asdict(v)}
+        out = {"figures": figures, "verdict": dataclasses.asdict(v), "threads": table.as_dict()}
         if profile is not None:
             out["stacks"] = profile.as_dict()
         print(json.dumps(out, indent=2))
     else:
         print(render(figures, v))
+        print("\n" + attribution.render(table))
         if profile is not None:
             print("\n" + holder_stacks.render(profile))
     if v.kind == "unknown":

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__, procfs, score
+from exporter.attribution import SamplerPool, ThreadTable
 from exporter.collector import exposition
 from exporter.monitor import Monitor
 from exporter.webconfig import BasicAuth, WebConfig
@@ -31,6 +32,7 @@ def _fmt(x, spec: str) -> str:
 RUNBOOK_BASE = "https://github.com/gil-exporter/gil-exporter/blob/main/docs/runbooks/"
 CMDLINE_SHOWN = 90  # characters of a command line on the landing page
 SPARK_SECONDS = 600.0  # the per-process page's sparkline covers the last 10 minutes
+THREAD_ROWS = 30  # rows of the per-process page's thread table; the rest are folded into one
 
 _STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -40,7 +42,7 @@ tr.contended td{background:#fde0dc}tr.unknown td{background:#f4f4f4;color:#555}
 .b-contended{background:#c62828;color:#fff}.b-ok{background:#2e7d32;color:#fff}
 .b-unknown,.b-measuring{background:#757575;color:#fff}
 code{background:#f3f3f3;padding:1px 3px}.cmd{font-family:monospace;font-size:90%}
-section{margin-top:1.5em}.placeholder{border:2px dashed #bbb;padding:1em;color:#666}"""
+section{margin-top:1.5em}"""
 
 
 def process_verdict(view, can_ptrace: bool | None = None):
@@ -175,10 +177,58 @@ def sparkline(history, now: float, seconds: float = SPARK_SECONDS, width: int = 
             f'<text x="3" y="{height - 3}" font-size="9" fill="#777">0 · {label} ago</text></svg>')
 
 
-def process_page(monitor: Monitor, pid: int, metrics_path: str) -> str | None:
+def _thread_rows(table: ThreadTable) -> str:
+    interp = table.gils > 1
+    head = ('<tr><th>TID</th><th class="l">name</th><th>GIL held</th><th>waiting</th><th>CPU</th>'
+            + ("<th>interpreter</th>" if interp else "") + "</tr>")
+    rows = []
+    for r in table.rows:
+        name = r.name + ("" if r.alive else " (ended)")
+        cells = [str(r.tid or ""), name, _fmt(r.held, ".0%"), _fmt(r.waiting, ".0%"), _fmt(r.cpu, ".0%")]
+        if interp:
+            cells.append("–" if r.interpreter is None else str(r.interpreter))
+        rows.append(f'<tr data-tid="{r.tid}"><td>{html.escape(cells[0])}</td>'
+                    f'<td class="l">{html.escape(cells[1])}</td>'
+                    + "".join(f"<td>{html.escape(c)}</td>" for c in cells[2:]) + "</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def thread_section(table: ThreadTable | None) -> str:
+    """The per-thread table of the per-process page (the same rows as `diagnose`)."""
+    if table is None:
+        return ""
+    if table.sampled_seconds:
+        how = {"gil_requested": "each thread's own <code>gil_requested</code> flag",
+               "futex": "threads blocked in <code>futex()</code> on the GIL's condition variable"}
+        note = (f"Sampled over the last {table.seconds:.0f} s ({table.samples} GIL samples"
+                + (f", {table.gils} GILs: one per interpreter" if table.gils > 1 else "")
+                + f"); waiting: {how.get(table.waiting_source, '?')}. CPU is a share of one core.")
+    else:
+        note = (f"GIL shares not measured ({html.escape(table.unavailable or 'no GIL samples yet')}); "
+                f"CPU over the last {table.seconds:.0f} s, as a share of one core.")
+    found = sum(r.waiting or 0.0 for r in table.rows)
+    if table.waiting_source == "futex" and table.waiting_threads and found < 0.9 * table.waiting_threads:
+        note += (f" The waiting shares add up to {found:.2f} threads, the GIL's own count to "
+                 f"{table.waiting_threads:.2f}: a waiter just woken, not yet back in "
+                 f"<code>futex()</code>, is only in the count.")
+    return (f"<p>{note} Sampled while this page is looked at, from the moment it first was; "
+            f"reload for a fresh table.</p>" + (_thread_rows(table) if table.rows else
+                                                "<p>No thread could be read.</p>"))
+
+
+def process_page(monitor: Monitor, pid: int, metrics_path: str,
+                 threads: SamplerPool | None = None) -> str | None:
     view = next((v for v in monitor.snapshot() if v.pid == pid), None)
     if view is None:
         return None
+    table = None
+    if threads is not None:
+        threads.configure(monitor.config.sampling.rate_hz, monitor.config.sampling.enabled)
+        try:
+            table = threads.table(pid, procfs.start_time(pid), monitor.config.window_seconds,
+                                  limit=THREAD_ROWS)
+        except (procfs.ProcessGone, PermissionError):
+            return None
     status, verdict = process_verdict(view, procfs.has_cap_sys_ptrace())
     f = view.figures
     interval = None if f is None or f.interval_seconds is None else f.interval_seconds * 1000
@@ -224,8 +274,8 @@ metrics: <a href="{html.escape(metrics_path)}">{html.escape(metrics_path)}</a>
 <p>Dashed: the alert threshold (0.5). Gaps: no score (measuring, or unknown from /proc).</p></section>
 <section id="figures"><h2>Figures over the last {monitor.config.window_seconds:g} s</h2>
 <table>{rows}</table></section>
-<section id="threads" class="placeholder"><h2>Threads</h2>
-<p>Reserved for a per-thread table (not implemented yet).</p></section>""")
+<section id="threads"><h2>Threads: who holds the GIL, who waits for it</h2>
+{thread_section(table) or "<p>Not sampled here.</p>"}</section>""")
 
 
 class RenderedMetrics:
@@ -329,6 +379,9 @@ class ExporterServer:
         self.registry = registry
         self.monitor = monitor
         self.rendered = RenderedMetrics(registry, monitor, collector) if collector is not None else None
+        sampling = monitor.config.sampling
+        # per-process pages sample their process's threads while they are looked at
+        self.threads = SamplerPool(sampling.rate_hz, read_gil=sampling.enabled)
         self.metrics_path = metrics_path
         self.web = web or WebConfig()
         self.auth = BasicAuth(self.web.users) if self.web.users else None
@@ -400,7 +453,7 @@ class ExporterServer:
                 elif path.startswith("/process/") and path[len("/process/"):].isdigit():
                     server.monitor.refresh()
                     page = process_page(server.monitor, int(path[len("/process/"):]),
-                                        server.metrics_path)
+                                        server.metrics_path, server.threads)
                     if page is None:
                         self._send(404, "text/plain; charset=utf-8", b"no such process\n")
                     else:
@@ -433,3 +486,4 @@ class ExporterServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.threads.close()

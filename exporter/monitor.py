@@ -19,6 +19,15 @@ every second, whatever the scrape interval, was most of the exporter's cost.
 Counters are made monotonic here: context switches are summed over every thread,
 with the last value of each ended thread kept, so a thread that exits never makes
 the sum go down.
+
+Several GILs (3.12+ subinterpreters with a GIL of their own): the main GIL is sampled under
+the process's key, each other one under key + (interpreter id,); the locator looks for new
+ones every scan. From the first time a process shows more than one GIL, its GIL series are
+published per interpreter (ProcessView.interpreters); an ordinary process never gets them.
+
+Per thread (sampling.per_thread): each pass drains the held time per TID from the sampler
+and credits it to the process's `attribution.ThreadLabels` (the cap on thread label values),
+in the same pass as the GIL totals it adds up to.
 """
 from __future__ import annotations
 
@@ -28,10 +37,11 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from exporter import gil, procfs, score
+from exporter.attribution import ThreadLabels
 from exporter.config import Config
 from exporter.discover import Candidate, Discoverer
 from exporter.sampler import GilSampler, GilTotals
@@ -94,6 +104,21 @@ class Tick:
     # tid -> (ns on a CPU, ns runnable but waiting for one), /proc/PID/task/TID/schedstat;
     # empty when the kernel has none
     sched: dict = field(default_factory=dict)
+    # the other interpreters' GILs: interpreter id -> GilTotals (empty: the main GIL only)
+    gils: dict = field(default_factory=dict)
+    # per_thread: ((thread label, interpreter id, held seconds), ...), or None when off
+    thread_held: tuple | None = None
+
+
+@dataclass(frozen=True)
+class InterpreterGil:
+    """One GIL of a process with several (an interpreter with a GIL of its own)."""
+
+    interpreter: int  # PyInterpreterState.id; 0: the main interpreter
+    gil: GilTotals | None
+    waiting_threads: float | None  # over the window
+    score: float | None
+    score_method: str
 
 
 @dataclass(frozen=True)
@@ -128,6 +153,11 @@ class ProcessView:
     score_history: tuple = ()  # ((unix time, score or None), ...) every 5 s, oldest first
 
     free_threaded: bool | None = None  # a Py_GIL_DISABLED build (None: not known)
+    # processes that have shown several GILs: each one (the GIL fields above are then the
+    # most contended one's); () for every other process
+    interpreters: tuple[InterpreterGil, ...] = ()
+    # sampling.per_thread: ((thread label, interpreter id, held seconds), ...); None when off
+    thread_held: tuple | None = None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -172,6 +202,13 @@ class _ProcessState:
     scores: deque = field(default_factory=lambda: deque(maxlen=SCORE_HISTORY))
     stat: procfs.StatFile | None = None  # kept /proc/PID/stat (closed under Monitor._lock)
     tasks: procfs.ThreadFiles | None = None  # kept task status and schedstat (monitor thread only)
+    # the other interpreters' GILs being sampled: id -> location (replaced whole, never changed)
+    gils: dict = field(default_factory=dict)
+    gils_base: dict = field(default_factory=dict)  # id -> totals of earlier sampler sessions
+    multi: bool = False  # has shown several GILs: series per interpreter from then on
+    next_interps: float = 0.0  # when the locator looks for new interpreters' GILs again
+    per_thread: bool = False  # its GILs are sampled with per-thread held time
+    labels: ThreadLabels | None = None  # per_thread: the thread label values, under the cap
 
     def ctx_totals(self, per_thread: dict[int, tuple[int, int]]) -> tuple[int, int]:
         ended_v, ended_i = self.ended
@@ -197,6 +234,7 @@ class Monitor:
         self._discoverer = Discoverer(config)
         self._pod_resolver = pod_resolver
         self._states: dict[tuple, _ProcessState] = {}
+        self._gils_lock = threading.Lock()  # replacing a _ProcessState.gils (monitor and locator)
         self._host: deque = deque()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -430,6 +468,9 @@ class Monitor:
                 state.tasks.close()
         if self.sampler:
             self.sampler.remove(key)
+            if state is not None:
+                for iid in state.gils:
+                    self.sampler.remove(key + (iid,))
 
     def _read_host(self, now: float) -> None:
         try:
@@ -460,19 +501,43 @@ class Monitor:
             return
         voluntary, involuntary = state.ctx_totals(per_thread)
         totals = None
+        gils: dict = {}
+        held: dict = {}  # per_thread: (interpreter id, TID) -> held seconds since the last pass
         if self.sampler and state.location is not None:
+            alive = set(per_thread) if state.per_thread else None
             failure = self.sampler.failure(key)
+            now_totals = self._take(key, 0, alive, held)
+            failed = []
+            for iid in state.gils:
+                sub = key + (iid,)
+                gone = self.sampler.failure(sub)
+                raw = self._take(sub, iid, alive, held)
+                t = _add_totals(state.gils_base.get(iid), raw)
+                if gone or failure or raw is None:  # the locator may find it again
+                    if t is not None:
+                        state.gils_base[iid] = t
+                    failed.append(iid)
+                else:
+                    gils[iid] = t
+            if failed:
+                self._drop_gils(key, state, failed)
             if failure:
-                state.gil_base = _add_totals(state.gil_base, self.sampler.totals(key))
+                state.gil_base = _add_totals(state.gil_base, now_totals)
                 state.probe, state.location = failure, None
                 state.probe_detail = "the GIL could no longer be read where it was found"
                 state.next_locate = time.monotonic() + _RELOCATE_AFTER
                 self.sampler.remove(key)
             else:
-                totals = _add_totals(state.gil_base, self.sampler.totals(key))
+                totals = _add_totals(state.gil_base, now_totals)
+        thread_held = None
+        if state.per_thread and state.labels is not None:
+            pid_names = key[0]
+            values = state.labels.update(time.monotonic(), held, lambda: _thread_names(pid_names),
+                                         set(per_thread))
+            thread_held = tuple(sorted((label, g, v) for (label, g), v in values.items()))
         now = time.monotonic()
         state.history.append(Tick(now, stat.threads, stat.cpu_user, stat.cpu_system,
-                                  voluntary, involuntary, totals, sched))
+                                  voluntary, involuntary, totals, sched, gils, thread_held))
         self._trim(state.history, now)
         wall = time.time()
         if not state.scores or wall - state.scores[-1][0] >= min(SCORE_HISTORY_STEP,
@@ -480,10 +545,36 @@ class Monitor:
             host_cpus = len(self._host[-1].cpus) if self._host else 0
             state.scores.append((wall, self._derive(state, host_cpus)[2]))
 
+    def _take(self, key, iid: int, alive, held: dict) -> GilTotals | None:
+        """A GIL's totals; per thread, its held time per TID since the last pass goes to
+        `held` (under (iid, TID)), drained together with those totals."""
+        if alive is None:
+            return self.sampler.totals(key)
+        got = self.sampler.drain(key, alive)
+        if got is None:
+            return None
+        totals, inc = got
+        for tid, seconds in inc.items():
+            held[(iid, tid)] = held.get((iid, tid), 0.0) + seconds
+        return totals
+
+    def _drop_gils(self, key, state: _ProcessState, iids) -> None:
+        """Stop sampling these interpreters' GILs (the locator may find them again)."""
+        with self._gils_lock:
+            state.gils = {i: loc for i, loc in state.gils.items() if i not in iids}
+        for iid in iids:
+            self.sampler.remove(key + (iid,))
+
     # -- locating the GIL (in a worker: ELF parsing and validation take a while) ----
     def _locate_due(self) -> None:
         now = time.monotonic()
         for key, state in list(self._states.items()):
+            if (state.location is not None and not state.locating and now >= state.next_interps
+                    and _may_have_other_gils(state.location)):
+                state.locating = True
+                state.next_interps = now + self.config.scan_interval_seconds
+                self._locator.submit(self._find_other_gils, key, state)
+                continue
             if state.locating or state.location is not None or now < state.next_locate:
                 continue
             if state.probe in _PERMANENT:
@@ -511,10 +602,18 @@ class Monitor:
             state.identity = location.identity
             if key not in self._states:
                 return
-            self.sampler.add(key, location)
+            per_thread = self.config.sampling.per_thread
+            if per_thread and state.labels is None:
+                state.labels = ThreadLabels(self.config.limits.max_threads_per_process,
+                                            self.config.window_seconds)
+            state.per_thread = per_thread and state.labels is not None
+            self.sampler.add(key, location, per_thread=state.per_thread)
             state.location, state.probe, state.probe_detail = location, "ok", ""
             log.info("pid=%d GIL at 0x%x (%s, Python %s)", pid, location.address,
                      location.method, state.identity.version)
+            if _may_have_other_gils(location):
+                state.next_interps = time.monotonic() + self.config.scan_interval_seconds
+                self._add_other_gils(key, state, location)
         except gil.ProbeUnavailable as e:
             state.probe, state.probe_detail = e.reason, e.detail
             log.info("pid=%d GIL probe unavailable: %s %s", pid, e.reason, getattr(e, "detail", ""))
@@ -526,6 +625,43 @@ class Monitor:
         finally:
             state.next_locate = time.monotonic() + _RELOCATE_AFTER
             state.locating = False
+
+    def _find_other_gils(self, key, state: _ProcessState) -> None:
+        try:
+            location = state.location
+            if location is not None and key in self._states:
+                self._add_other_gils(key, state, location)
+        except Exception as e:
+            self.errors["gil_locate"] += 1
+            log.error("pid=%d looking for subinterpreters' GILs failed: %s: %s", key[0], type(e).__name__, e)
+        finally:
+            state.locating = False
+
+    def _add_other_gils(self, key, state: _ProcessState, main: gil.GilLocation) -> None:
+        """Sample the GILs of subinterpreters that have their own (locator thread); stop
+        sampling those of interpreters that are gone."""
+        try:
+            found = gil.other_gils(main, {loc.address: loc for loc in state.gils.values()})
+        except (gil.ProbeUnavailable, OSError) as e:
+            log.debug("pid=%d subinterpreters' GILs: %s", key[0], e)
+            return
+        now = {loc.interpreter_id: loc for loc in found}
+        old = state.gils
+        gone = [i for i in old if i not in now]
+        for iid, loc in now.items():
+            if iid not in old or old[iid].address != loc.address:
+                self.sampler.add(key + (iid,), loc, per_thread=state.per_thread)
+        with self._gils_lock:
+            state.gils = now
+            if now:
+                state.multi = True
+        for iid in gone:
+            self.sampler.remove(key + (iid,))
+        if key not in self._states:  # forgotten meanwhile: nothing of it stays in the sampler
+            for iid in now:
+                self.sampler.remove(key + (iid,))
+        elif now.keys() != old.keys():
+            log.info("pid=%d GILs of subinterpreters: %s", key[0], sorted(now) or "none")
 
     # -- views for export ------------------------------------------------------
     def host(self) -> HostView:
@@ -576,10 +712,16 @@ class Monitor:
         if state.location is not None and last.gil is not None and last.gil.samples:
             # free-threaded builds: what the last sample saw; a GIL build always has its GIL
             gil_enabled = True if last.gil.enabled is None else last.gil.enabled
+        per_gil: dict = {}  # processes with several GILs: interpreter id -> GIL figures
         if span is not None:
             a, b = span
             dt = b.t - a.t
             kw = _gil_figures(state.history, a, b)
+            if state.multi:
+                per_gil[0] = kw
+                for iid in last.gils:
+                    per_gil[iid] = _gil_figures(state.history, a, b, iid)
+            kw = dict(kw)
             kw.update(_thread_figures(a.sched, b.sched, dt))
             kw["host_idle_cpus"] = _host_idle(self._host, a.t, b.t)
             figures = score.Figures(
@@ -594,17 +736,35 @@ class Monitor:
         value, method = (None, "none")
         # While the GIL is being located, or is located but not yet sampled over a window,
         # publish no score rather than a procfs score that flips to gil_state moments later.
-        settling = state.probe == "pending" or state.locating or (
+        settling = state.probe == "pending" or (state.locating and state.location is None) or (
             state.location is not None and (figures is None or figures.contended_ratio is None))
+        interps: dict = {}  # interpreter id -> (GIL figures, score, method)
         if figures is not None and not settling:
+            for iid, gkw in per_gil.items():
+                fi = replace(figures, **gkw) if gkw.get("contended_ratio") is not None else None
+                interps[iid] = (gkw, *(score.score(fi) if fi is not None else (None, "none")))
+            measured = {i: x for i, x in interps.items() if x[1] is not None}
+            if len(measured) > 1:
+                # the process: its most contended GIL, and how many GILs were held at once
+                worst = max(measured, key=lambda i: (measured[i][1], -i))
+                figures = replace(figures, **measured[worst][0], gils=len(measured), interpreter=worst,
+                                  gils_held=sum(x[0]["held_ratio"] for x in measured.values()))
             value, method = score.score(figures)
-        return figures, gil_enabled, value, method
+        return figures, gil_enabled, value, method, interps
 
     def _view(self, state: _ProcessState, host_cpus: int) -> ProcessView:
         last: Tick = state.history[-1]
         ident = state.identity
-        figures, gil_enabled, value, method = self._derive(state, host_cpus)
+        figures, gil_enabled, value, method, interps = self._derive(state, host_cpus)
         info = state.candidate.info
+        interpreters = ()
+        if state.multi:
+            gils = {0: last.gil, **last.gils}
+            interpreters = tuple(
+                InterpreterGil(iid, gils.get(iid),
+                               interps[iid][0].get("waiting_threads") if iid in interps else None,
+                               *(interps[iid][1:] if iid in interps else (None, "none")))
+                for iid in sorted(set(gils) | set(interps)))
         return ProcessView(
             target=state.candidate.target,
             pid=info.pid,
@@ -627,30 +787,54 @@ class Monitor:
             cmdline=_utf8(" ".join(info.cmdline)),
             probe_detail=_utf8(state.probe_detail),
             score_history=tuple(state.scores),
+            interpreters=interpreters,
+            thread_held=last.thread_held,
         )
 
 
-def _gil_figures(history: deque, a: Tick, b: Tick) -> dict:
-    """GIL fields of Figures over [a, b]. When the GIL was located during the window, its
-    figures start at the first tick that has GIL totals, not at `a`: a window whose first tick
-    predates the first GIL sample must not lose the GIL figures (it used to, and diagnose then
-    fell back to /proc although the probe was fine)."""
-    if b.gil is None:
+def _gil_figures(history: deque, a: Tick, b: Tick, interpreter: int = 0) -> dict:
+    """GIL fields of Figures over [a, b] (of one interpreter's GIL: 0 the main one). When the
+    GIL was located during the window, its figures start at the first tick that has GIL
+    totals, not at `a`: a window whose first tick predates the first GIL sample must not lose
+    the GIL figures (it used to, and diagnose then fell back to /proc although the probe was
+    fine)."""
+    def totals(t: Tick) -> GilTotals | None:
+        return t.gil if not interpreter else t.gils.get(interpreter)
+    g = totals(b)
+    if g is None:
         return {}
     first = a
-    if a.gil is None:
-        first = next((t for t in history if t.t >= a.t and t.gil is not None), b)
-    if first is b or b.gil.sampled_seconds <= first.gil.sampled_seconds:
+    g0 = totals(a)
+    if g0 is None:
+        first = next((t for t in history if t.t >= a.t and totals(t) is not None), b)
+        g0 = totals(first)
+    if first is b or g.sampled_seconds <= g0.sampled_seconds:
         return {}
-    ds = b.gil.sampled_seconds - first.gil.sampled_seconds
+    ds = g.sampled_seconds - g0.sampled_seconds
     return dict(
-        interval_seconds=b.gil.interval_seconds,
-        held_ratio=(b.gil.held_seconds - first.gil.held_seconds) / ds,
-        waiting_threads=(b.gil.wait_seconds - first.gil.wait_seconds) / ds,
-        switches_per_second=(b.gil.switches - first.gil.switches) / (b.t - first.t),
-        contended_ratio=(b.gil.contended_seconds - first.gil.contended_seconds) / ds,
+        interval_seconds=g.interval_seconds,
+        held_ratio=(g.held_seconds - g0.held_seconds) / ds,
+        waiting_threads=(g.wait_seconds - g0.wait_seconds) / ds,
+        switches_per_second=(g.switches - g0.switches) / (b.t - first.t),
+        contended_ratio=(g.contended_seconds - g0.contended_seconds) / ds,
         gil_sampled_seconds=ds,
     )
+
+
+def _may_have_other_gils(location: gil.GilLocation) -> bool:
+    """Subinterpreters with a GIL of their own exist from 3.12 on."""
+    try:
+        return tuple(int(x) for x in location.identity.version.split(".")[:2]) >= (3, 12)
+    except ValueError:
+        return False
+
+
+def _thread_names(pid: int) -> dict[int, str]:
+    """TID -> name of every thread (read only when a thread is to get a label)."""
+    try:
+        return {tid: st.name for tid, st in procfs.task_stats(pid).items()}
+    except (procfs.ProcessGone, OSError):
+        return {}
 
 
 def _host_idle(host: deque, t0: float, t1: float) -> float | None:

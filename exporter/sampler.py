@@ -23,6 +23,14 @@ Every `check_every` seconds (staggered; 12 times less often while it is sampled 
 target is re-validated (same process, GIL struct shape, live holder); while it shows waiters,
 once a minute, they are also counted from /proc/PID/task/*/syscall as a cross-check.
 
+Per thread (``add(..., per_thread=True)``; the daemon's ``sampling.per_thread``): every
+stretch of held time credited to the totals is also credited to the GIL's holder at that
+sample, by the address of its thread state (``last_holder``, which the sample reads anyway).
+``drain(key)`` returns the totals together with the held time per holder since the last
+drain, mapped to native TIDs (``gil.threads.ThreadIds``, cached per address): the increments
+add up exactly to ``held_seconds``, so the per-thread split is as unbiased as the totals.
+A target without it pays nothing more per sample.
+
 The loop runs in C when the optional extension exporter._hotloop was built (_hotloop.c,
 the same loop; Python does the rest between its calls, every 0.25 s or so), else in Python.
 """
@@ -36,11 +44,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Optional
+from typing import Dict, Hashable, List, Optional, Set, Tuple
 
 from . import procfs
 from .gil import GilLocation, GilReader, INTERVAL_MAX_US, INTERVAL_MIN_US, ProbeUnavailable
 from .gil.reader import FIELDS
+from .gil.threads import ThreadIds
 
 try:
     from . import _hotloop  # the loop below, in C (setup.py builds it when a compiler is there)
@@ -79,7 +88,8 @@ class _Target:
     __slots__ = ("key", "reader", "pid", "read", "unpack", "size", "state", "futex",
                  "next_check", "bad_checks", "failure", "free_threaded", "waiting",
                  "start", "length", "last_waiter", "removed", "checked_wait", "checked_at",
-                 "checked", "stat", "core", "slot")
+                 "checked", "stat", "core", "slot", "per_thread", "holder", "acc", "lock",
+                 "ids", "tid_of")
 
     def __init__(self, key: Hashable, reader: Optional[GilReader], check_at: float) -> None:
         self.key = key
@@ -110,6 +120,14 @@ class _Target:
         self.stat: Optional[procfs.StatFile] = None  # kept /proc/PID/stat: is it the same process
         self.core = None           # the C loop's Core while it samples this target
         self.slot = (0, 0)         # (index, uid) in it
+        # per thread: held seconds by holder address since the last drain (None: off), the
+        # holder at the last sample, a lock that pairs acc with state, address -> TID
+        self.per_thread = False
+        self.acc: Optional[dict] = None
+        self.holder = 0
+        self.lock: Optional[threading.Lock] = None
+        self.ids: Optional[ThreadIds] = None
+        self.tid_of: Dict[int, int] = {}
 
     def still_readable(self) -> bool:
         """The PID still names this process (kept stat fd), and we may still read it: readlink
@@ -130,10 +148,50 @@ class _Target:
                 return state
         return self.state
 
-    def totals(self) -> GilTotals:
-        _c, _l, _w, _s, interval, sampled, held, wait, contended, switches, samples, en = self.snapshot()
+    def totals(self, state: Optional[tuple] = None) -> GilTotals:
+        _c, _l, _w, _s, interval, sampled, held, wait, contended, switches, samples, en = (
+            self.snapshot() if state is None else state)
         return GilTotals(sampled, held, wait, contended, switches, interval / 1e6, samples, self.futex,
                          None if en < 0 else bool(en))
+
+    def take(self) -> Tuple[tuple, dict]:
+        """(state, {holder address: held seconds since the last take}), consistently: the
+        C loop's, plus what the Python side holds (the Python loop's, or left by _unhook)."""
+        with self.lock:
+            state = None
+            acc, self.acc = self.acc, {}
+            core = self.core
+            if core is not None:
+                got = core.drain(*self.slot)
+                if got is not None:
+                    state, held, _holder = got
+                    for ptr, s in held.items():
+                        acc[ptr] = acc.get(ptr, 0.0) + s
+            return (self.state if state is None else state), acc
+
+    def tids(self, acc: dict, alive: Optional[Set[int]]) -> Dict[int, float]:
+        """`acc` by native TID: an address is read again when it is new or its cached thread is
+        gone (a freed thread state may be reused by a new thread); a TID read that is no thread
+        of the process is junk (0), unless that address was an ended thread's (its last held
+        time). Called with the sampler's lock held, so the reader's fd is still open."""
+        out: Dict[int, float] = {}
+        if alive is None:
+            try:
+                alive = set(procfs.task_ids(self.pid))
+            except (procfs.ProcessGone, OSError):
+                alive = set()
+        for ptr, s in acc.items():
+            tid = self.tid_of.get(ptr, 0) if ptr else 0
+            if ptr and tid not in alive and self.ids is not None and self.reader is not None:
+                fresh = self.ids.tid(ptr)
+                if fresh in alive:
+                    tid = self.tid_of[ptr] = fresh
+                elif tid:
+                    del self.tid_of[ptr]    # the ended thread's last time; not cached again
+            out[tid] = out.get(tid, 0.0) + s
+        if len(self.tid_of) > 4 * len(alive) + 64:
+            self.tid_of = {p: t for p, t in self.tid_of.items() if t in alive}
+        return out
 
 
 class GilSampler:
@@ -246,7 +304,9 @@ class GilSampler:
         for key in self.keys():
             self.remove(key)
 
-    def add(self, key: Hashable, location: GilLocation) -> None:
+    def add(self, key: Hashable, location: GilLocation, per_thread: bool = False) -> None:
+        """Sample the GIL at `location` under `key`; `per_thread`: also credit held time per
+        holder thread (drain())."""
         check_at = time.monotonic() + self._rng.uniform(0.2, 1.0) * self.check_every
         try:
             st = _Target(key, GilReader(location), check_at)
@@ -254,6 +314,13 @@ class GilSampler:
                 st.stat = procfs.StatFile(st.pid, st.reader.start_time)
             except (procfs.ProcessGone, OSError):
                 pass  # re-validation falls back to GilReader.same_process()
+            if per_thread:
+                st.per_thread = True
+                st.acc, st.lock = {}, threading.Lock()
+                try:
+                    st.ids = ThreadIds(st.reader.fd, location)
+                except ProbeUnavailable:
+                    pass      # held time is still credited, to TID 0 ("not read")
         except ProbeUnavailable as exc:
             st = _Target(key, None, check_at)
             st.failure = exc.reason
@@ -284,6 +351,21 @@ class GilSampler:
     def totals(self, key: Hashable) -> Optional[GilTotals]:
         st = self._targets.get(key)
         return None if st is None else st.totals()
+
+    def drain(self, key: Hashable, alive: Optional[Set[int]] = None
+              ) -> Optional[Tuple[GilTotals, Dict[int, float]]]:
+        """(totals, {TID: held seconds since the last drain}) of a target added with
+        per_thread (else the increments are {}); TID 0: a holder whose TID could not be read.
+        Over all drains, the increments add up to totals.held_seconds. `alive`: the process's
+        TIDs now, if the caller has them (else /proc/PID/task is listed)."""
+        with self._lock:
+            st = self._targets.get(key)
+            if st is None:
+                return None
+            if not st.per_thread:
+                return st.totals(), {}
+            state, acc = st.take()
+            return st.totals(state), (st.tids(acc, alive) if acc else {})
 
     def failure(self, key: Hashable) -> Optional[str]:
         st = self._targets.get(key)
@@ -393,19 +475,35 @@ class GilSampler:
     def _hook(core, st: _Target, sampled: dict) -> None:
         reader = st.reader
         layout = reader.location.layout
-        st.slot = core.add(reader.fd, reader.address, reader.size,
-                           tuple(getattr(layout, f) for f in FIELDS if f != "last_holder")
-                           + (layout.enabled,), st.waiting, st.state)
-        st.core = core
+        offsets = (tuple(getattr(layout, f) for f in FIELDS if f != "last_holder")
+                   + (layout.enabled,))
+        if st.per_thread:
+            with st.lock:
+                st.slot = core.add(reader.fd, reader.address, reader.size, offsets, st.waiting,
+                                   st.state, layout.last_holder, st.holder)
+                st.core = core
+        else:
+            st.slot = core.add(reader.fd, reader.address, reader.size, offsets, st.waiting, st.state)
+            st.core = core
         sampled[st.slot[0]] = st
 
     @staticmethod
     def _unhook(core, i: int, st: _Target, sampled: dict) -> None:
-        """Stop sampling st in C; its totals stay readable from st.state."""
-        state = core.state(*st.slot)
-        if state is not None:
-            st.state = state
-        st.core = None
+        """Stop sampling st in C; its totals (and per-thread time not drained yet) stay
+        readable from st.state (st.acc)."""
+        if st.per_thread:
+            with st.lock:
+                got = core.drain(*st.slot)
+                if got is not None:
+                    st.state, held, st.holder = got
+                    for ptr, s in held.items():
+                        st.acc[ptr] = st.acc.get(ptr, 0.0) + s
+                st.core = None
+        else:
+            state = core.state(*st.slot)
+            if state is not None:
+                st.state = state
+            st.core = None
         core.remove(i)
         del sampled[i]
 
@@ -472,9 +570,9 @@ class GilSampler:
                     failed.append((st, exc))
                     continue
                 if st.free_threaded:
-                    enabled, interval, _holder, locked, switch, wrefs = vals
+                    enabled, interval, holder, locked, switch, wrefs = vals
                 else:
-                    interval, _holder, locked, switch, wrefs = vals
+                    interval, holder, locked, switch, wrefs = vals
                     enabled = -1
                 if locked & ~1:
                     if failed is None:
@@ -486,6 +584,10 @@ class GilSampler:
                     exact = st.waiting()
                     if exact is not None:
                         waiters = exact
+                lock = st.lock
+                if lock is not None:          # per thread: acc and state change together
+                    lock.acquire()
+                    acc, h0 = st.acc, st.holder
                 c0, l0, w0, s0, _, sampled, held, wait, contended, switches, n, _e = st.state
                 if n:
                     # The previous stratum's state until this stratum starts, then this one's.
@@ -494,6 +596,8 @@ class GilSampler:
                     sampled += dt
                     if l0:
                         held += dt
+                        if lock is not None:
+                            acc[h0] = acc.get(h0, 0.0) + dt
                         if w0:
                             contended += dt
                     if w0:
@@ -503,6 +607,8 @@ class GilSampler:
                         sampled += dt
                         if locked:
                             held += dt
+                            if lock is not None:
+                                acc[holder] = acc.get(holder, 0.0) + dt
                             if waiters:
                                 contended += dt
                         if waiters:
@@ -511,6 +617,9 @@ class GilSampler:
                         switches += (switch - s0) & _MASK64
                 st.state = (c, locked, waiters, switch, interval, sampled, held, wait,
                             contended, switches, n + 1, enabled)
+                if lock is not None:
+                    st.holder = holder
+                    lock.release()
                 reads += 1
                 # The next stratum, decided from what was seen up to now.
                 if waiters:

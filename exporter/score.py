@@ -40,6 +40,12 @@ class Figures:
     busy_threads: float | None = None  # how many threads share the CPU used (1.0: one does it all)
     top_thread_share: float | None = None  # the busiest thread's share of the CPU used
     host_idle_cpus: float | None = None  # CPUs of the host left idle over the window
+    # Subinterpreters with a GIL of their own: with gils > 1 the GIL figures above are those of
+    # the most contended interpreter's GIL (`interpreter`, its id), and gils_held is the mean
+    # number of GILs held at once (more than 1: interpreters ran Python code in parallel).
+    gils: int = 1
+    interpreter: int | None = None
+    gils_held: float | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ KINDS = (
     "contended_unclassified",
     "unknown",
     "gil_released",
+    "interpreters_parallel",
     "free_threaded",
     "idle",
     "no_contention",
@@ -290,7 +297,10 @@ def verdict(f: Figures, threshold: float = THRESHOLD, cmdline: str = "", probe: 
                                         else "") + ")",
                        probe_why)
     how = "measured from the GIL" if method == "gil_state" else "estimated from /proc"
-    if method == "gil_state":
+    if method == "gil_state" and f.gils > 1:
+        amount = (f"the GIL of interpreter {f.interpreter} contended {value:.0%} of the time "
+                  f"({how}; the most contended of {f.gils} interpreters with a GIL of their own)")
+    elif method == "gil_state":
         amount = f"GIL contended {value:.0%} of the time ({how})"
     else:  # evidence, not a fraction of time
         amount = f"GIL contention score {value:.2f} ({how})"
@@ -336,6 +346,13 @@ def verdict(f: Figures, threshold: float = THRESHOLD, cmdline: str = "", probe: 
                         "Cython `with nogil`, a C/Rust extension), or run on a free-threaded "
                         "build (python3.13t and later).",
                         switch) + probe_why)
+    if f.gils > 1 and (f.gils_held or 0.0) >= PARALLEL_FROM:
+        return Verdict(False, "interpreters_parallel",
+                       f"subinterpreters run in parallel, each on its own GIL: {f.gils_held:.1f} "
+                       f"of {f.gils} GILs held at once on average, {cores}; {amount}",
+                       ("Interpreters with a GIL of their own do not wait for each other: this "
+                        "process is not GIL-bound. Contention, if any, is inside one interpreter: "
+                        "pygil_gil_contention_score{interpreter=...} shows each one.",))
     if _gil_released(f):
         held = "" if f.held_ratio is None else f", GIL held {f.held_ratio:.0%}"
         return Verdict(False, "gil_released",

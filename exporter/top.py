@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from exporter import gil, procfs
+from exporter.attribution import ThreadSampler
 from exporter.gil.frames import Frame, StackReader, TornStack
 from exporter.monitor import Monitor, ProcessView
 
@@ -70,14 +71,37 @@ class ThreadRow:
 
 
 #: The hook per-thread GIL shares come through (issue 9, part 1): given a pid, the share of the
-#: window each thread (by TID) held the GIL and waited for it, {tid: (held, waiting)}, or None
-#: when they are not measured. Until the monitor measures them, `no_thread_shares` says so and
-#: top shows no such columns: it never shows a share it did not measure.
+#: last seconds each thread (by TID) held the GIL and waited for it, {tid: (held, waiting)}, or
+#: None when they are not measured (then top shows no such columns: it never shows a share it
+#: did not measure). `SampledShares` samples the process being viewed; an object with a
+#: close() method is told when the view leaves that process.
 ThreadShares = Callable[[int], Optional[Dict[int, Tuple[float, float]]]]
 
 
 def no_thread_shares(pid: int) -> Optional[Dict[int, Tuple[float, float]]]:
     return None
+
+
+class SampledShares:
+    """The ThreadShares of `top`: one `attribution.ThreadSampler` on the process being viewed
+    (and no other), shares over its last `window` seconds. close() stops the sampling; the
+    view calls it when it leaves the process."""
+
+    def __init__(self, rate_hz: float = 100.0, window: float = 5.0) -> None:
+        self.rate_hz = rate_hz
+        self.window = window
+        self._sampler: Optional[ThreadSampler] = None
+
+    def __call__(self, pid: int) -> Optional[Dict[int, Tuple[float, float]]]:
+        if self._sampler is None or self._sampler.pid != pid:
+            self.close()
+            self._sampler = ThreadSampler(pid, self.rate_hz).start()
+        return self._sampler.table(window=self.window).shares() or None
+
+    def close(self) -> None:
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.stop()
 
 
 class ThreadCpu:
@@ -288,6 +312,9 @@ class TopView:
             self._holder_probe.close()
         self._holder_probe = None
         self.opened = None
+        close = getattr(self.thread_shares, "close", None)
+        if close is not None:         # stop sampling the process we leave
+            close()
 
     def close(self) -> None:
         self.back()
@@ -392,7 +419,7 @@ def run_top(config, refresh: float = 1.0) -> int:
     import tty
 
     monitor = Monitor(config, tick_seconds=min(1.0, refresh))
-    view = TopView(monitor)
+    view = TopView(monitor, thread_shares=SampledShares())
     console = Console()
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)

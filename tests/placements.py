@@ -63,6 +63,19 @@ def interpreters() -> list[Interpreter]:
     return found
 
 
+def usual_placement(interp: Interpreter) -> str:
+    """pyenv and bookworm builds on the host; sid's files in their own root, as a container."""
+    return "host" if interp.rootfs == BOOKWORM else "pivot_root"
+
+
+def require(interp: Interpreter) -> Interpreter:
+    """`interp`, or skip the test when its root filesystem is not built here."""
+    if not interp.available():
+        import pytest
+        pytest.skip(f"{interp.name}: root filesystem not built (tests/setup/rootfs.sh)")
+    return interp
+
+
 def _binds(interp: Interpreter) -> str:
     return "".join(f"mkdir -p {shlex.quote(str(interp.rootfs) + b)} && "
                    f"mount --bind {shlex.quote(b)} {shlex.quote(str(interp.rootfs) + b)} && "

@@ -282,8 +282,8 @@ def test_all_matchers_and_types(tmp_path):
         "    match: {pidfile: /run/app.pid, user: www-data}\n"
         "scan_interval_seconds: 2\n"
         "window_seconds: 2\n"
-        "sampling: {rate_hz: 250, enabled: false}\n"
-        "limits: {max_targets: 7, max_processes_per_target: 3}\n"
+        "sampling: {rate_hz: 250, enabled: false, per_thread: true}\n"
+        "limits: {max_targets: 7, max_processes_per_target: 3, max_threads_per_process: 0}\n"
     )
     config = load_config(str(path))
     m = config.targets[0].match
@@ -293,8 +293,8 @@ def test_all_matchers_and_types(tmp_path):
     assert (m.comm, m.pid, m.user, m.pidfile, m.python) == ("python3", 1234, "1000", None, False)
     assert config.targets[1].match == Match(pidfile="/run/app.pid", user="www-data")
     assert config.scan_interval_seconds == 2.0 and isinstance(config.scan_interval_seconds, float)
-    assert config.sampling == Sampling(rate_hz=250.0, enabled=False)
-    assert config.limits == Limits(max_targets=7, max_processes_per_target=3)
+    assert config.sampling == Sampling(rate_hz=250.0, enabled=False, per_thread=True)
+    assert config.limits == Limits(max_targets=7, max_processes_per_target=3, max_threads_per_process=0)
 
 
 def test_anchors_and_merge_keys(tmp_path):
@@ -366,8 +366,9 @@ def test_schema_contract_keys():
     assert {"targets", "scan_interval_seconds", "window_seconds", "sampling", "limits"} <= set(schema["properties"])
     assert set(cfg.MATCHER_KEYS) == set(schema["definitions"]["match"]["properties"])
     assert {"name", "match", "python_only"} == set(schema["definitions"]["target"]["properties"])
-    assert {"rate_hz", "enabled"} == set(schema["properties"]["sampling"]["properties"])
-    assert {"max_targets", "max_processes_per_target"} == set(schema["properties"]["limits"]["properties"])
+    assert {"rate_hz", "enabled", "per_thread"} == set(schema["properties"]["sampling"]["properties"])
+    assert {"max_targets", "max_processes_per_target", "max_threads_per_process"} == set(
+        schema["properties"]["limits"]["properties"])
 
 
 def test_schema_defaults_match_dataclasses():
@@ -380,6 +381,8 @@ def test_schema_defaults_match_dataclasses():
     assert props["limits"]["properties"]["max_targets"]["default"] == Limits().max_targets
     lim = props["limits"]["properties"]["max_processes_per_target"]["default"]
     assert lim == Limits().max_processes_per_target
+    assert props["sampling"]["properties"]["per_thread"]["default"] is Sampling().per_thread is False
+    assert props["limits"]["properties"]["max_threads_per_process"]["default"] == Limits().max_threads_per_process
 
 
 def test_schema_symlink_in_config_dir():
@@ -437,8 +440,8 @@ def test_property_arbitrary_bytes(scratch, data):
 
 _TOKENS = [
     "targets", "name", "match", "cmdline", "comm", "exe", "pid", "pidfile", "user", "cgroup",
-    "python_only", "sampling", "rate_hz", "enabled", "limits", "max_targets",
-    "max_processes_per_target", "scan_interval_seconds", "window_seconds",
+    "python_only", "sampling", "rate_hz", "enabled", "per_thread", "limits", "max_targets",
+    "max_processes_per_target", "max_threads_per_process", "scan_interval_seconds", "window_seconds",
     ":", ": ", "- ", "\n", "\n  ", "\n    ", "\n      ", "\t", " ", "#", "'", '"', "[", "]",
     "{", "}", ",", "&a ", "*a", "<<: ", "!!str ", "!!int ", "!!python/tuple ", "---", "...",
     "|", ">-", "?", "%YAML 1.1\n", "0", "-1", "1.5", ".nan", ".inf", "true", "null", "~",
@@ -529,8 +532,10 @@ _CONFIGS = st.fixed_dictionaries(
     optional={
         "scan_interval_seconds": st.floats(-1, 100) | st.integers(-1, 100),
         "window_seconds": st.floats(-1, 100) | st.just(float("nan")) | st.integers(0, 100),
-        "sampling": st.fixed_dictionaries({}, optional={"rate_hz": st.floats(-1, 2000), "enabled": st.booleans()}),
-        "limits": st.fixed_dictionaries({}, optional={"max_targets": st.integers(-1, 5), "max_processes_per_target": st.integers(-1, 5)}),
+        "sampling": st.fixed_dictionaries({}, optional={"rate_hz": st.floats(-1, 2000), "enabled": st.booleans(),
+                                                        "per_thread": st.booleans() | st.integers(0, 1)}),
+        "limits": st.fixed_dictionaries({}, optional={"max_targets": st.integers(-1, 5), "max_processes_per_target": st.integers(-1, 5),
+                                                      "max_threads_per_process": st.integers(-1, 1001)}),
     },
 )
 
@@ -543,6 +548,8 @@ def test_property_near_valid(scratch, doc):
     if result is not None:  # accepted => the values really are sane
         assert result.scan_interval_seconds <= result.window_seconds
         assert 0 < result.sampling.rate_hz <= 1000
+        assert isinstance(result.sampling.per_thread, bool)
+        assert 0 <= result.limits.max_threads_per_process <= 1000
         names = [t.name for t in result.targets]
         assert len(names) == len(set(names))
         for t in result.targets:

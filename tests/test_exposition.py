@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from exporter import score
 from exporter.collector import GilCollector, exposition
 from exporter.http import _openmetrics
-from exporter.monitor import HostView, ProcessView
+from exporter.monitor import HostView, InterpreterGil, ProcessView
 from exporter.sampler import GilTotals
 from harness import write_config
 from workloads import start_workload
@@ -45,7 +45,13 @@ def _views():
             threads=3 + i, cpu_user_seconds=12.34 * i, cpu_system_seconds=float(i), voluntary_total=10 ** i,
             involuntary_total=i, figures=figures, gil=gil, gil_enabled=None if i % 3 else bool(i % 2),
             score=None if i % 4 == 1 else i / 12, score_method="gil_state" if i % 2 else "procfs",
-            free_threaded=(None, True, False)[i % 3]))
+            free_threaded=(None, True, False)[i % 3],
+            # several GILs on every 4th view; per-thread series on every other one
+            interpreters=() if i % 4 else (InterpreterGil(0, gil, 0.5, 0.1, "gil_state"),
+                                           InterpreterGil(3, GilTotals(2.0, 1.5, 3.0, 1.0, 7, 0.005, 9, -1),
+                                                          None, None, "none")),
+            thread_held=None if i % 2 else (("hot-worker", 0, 1.25), ("other", 0, 0.5))
+            + ((("1234", 3, 1.5),) if not i % 4 else ())))
     return out
 
 
@@ -79,6 +85,28 @@ def test_same_bytes_as_prometheus_client():
     theirs = openmetrics_latest(registry)
     assert _without_duration(ours) == _without_duration(theirs)
     assert ours.endswith(b"# EOF\n") and b'exe="/opt/we\\"ird\\\\path\\nwith newline"' in ours
+
+
+def test_interpreter_and_thread_labels():
+    """GIL series by interpreter only for views with several GILs; per-thread series with the
+    process's labels (kube ones included) and, there, the interpreter."""
+    views = {str(v.pid): v for v in _views()}
+    families = {f.name: f for f in GilCollector(_Monitor()).collect()}
+    for name, f in families.items():
+        for s in f.samples:
+            v = views.get(s.labels.get("pid"))
+            if v is None:
+                continue
+            assert {k: s.labels[k] for k in v.labels} == v.labels, s
+            several = name.startswith(("pygil_gil_", "pygil_thread_")) and name not in (
+                "pygil_gil_enabled", "pygil_gil_contention_score_unknown") and bool(v.interpreters)
+            assert ("interpreter" in s.labels) == several, s
+    threads = families["pygil_thread_gil_held_seconds"].samples
+    assert {(s.labels["pid"], s.labels["thread"], s.labels.get("interpreter"), s.value) for s in threads} == {
+        (str(v.pid), t, str(g) if v.interpreters else None, x) for v in views.values() for t, g, x in v.thread_held or ()}
+    assert any("namespace" in s.labels for s in threads)
+    held = [s for s in families["pygil_gil_held_seconds"].samples if s.labels["pid"] == "1008"]
+    assert {(s.labels["interpreter"], s.value) for s in held} == {("0", 0.5), ("3", 1.5)}
 
 
 def test_formats_chosen_from_accept():

@@ -14,10 +14,12 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
+import workloads
 from harness import write_config
 from workloads import start_workload
 
@@ -141,12 +143,48 @@ def test_process_page_verdict_sparkline_and_links(watched):
     assert "python-gil-contention.md" in page and 'href="/metrics"' in page
     assert re.search(r'<svg [^>]*role="img"[^>]*>.*<polyline points="[^"]+"', page, re.S)
     assert "<script" not in page  # no JavaScript needed
-    # The place reserved for the per-thread table is there, and holds no made-up table.
-    m = re.search(r'<section id="threads" class="placeholder">(.*?)</section>', page, re.S)
-    assert m and "<table" not in m.group(1)
+    # The per-thread table: every thread of the process, by TID
+    m = re.search(r'<section id="threads">(.*?)</section>', page, re.S)
+    assert m and "<table" in m.group(1)
+    tids = {int(t) for t in re.findall(r'<tr data-tid="(\d+)">', m.group(1))}
+    assert tids == {int(t) for t in os.listdir(f"/proc/{hot.pid}/task")}, m.group(1)
     img = screenshot(page, ARTIFACTS / "gil-exporter-process.png", size=(1200, 1100))
     assert bands(img, SPARK_BLUE, min_pixels=2, tol=40), "no sparkline drawn"
     assert bands(img, BADGE_RED, min_pixels=20)
     assert exp.get("/process/999999999")[0] == 404
     status, calm_page = exp.get(f"/process/{calm.pid}")
     assert status == 200 and "CONTENDED" not in calm_page
+
+
+def _thread_table(page: str) -> list[tuple[int, str, str, str, str]]:
+    """(tid, name, GIL held, waiting, CPU) of each row of the per-process page's thread table."""
+    m = re.search(r'<section id="threads">(.*?)</section>', page, re.S)
+    return [(int(tid), name, *cells) for tid, name, *cells in re.findall(
+        r'<tr data-tid="(\d+)"><td>\d*</td><td class="l">([^<]*)</td><td>([^<]*)</td>'
+        r'<td>([^<]*)</td><td>([^<]*)</td>', m.group(1) if m else "")]
+
+
+def test_process_page_names_the_thread_holding_the_gil(exporter, tmp_path):
+    """The per-thread table of /process/PID: the CPU-bound thread among sleepers first, with
+    most of the GIL; the sleepers waiting for it. Looking at the page is what starts sampling."""
+    cfg = write_config(tmp_path, """
+targets:
+  - name: app
+    match:
+      cmdline: 'gil-workload sleepers landing-threads'
+scan_interval_seconds: 1
+window_seconds: 5
+""")
+    with start_workload("sleepers", threads=3, argv_tag="landing-threads") as w:
+        hot = workloads.thread_ids(w)["hot-worker"]
+        exp = exporter("--config", str(cfg))
+        exp.wait_for(lambda: exp.get(f"/process/{w.pid}")[0] == 200, timeout=30)
+        time.sleep(3)                       # the table covers the time since the first look
+        status, page = exp.get(f"/process/{w.pid}")
+        rows = _thread_table(page)
+        assert status == 200 and rows, page
+        assert rows[0][0] == hot, rows
+        assert float(rows[0][2].rstrip("%")) >= 50, rows
+        assert {r[0] for r in rows} == {int(t) for t in os.listdir(f"/proc/{w.pid}/task")}
+        assert sum(float(r[3].rstrip("%")) for r in rows[1:]) > 0, rows       # sleepers wait
+        assert "futex()" in page and "<table" in page

@@ -501,3 +501,49 @@ def test_adaptive_rate_idle_target(native):
         assert f.sampled_seconds - 0.45 <= k.sampled_seconds <= f.sampled_seconds + 0.05
     with pytest.raises(ValueError):
         GilSampler(idle_ticks=0)
+
+
+def test_per_thread_drains_add_up_across_restarts_and_exit(native):
+    """Per-thread held time (drain) adds up to held_seconds through everything that moves a
+    target's state: sampler stop and restart (the C loop hands it back to Python and takes it
+    again), the target's exit (its last held time still drains once, then nothing), removal.
+    A target added without per_thread drains its totals with no per-thread time."""
+    with start_workload("cpu", PYTHONS.get("3.12") or PYTHONS[VERSIONS[-1]], threads=2) as w:
+        s = GilSampler(rate_hz=100.0, idle_ticks=50, native=native)
+        loc = locate(w.pid)
+        s.add("k", loc, per_thread=True)
+        s.add("plain", loc)
+        drained: dict = {}
+
+        def drain() -> GilTotals:
+            totals, inc = s.drain("k")
+            for tid, held in inc.items():
+                drained[tid] = drained.get(tid, 0.0) + held
+            assert abs(sum(drained.values()) - totals.held_seconds) < 1e-9, (drained, totals)
+            return totals
+
+        try:
+            s.start()
+            time.sleep(0.7)
+            drain()
+            s.stop()
+            drain()
+            s.start()
+            time.sleep(0.7)
+            before = drain()
+            plain, none = s.drain("plain")
+            assert none == {} and plain.held_seconds > 0
+            workers = {int(t) for t in os.listdir(f"/proc/{w.pid}/task")} - {w.pid}
+            assert set(drained) - {0} <= workers and len(set(drained) - {0}) == 2, drained
+            kill_quietly(w.pid)
+            w.proc.wait(timeout=10)
+            deadline = time.monotonic() + 10
+            while s.failure("k") is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert s.failure("k") == "exited"
+            final = drain()
+            assert final.held_seconds >= before.held_seconds
+            assert s.drain("k")[1] == {} and drain() == final      # nothing more after the exit
+        finally:
+            s.close()
+        assert s.drain("k") is None

@@ -420,6 +420,35 @@ def test_verdict_on_a_loaded_host():
     assert v.kind == "cpu_threads_serialized" and "50 ms" in v.advice[-1]
 
 
+# Two subinterpreters with a GIL of their own, two CPU threads in each (tests/workloads.py
+# "subinterpreters"), and one CPU thread in each: the figures of the most contended GIL.
+INTERPRETERS = {
+    "contended": fig(threads=5, cpu_cores=1.9, voluntary_per_second=420, gil_enabled=True,
+                     interval_seconds=0.005, held_ratio=1.0, waiting_threads=1.0,
+                     switches_per_second=190, contended_ratio=0.98, busy_threads=4.0,
+                     top_thread_share=0.26, gils=3, interpreter=2, gils_held=2.0),
+    "parallel": fig(threads=3, cpu_cores=1.9, voluntary_per_second=5, gil_enabled=True,
+                    interval_seconds=0.005, held_ratio=1.0, waiting_threads=0.0,
+                    switches_per_second=0, contended_ratio=0.0, busy_threads=2.0,
+                    top_thread_share=0.5, gils=3, interpreter=1, gils_held=1.95),
+}
+
+
+def test_verdict_with_subinterpreters():
+    """Contended inside one interpreter is contended (and names it); interpreters that run in
+    parallel, each on its own GIL, are not GIL-bound."""
+    v = score.verdict(INTERPRETERS["contended"])
+    assert v.contended and v.kind == "cpu_threads_serialized"
+    assert "the GIL of interpreter 2 contended 98%" in v.headline and "of 3 interpreters" in v.headline
+    v = score.verdict(INTERPRETERS["parallel"])
+    assert (v.contended, v.kind) == (False, "interpreters_parallel")
+    assert v.headline.startswith("subinterpreters run in parallel, each on its own GIL: 1.9 of 3 GILs")
+    # one GIL only: the ordinary verdicts, worded as before
+    one = dataclasses.replace(INTERPRETERS["parallel"], gils=1, interpreter=None, gils_held=None)
+    assert score.verdict(one).kind == "no_contention"
+    assert "interpreter" not in score.verdict(with_gil("cpu")).headline
+
+
 def test_verdict_threshold():
     f = fig(gil_enabled=True, contended_ratio=0.4, held_ratio=0.9, switches_per_second=100,
             interval_seconds=0.005, busy_threads=3.0, top_thread_share=0.34)

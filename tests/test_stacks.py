@@ -37,15 +37,10 @@ STACK_INTERPRETERS = sorted((n for n, i in INTERPRETERS.items() if _mm(i) >= (3,
 
 
 def _interp(name: str) -> placements.Interpreter:
-    interp = INTERPRETERS[name]
-    if not interp.available():
-        pytest.skip(f"{name}: root filesystem not built (tests/setup/rootfs.sh)")
-    return interp
+    return placements.require(INTERPRETERS[name])
 
 
-def _placement(interp: placements.Interpreter) -> str:
-    """pyenv and bookworm builds on the host; sid's files in their own root, as a container."""
-    return "host" if interp.rootfs == placements.BOOKWORM else "pivot_root"
+_placement = placements.usual_placement
 
 
 def _line(workload: str, marker: str) -> int:

@@ -19,7 +19,8 @@ from exporter.top import parse_keys
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/tmux").exists(), reason="tmux missing (tests/setup/tools.sh)")
 
 ROW = re.compile(r"^\s*(\d+)\s+(\S+)\s+(\d+)\s")          # PID TARGET THREADS ... (process list)
-THREAD_ROW = re.compile(r"^\s*(\d+)\s+(.+?)\s+([RSDTtZXI])\s+(\S+)\s*(● holds)?\s*$")
+THREAD_ROW = re.compile(r"^\s*(\d+)\s+(.+?)\s+([RSDTtZXI])\s+(\S+)\s*(● holds)?"
+                        r"(?:\s+(\d+%|–)\s+(\d+%|–))?\s*$")     # ... [GIL HELD, WAITING]
 
 
 class Tmux:
@@ -92,6 +93,17 @@ def _thread_rows(text: str) -> list[tuple[int, str, bool]]:
         m = THREAD_ROW.match(line)
         if m and "TID" not in line:
             out.append((int(m.group(1)), m.group(2).strip(), bool(m.group(5))))
+    return out
+
+
+def _thread_shares(text: str) -> dict[int, tuple[float, float]]:
+    """{tid: (GIL held, waiting)} from the thread table's share columns (absent: not shown)."""
+    out = {}
+    for line in text.splitlines():
+        m = THREAD_ROW.match(line)
+        if m and "TID" not in line and m.group(6) and "%" in m.group(6) + m.group(7):
+            out[int(m.group(1))] = tuple(float(x.rstrip("%")) / 100 if x != "–" else 0.0
+                                         for x in (m.group(6), m.group(7)))
     return out
 
 
@@ -182,6 +194,30 @@ def test_thread_names_and_the_holders_function_on_debian_314(tmp_path):
                                               r"\(<string>:\d+\)", s) and s, what="a named holder in hot/cool")
         names = sorted(n for _t, n, _h in _thread_rows(screen))
         assert names == ["Thread-1 (work)", "Thread-2 (work)", "Thread-3 (work)", "python3.14"], screen
+        top.keys("q")
+        assert top.exit_code() == 0
+    finally:
+        top.close()
+        w.stop()
+
+
+def test_thread_view_shows_each_threads_gil_shares(tmp_path):
+    """The drill-down samples the process it shows: the CPU-bound thread among sleepers holds
+    the largest share of the GIL, the sleepers wait for it; back in the list the columns go."""
+    python = workloads.pyenv_pythons().get("3.12") or sys.executable
+    w = workloads.start_workload("sleepers", python, threads=3)
+    top = Tmux(tmp_path, ["--config", str(_config(tmp_path, [w.pid]))])
+    try:
+        hot = workloads.thread_ids(w)["hot-worker"]
+        top.wait(lambda s: _process_rows(s), what="the process")
+        top.keys("Enter")
+        shares = top.wait(lambda s: "GIL HELD" in s and len(_thread_shares(s)) == 4
+                          and _thread_shares(s), what="the share columns for every thread")
+        assert max(shares, key=lambda t: shares[t][0]) == hot, top.screen()
+        assert shares[hot][0] >= 0.5, top.screen()
+        assert sum(wait for tid, (_h, wait) in shares.items() if tid != hot) > 0, top.screen()
+        top.keys("Escape")
+        top.wait(lambda s: "GIL HELD" not in s and _process_rows(s), what="the process list")
         top.keys("q")
         assert top.exit_code() == 0
     finally:

@@ -179,7 +179,95 @@ time.sleep(0.2)
 threading.Thread(target=Outer().middle, name="pinned-holder", daemon=True).start()
 forever()
 """,
+    # One CPU-bound thread among N threads that sleep and wake every 20 ms: the hot one holds the
+    # GIL, the sleepers wait for it each time they wake. After "ready", one line gives each
+    # thread's name and native TID ("hot-worker=123 sleeper-0=124 ...").
+    "sleepers": """
+def hot():
+    x = 0
+    while True:
+        for i in range(10000):
+            x += i * i
+def sleeper():
+    while True:
+        time.sleep(0.02)
+        sum(range(200))
+ts = [threading.Thread(target=hot, name="hot-worker", daemon=True)]
+ts += [threading.Thread(target=sleeper, name="sleeper-%d" % i, daemon=True) for i in range(N)]
+for t in ts:
+    t.start()
+time.sleep(0.1); ready()
+sys.stdout.write(" ".join("%s=%d" % (t.name, t.native_id) for t in ts) + "\\n"); sys.stdout.flush()
+forever()
+""",
 }
+
+
+# Three long-lived CPU threads ("steady-0".."steady-2") while a spawner starts N short-lived
+# threads after one another, each holding the GIL for a moment: thread churn. Prints the
+# steady threads' TIDs after "ready", as "sleepers" does.
+SCRIPTS["churn_steady"] = """
+def cpu():
+    x = 0
+    while True:
+        for i in range(10000):
+            x += i * i
+def short():
+    x = 0
+    for i in range(20000):
+        x += i
+def spawner():
+    while True:
+        ts = [threading.Thread(target=short) for _ in range(N)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+steady = [threading.Thread(target=cpu, name="steady-%d" % i, daemon=True) for i in range(3)]
+for t in steady:
+    t.start()
+threading.Thread(target=spawner, name="spawner", daemon=True).start()
+time.sleep(0.1); ready()
+sys.stdout.write(" ".join("%s=%d" % (t.name, t.native_id) for t in steady) + "\\n"); sys.stdout.flush()
+forever()
+"""
+
+
+# Three threads ("shift-0".."shift-2"): 0 and 1 burn CPU, 2 sleeps, until SIGUSR1 (SIGUSR2)
+# makes 0 (1) sleep and 2 burn CPU: the busiest threads change. Prints the TIDs after "ready".
+SCRIPTS["shift"] = """
+import signal
+hot = [threading.Event() for _ in range(3)]
+def work(i):
+    x = 0
+    while True:
+        if hot[i].is_set():
+            for k in range(10000):
+                x += k * k
+        else:
+            time.sleep(0.01)
+def shift(signum, _frame):
+    hot[0 if signum == signal.SIGUSR1 else 1].clear(); hot[2].set()
+signal.signal(signal.SIGUSR1, shift)
+signal.signal(signal.SIGUSR2, shift)
+hot[0].set(); hot[1].set()
+ts = [threading.Thread(target=work, args=(i,), name="shift-%d" % i, daemon=True) for i in range(3)]
+for t in ts:
+    t.start()
+time.sleep(0.1); ready()
+sys.stdout.write(" ".join("%s=%d" % (t.name, t.native_id) for t in ts) + "\\n"); sys.stdout.flush()
+forever()
+"""
+
+
+def thread_ids(w: "Workload") -> dict[str, int]:
+    """{thread name: native TID} from the line a workload prints right after "ready"
+    ("sleepers"). Read without select(): reading "ready" may have buffered it already."""
+    line = w.proc.stdout.readline()
+    pairs = [p.partition("=") for p in line.split()]
+    if not pairs:
+        raise RuntimeError(f"workload {w.name} printed no thread ids: {line!r}")
+    return {name: int(tid) for name, _, tid in pairs}
 
 
 @dataclass
@@ -294,8 +382,7 @@ def kill_quietly(pid: int) -> None:
 
 # Subinterpreters with their own GIL (3.14+: concurrent.interpreters). WORKLOAD_THREADS CPU
 # threads inside each of 2 subinterpreters: contended inside each one, parallel across them.
-SCRIPTS["subinterpreters"] = """
-from concurrent import interpreters
+_SPIN_IN_SUBINTERPRETER = """
 code = '''
 import threading
 def spin():
@@ -306,10 +393,61 @@ def spin():
 for _ in range(%d):
     threading.Thread(target=spin).start()
 '''
+"""
+SCRIPTS["subinterpreters"] = """
+from concurrent import interpreters
+""" + _SPIN_IN_SUBINTERPRETER + """
 # Both interpreters exist before any of their threads starts: creating one while another's
 # threads start was seen to hang 3.14.10 (main thread parked in create(), never woken).
 subs = [interpreters.create() for _ in range(2)]
 for sub in subs:
     sub.exec(code % N)
 time.sleep(0.5); ready(); forever()
+"""
+
+# The same on 3.12, through its private module (3.12 has per-interpreter GILs, not yet
+# concurrent.interpreters): isolated=True gives each interpreter its own GIL.
+SCRIPTS["subinterpreters_312"] = """
+import _xxsubinterpreters as _interpreters
+""" + _SPIN_IN_SUBINTERPRETER + """
+subs = [_interpreters.create(isolated=True) for _ in range(2)]
+for sub in subs:
+    _interpreters.run_string(sub, code % N)
+time.sleep(0.5); ready(); forever()
+"""
+
+# 3.14's concurrent.futures.InterpreterPoolExecutor: every worker runs its tasks in an
+# interpreter with its own GIL. "pool_contended": one worker whose task starts N CPU threads
+# inside its interpreter (contended inside that interpreter); "pool_parallel": N workers, one CPU
+# task each (one thread per interpreter: they run in parallel, nothing contends).
+_POOL = """
+from concurrent.futures import InterpreterPoolExecutor
+def spin():
+    x = 0
+    while True:
+        for i in range(10000):
+            x += i
+def spin_threads(n):
+    import threading            # runs in the worker's interpreter: nothing from here but itself
+    def spin():
+        x = 0
+        while True:
+            for i in range(10000):
+                x += i
+    ts = [threading.Thread(target=spin) for _ in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+"""
+SCRIPTS["pool_contended"] = _POOL + """
+pool = InterpreterPoolExecutor(max_workers=1)
+pool.submit(spin_threads, N)
+time.sleep(1); ready(); forever()
+"""
+SCRIPTS["pool_parallel"] = _POOL + """
+pool = InterpreterPoolExecutor(max_workers=N)
+for _ in range(N):
+    pool.submit(spin)
+time.sleep(1); ready(); forever()
 """

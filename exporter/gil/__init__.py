@@ -18,7 +18,7 @@ from .layouts import (CONDVARS, DEBUG_COOKIE, DEBUG_OFFSETS_LAYOUTS, DEBUG_OFFSE
                       DEFAULT_LAYOUT, KNOWN_GIL_OFFSETS, LAYOUTS, CondvarLayout, condvar_for_glibc,
                       detect_free_threaded, gil_layout, layout_from_debug_offsets,
                       parse_debug_offsets, parse_debug_offsets_prefix, version_from_hex)
-from .location import INTERVAL_MAX_US, INTERVAL_MIN_US, futex_waiters, locate, locate_all
+from .location import INTERVAL_MAX_US, INTERVAL_MIN_US, futex_waiters, locate, locate_all, other_gils
 from .memory import start_time
 from .reader import GilReader, layout_struct
 from .records import (GilLayout, GilLocation, GilReading, ProbeUnavailable, PythonIdentity,
@@ -27,7 +27,8 @@ from .threads import ThreadState, ThreadWalker
 
 __all__ = [
     "ProbeUnavailable", "PythonIdentity", "GilLayout", "GilLocation", "GilReading",
-    "ThreadStateLayout", "Target", "identify", "identify_target", "locate", "locate_all", "GilReader",
+    "ThreadStateLayout", "Target", "identify", "identify_target", "locate", "locate_all", "other_gils",
+    "GilReader",
     "futex_waiters", "ThreadWalker", "ThreadState", "LAYOUTS", "DEFAULT_LAYOUT", "CONDVARS",
     "CondvarLayout", "condvar_for_glibc", "gil_layout", "KNOWN_GIL_OFFSETS",
     "DEBUG_OFFSETS_LAYOUTS", "DEBUG_OFFSETS_PREFIX", "DEBUG_COOKIE", "parse_debug_offsets",

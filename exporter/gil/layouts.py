@@ -38,6 +38,31 @@ def condvar_for_glibc(minor: int) -> Optional[CondvarLayout]:
     return CONDVARS[max(known)] if known else None
 
 
+# --------------------------------------------------------------------------- glibc struct pthread
+
+@dataclass(frozen=True)
+class PthreadLayout:
+    """glibc's struct pthread on x86_64: where the thread's kernel TID is. A pthread_t (what
+    pthread_self() returns, and PyThreadState.thread_id holds) is the address of this struct."""
+    name: str
+    tid: int        # pid_t tid: after the TCB header (tcbhead_t, 704 bytes) and list_t list (16)
+
+
+#: Keyed, like CONDVARS, by the first glibc minor version with that layout. Measured live on
+#: glibc 2.36 and 2.43 (the only offset at which every thread's struct holds its own TID);
+#: the probe reads no glibc before 2.25. aarch64 puts the TCB after the struct: no row.
+PTHREADS: Dict[str, Dict[int, PthreadLayout]] = {
+    "x86_64": {25: PthreadLayout("glibc-2.25", tid=720)},
+}
+
+
+def pthread_for_glibc(minor: int, arch: str = "x86_64") -> Optional[PthreadLayout]:
+    """The struct pthread layout of glibc 2.<minor> on `arch`, None when we have none."""
+    rows = PTHREADS.get(arch, {})
+    known = [k for k in rows if k <= minor]
+    return rows[max(known)] if known else None
+
+
 # --------------------------------------------------------------------------- struct _gil_runtime_state
 
 #: Field offsets of struct _gil_runtime_state (LP64, 3.8 .. 3.15). Free-threaded builds
@@ -74,6 +99,15 @@ KNOWN_GIL_OFFSETS: Dict[str, int] = {
     "3.12.1": 77432,
     "3.13": 96104,
     "3.13.0": 96104,
+}
+
+#: PyThreadState.thread_id (unsigned long, the thread's pthread_t) where the thread state holds
+#: no native_thread_id (3.8-3.10; 3.11 and 3.12 have one: frames.STATIC_FRAME_LAYOUTS, 3.13+
+#: _Py_DebugOffsets). offsetof() over the installed headers of 3.8.18, 3.9.18 and 3.10.13.
+PTHREAD_ID_OFFSETS: Dict[Tuple[int, int], int] = {
+    (3, 8): 176,
+    (3, 9): 176,
+    (3, 10): 176,
 }
 
 # --------------------------------------------------------------------------- _Py_DebugOffsets (3.13+)
@@ -123,6 +157,17 @@ _DEBUG_OFFSETS_315: Dict[str, int] = {
     "thread_state.holds_gil": 272, "thread_state.gil_requested": 280,
     "_end": 304,
 }
+#: The interpreter list of 3.12, which has per-interpreter GILs but no _Py_DebugOffsets: the
+#: same fields, named as above, from offsetof() over the installed headers of 3.12.1
+#: (Py_BUILD_CORE: _PyRuntimeState.interpreters.head, PyInterpreterState.next, id,
+#: threads.head, ceval.gil and _gil). locate_all() only trusts them when they lead from the
+#: main interpreter to the very GIL that locate() found.
+INTERPRETER_LAYOUTS: Dict[Tuple[int, int], Dict[str, int]] = {
+    (3, 12): {"runtime_state.interpreters_head": 40, "interpreter_state.next": 0,
+              "interpreter_state.id": 8, "interpreter_state.threads_head": 72,
+              "interpreter_state.ceval_gil": 384, "interpreter_state.gil_runtime_state": 1040},
+}
+
 DEBUG_OFFSETS_LAYOUTS: Dict[Tuple[int, int], Dict[str, int]] = {
     (3, 13): _DEBUG_OFFSETS_313,
     (3, 14): _DEBUG_OFFSETS_314,

@@ -20,12 +20,11 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .identity import FUTEX_SYSCALL, Target, identify_target
-from .layouts import (DEBUG_OFFSETS_LAYOUTS, KNOWN_GIL_OFFSETS, gil_layout,
+from .layouts import (DEBUG_OFFSETS_LAYOUTS, INTERPRETER_LAYOUTS, KNOWN_GIL_OFFSETS, gil_layout,
                       layout_from_debug_offsets, parse_debug_offsets,
                       parse_debug_offsets_prefix, thread_layout_from_debug_offsets)
-from .memory import WritableRanges, host_arch, open_mem, pread_exact, proc_access, task_ids
+from .memory import WritableRanges, host_arch, open_mem, pread_exact, task_ids, task_syscalls
 from .records import GilLayout, GilLocation, ProbeUnavailable
-from exporter import procfs
 
 # PyThreadState begins with prev, next, interp in every version 3.8 .. 3.15.
 TSTATE_INTERP_OFFSET = 16
@@ -47,8 +46,10 @@ _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
 
 
-def futex_waiters(pid: int, gil_address: int, layout: GilLayout) -> int:
-    """Threads of `pid` blocked in futex() on the GIL's condvar words (from /proc/PID/task/*/syscall).
+def futex_waiting_tids(pid: int, gil_address: int, layout: GilLayout,
+                       calls: Optional[Dict[int, tuple]] = None) -> List[int]:
+    """TIDs of the threads of `pid` blocked in futex() on the GIL's condvar words, from
+    /proc/PID/task/*/syscall (or `calls`, that file of every thread read already).
 
     Needs the same permission as /proc/PID/mem, never stops the target.
     """
@@ -57,9 +58,18 @@ def futex_waiters(pid: int, gil_address: int, layout: GilLayout) -> int:
         raise ProbeUnavailable("unsupported_arch", host_arch())
     lo, hi = layout.cond_words
     lo, hi = gil_address + lo, gil_address + hi
-    with proc_access(pid):
-        calls = procfs.task_syscalls(pid)
-    return sum(1 for call in calls.values() if call[0] == nr and len(call) > 1 and lo <= call[1] < hi)
+    if calls is None:
+        calls = task_syscalls(pid)
+    return [tid for tid, call in calls.items()
+            if call[0] == nr and len(call) > 1 and lo <= call[1] < hi]
+
+
+def futex_waiters(pid: int, gil_address: int, layout: GilLayout) -> int:
+    """Threads of `pid` blocked in futex() on the GIL's condvar words (from /proc/PID/task/*/syscall).
+
+    Needs the same permission as /proc/PID/mem, never stops the target.
+    """
+    return len(futex_waiting_tids(pid, gil_address, layout))
 
 
 # --------------------------------------------------------------------------- validation
@@ -373,39 +383,57 @@ def interpreters(pid: int, fd: int, runtime_address: int, offs: Dict[str, int]) 
 
 
 def locate_all(pid: int) -> List[GilLocation]:
-    """Every distinct GIL of the process, the main interpreter's first.
+    """Every distinct GIL of the process, the main interpreter's first (other_gils())."""
+    main = locate(pid)
+    return [main] + other_gils(main)
+
+
+def other_gils(main: GilLocation, known: Optional[Dict[int, GilLocation]] = None) -> List[GilLocation]:
+    """The GILs of the subinterpreters that have one of their own, by interpreter id.
 
     Since 3.12 a subinterpreter may have its own GIL (concurrent.interpreters and
     InterpreterPoolExecutor create them so): `interp->ceval.gil` then points at the
-    interpreter's own `_gil`, and that struct is validated like the main one. Interpreters that
-    share the main GIL add nothing. Read through _Py_DebugOffsets, so 3.13+ (the layouts of 3.12's
-    PyInterpreterState are not in our tables: there only the main GIL is returned).
+    interpreter's own `_gil`, and that struct is validated like the main one (`known`, by
+    address, are taken as they are). Interpreters that share the main GIL add nothing. The
+    interpreter list is read through _Py_DebugOffsets on 3.13+, and on 3.12 through
+    INTERPRETER_LAYOUTS, trusted only when it leads from the main interpreter to the GIL that
+    locate() found. Cheap when nothing changed: a few reads per interpreter.
     """
-    main = locate(pid)
+    pid = main.pid
     mm = tuple(int(x) for x in main.identity.version.split(".")[:2])
-    table = DEBUG_OFFSETS_LAYOUTS.get(mm)
-    if table is None or main.method != "debug_offsets":
-        return [main]
+    if main.method == "debug_offsets" and mm in DEBUG_OFFSETS_LAYOUTS:
+        static = None
+    elif mm in INTERPRETER_LAYOUTS and not main.identity.free_threaded:
+        static = INTERPRETER_LAYOUTS[mm]
+    else:
+        return []
+    known = known or {}
     fd = open_mem(pid)
     try:
         rt = main.identity.runtime_address
-        offs = parse_debug_offsets(pread_exact(fd, 512, rt, pid), mm)
-        runtime = RuntimeView(pid, fd, rt, max(main.runtime_size, 8))
-        found = {main.address: main}
+        offs = static or parse_debug_offsets(pread_exact(fd, 512, rt, pid), mm)
         listed = interpreters(pid, fd, rt, offs)
+        if static is not None and (
+                not listed or listed[-1][0] + offs["interpreter_state.gil_runtime_state"] != main.address):
+            return []             # not the layout we know: the main GIL alone, as located
+        runtime = RuntimeView(pid, fd, rt, max(main.runtime_size, 8))
         runtime.interpreters.update(a for a, _ in listed)
-        maps = identify_target(pid).maps if len(listed) > 1 else ()
+        maps = None
+        found: Dict[int, GilLocation] = {}
         for interp, iid in listed:
             gil_ptr, = _U64.unpack(pread_exact(fd, 8, interp + offs["interpreter_state.ceval_gil"], pid))
             own = interp + offs["interpreter_state.gil_runtime_state"]
-            if gil_ptr != own or own in found:
+            if gil_ptr != own or own == main.address or own in found:
                 continue          # shares another interpreter's GIL (or is the main one)
-            if validate(pid, fd, own, main.layout, maps, runtime, reads=3):
-                continue          # torn or being torn down: skip it this time
-            found[own] = GilLocation(pid, own, main.layout, main.identity, "debug_offsets",
-                                     main.runtime_size, interp, main.threads, iid)
-        return [main] + sorted((loc for a, loc in found.items() if a != main.address),
-                               key=lambda loc: loc.interpreter_id)
+            loc = known.get(own)
+            if loc is None or loc.interpreter != interp or loc.interpreter_id != iid:
+                maps = identify_target(pid).maps if maps is None else maps
+                if validate(pid, fd, own, main.layout, maps, runtime, reads=3):
+                    continue      # torn or being torn down: skip it this time
+                loc = GilLocation(pid, own, main.layout, main.identity, main.method,
+                                  main.runtime_size, interp, main.threads, iid)
+            found[own] = loc
+        return sorted(found.values(), key=lambda loc: loc.interpreter_id)
     finally:
         os.close(fd)
 

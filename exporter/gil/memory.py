@@ -9,7 +9,7 @@ import bisect
 import contextlib
 import errno
 import os
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 from exporter import procfs
 
@@ -58,6 +58,12 @@ def start_time(pid: int) -> int:
 def task_ids(pid: int) -> List[int]:
     with proc_access(pid):
         return procfs.task_ids(pid)
+
+
+def task_syscalls(pid: int) -> Dict[int, tuple]:
+    """/proc/PID/task/*/syscall of every thread (procfs.task_syscalls)."""
+    with proc_access(pid):
+        return procfs.task_syscalls(pid)
 
 
 def open_mem(pid: int) -> int:

@@ -1,5 +1,6 @@
-"""An interpreter's thread states, read from outside (3.13+, where _Py_DebugOffsets describes
-PyThreadState): each thread's native TID and, on 3.15+, its own GIL flags.
+"""Threads, read from outside: an interpreter's thread states (3.13+, where _Py_DebugOffsets
+describes PyThreadState: each thread's native TID and, on 3.15+, its own GIL flags), the native
+TID of any thread state (every version), and who holds and who waits for one GIL, by TID.
 
 On 3.15+ `holds_gil` and `gil_requested` give the exact number of threads waiting for the GIL
 (glibc's condvar count also counts a waiter that was just woken). take_gil clears
@@ -11,11 +12,16 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-from .records import ThreadStateLayout
+from .frames import STATIC_FRAME_LAYOUTS
+from .layouts import PTHREAD_ID_OFFSETS, pthread_for_glibc
+from .location import futex_waiting_tids
+from .memory import host_arch
+from .records import GilLocation, GilReading, ProbeUnavailable, ThreadStateLayout
 
 _U64 = struct.Struct("<Q")
+_I32 = struct.Struct("<i")
 MAX_THREADS = 4096
 _ZERO = b"\0\0\0\0"
 
@@ -83,9 +89,13 @@ class ThreadWalker:
         if walk is None:
             return None
         out = []
+        tid_in_span = lay.native_thread_id + 8 <= self.span
         for addr, data in walk:
             try:
-                tid, = _U64.unpack(os.pread(self.fd, 8, addr + lay.native_thread_id))
+                if tid_in_span:
+                    tid, = _U64.unpack_from(data, lay.native_thread_id)
+                else:
+                    tid, = _U64.unpack(os.pread(self.fd, 8, addr + lay.native_thread_id))
             except (OSError, struct.error):
                 return None
             holds = req = None
@@ -94,3 +104,96 @@ class ThreadWalker:
                 req = data[lay.gil_requested:lay.gil_requested + 4] != _ZERO
             out.append(ThreadState(addr, tid, holds, req))
         return out
+
+
+class ThreadIds:
+    """The native TID (as in /proc/PID/task) of a thread state, with one or two small reads.
+
+    * 3.13+: PyThreadState.native_thread_id, where the target's _Py_DebugOffsets puts it;
+    * 3.11, 3.12: native_thread_id, at the offset of frames.STATIC_FRAME_LAYOUTS;
+    * 3.8-3.10: thread states hold no native id, but `thread_id` is the thread's pthread_t: the
+      address of glibc's struct pthread, whose `tid` field is the TID (layouts.PTHREADS).
+
+    The thread state is live memory of a running process: a TID read from a state that was
+    freed meanwhile can be junk, so callers check it against the process's tasks.
+    """
+
+    def __init__(self, fd: int, location: GilLocation) -> None:
+        self.fd = fd
+        ident = location.identity
+        try:
+            mm = tuple(int(x) for x in ident.version.split(".")[:2])
+        except ValueError:
+            mm = ()
+        self.pthread_tid = -1
+        if location.threads is not None:
+            self.offset = location.threads.native_thread_id
+        elif mm in STATIC_FRAME_LAYOUTS:
+            self.offset = STATIC_FRAME_LAYOUTS[mm].tstate_native_thread_id
+        elif mm in PTHREAD_ID_OFFSETS:
+            try:
+                minor = int(ident.libc_version.split(".")[1])
+            except (IndexError, ValueError):
+                minor = -1
+            layout = pthread_for_glibc(minor, host_arch()) if ident.libc == "glibc" else None
+            if layout is None:
+                raise ProbeUnavailable("unknown_layout", f"no struct pthread layout for "
+                                       f"{ident.libc} {ident.libc_version or '?'} on {host_arch()}")
+            self.offset = PTHREAD_ID_OFFSETS[mm]
+            self.pthread_tid = layout.tid
+        else:
+            raise ProbeUnavailable("unsupported_version",
+                                   f"no thread-state layout for Python {ident.version or '?'}")
+
+    def tid(self, tstate: int) -> int:
+        """The TID of the thread state at `tstate`; 0 when it cannot be read."""
+        try:
+            value, = _U64.unpack(os.pread(self.fd, 8, tstate + self.offset))
+            if self.pthread_tid >= 0:
+                if not value or value & 7:
+                    return 0
+                value, = _I32.unpack(os.pread(self.fd, 4, value + self.pthread_tid))
+        except (OSError, struct.error):
+            return 0
+        return value if 0 < value < 1 << 31 else 0
+
+
+#: reads /proc/PID/task/*/syscall once for every GIL of a sample that needs it
+Syscalls = Callable[[], Dict[int, tuple]]
+
+
+class GilThreads:
+    """Who holds one GIL and who waits for it, by native TID, from a reading of that GIL.
+
+    The holder is `last_holder` while `locked`. Waiters: on 3.15+ every thread state's own
+    `gil_requested` (and not `holds_gil`); before, the threads blocked in futex() on the GIL's
+    condvar, from /proc/PID/task/*/syscall, read only when the GIL's own count says someone
+    waits. A waiter just woken (runnable, not yet back in futex) is not seen there, so before
+    3.15 the waiting threads found can be fewer than the condvar count.
+    """
+
+    def __init__(self, fd: int, location: GilLocation, walker: Optional[ThreadWalker]) -> None:
+        self.location = location
+        self.pid = location.pid
+        self.ids = ThreadIds(fd, location)
+        self.walker = walker if walker is not None and walker.layout.has_gil_flags else None
+        self.waiting_source = "gil_requested" if self.walker is not None else "futex"
+
+    def holder(self, reading: GilReading) -> int:
+        """TID of the thread holding the GIL at `reading`; 0 when free or not readable."""
+        return self.ids.tid(reading.holder) if reading.locked and reading.holder else 0
+
+    def waiting(self, reading: GilReading, syscalls: Syscalls, holder: int = 0) -> Tuple[int, ...]:
+        """TIDs of the threads waiting for the GIL about when `reading` was taken. These are
+        read after the GIL: `holder` (its holder then) may have dropped it and queued again
+        meanwhile, and is left out, as a thread seen both holding and requesting is on 3.15."""
+        if self.walker is not None:
+            states = self.walker.states()
+            if states is not None:
+                return tuple(s.native_thread_id for s in states
+                             if s.gil_requested and not s.holds_gil and s.native_thread_id != holder)
+        if reading.waiters <= 0:
+            return ()
+        loc = self.location
+        return tuple(t for t in futex_waiting_tids(self.pid, loc.address, loc.layout, syscalls())
+                     if t != holder)
