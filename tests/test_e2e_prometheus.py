@@ -156,7 +156,11 @@ def stack(tmp_path):
                 {"name": "e2e-released", "match": {"cmdline": "gil-workload hashlib e2e-released$"}},
             ],
             "scan_interval_seconds": 1,
-            "window_seconds": 2,
+            # The default window. The daemon samples a process without waiters at 2 Hz, one tick
+            # drawn per half second and credited for it: unbiased, but over a 2 s window a
+            # GIL-releasing workload's score rests on four draws, and two that catch a waiter
+            # (a loaded host preempts a holder now and then) read as 0.5.
+            "window_seconds": 10,
             "sampling": {"rate_hz": 100, "enabled": True},
         }))
         exp_port = free_port()
