@@ -150,7 +150,10 @@ def test_counters_monotonic_when_threads_end(exporter, tmp_path):
         exp.wait_for(lambda: exp.value("pygil_process_threads", pid=w.pid) is not None)
         last = {"voluntary": 0.0, "involuntary": 0.0}
         thread_counts = set()
-        for _ in range(24):
+        # The churn's short threads live ~15 ms and the next batch starts at once: most readings
+        # find all 6 threads, so read for 6 s and on until two readings differed (at most 30 s).
+        start = time.monotonic()
+        while time.monotonic() - start < 6 or (len(thread_counts) < 2 and time.monotonic() - start < 30):
             for kind in last:
                 v = exp.value("pygil_process_context_switches_total", pid=w.pid, type=kind)
                 assert v >= last[kind], (kind, v, last[kind])
