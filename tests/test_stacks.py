@@ -247,15 +247,17 @@ def test_diagnose_stacks_before_311_says_why():
 
 
 def test_stack_of_something_that_is_not_a_thread_state_is_refused():
-    """Addresses that are not thread states (the GIL struct, _PyRuntime, the interpreter)
-    give a dropped sample or no frame, never frames."""
+    """Addresses that are not thread states (the GIL struct, _PyRuntime, the interpreter, and
+    kernel-half pointers such as a torn read gives) give a dropped sample or no frame, never
+    frames and never an exception of another kind."""
     interp = INTERPRETERS["3.12 pyenv"] if "3.12 pyenv" in INTERPRETERS else None
     if interp is None:
         pytest.skip("no pyenv 3.12")
     with workloads.start_workload("cpu", interp.path, threads=2) as w:
         loc = gil.locate(w.pid)
         with gframes.StackReader(loc) as sr:
-            for addr in (loc.address, loc.identity.runtime_address, loc.address + 8, 4096):
+            for addr in (loc.address, loc.identity.runtime_address, loc.address + 8, 4096,
+                         0xFFFF_FFFF_0000_0000, (1 << 63) - 8, 1 << 47):
                 try:
                     got = sr.stack(addr)
                 except gframes.TornStack:

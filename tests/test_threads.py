@@ -90,14 +90,16 @@ def test_holder_and_waiters_are_live_threads_by_tid(name, report):
             while time.monotonic() < deadline and (len(holders) < 3 or locked < 150):
                 g = r.read()
                 tid = gt.holder(g)
+                # The main thread takes the GIL too now and then (on its way into sleep, later
+                # on a loaded host): it may hold it or wait for it, it is no junk.
                 if g.locked:
                     locked += 1
                     if tid in workers:
                         holders.add(tid)
-                    else:
+                    elif tid != w.pid:
                         junk += 1
                 waiting = gt.waiting(g, lambda: task_syscalls(w.pid), tid)
-                assert set(waiting) <= workers, (waiting, workers)
+                assert set(waiting) <= workers | {w.pid}, (waiting, workers)
                 assert tid not in waiting or not tid
                 waiters.update(waiting)
                 time.sleep(0.004)
@@ -338,8 +340,11 @@ limits:
         exp = exporter("--config", str(cfg))
         exp.wait_for(lambda: len(_thread_series(exp, w.pid)[0]) == 3, timeout=60)
         seen_labels, last, scrapes, tids_seen = set(), {}, 0, set()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+        start = time.monotonic()
+        # 15 s, and on until /proc has shown 10 short-lived threads (a loaded host runs the
+        # spawner less often), at most 40 s
+        while time.monotonic() - start < 15 or (
+                len(tids_seen - set(steady.values()) - {w.pid}) < 10 and time.monotonic() - start < 40):
             tids_seen |= _tasks(w.pid)
             threads, held = _thread_series(exp, w.pid)
             assert len(threads) <= 3 and "other" in threads, threads

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .layouts import DEBUG_COOKIE
-from .memory import open_mem
+from .memory import USER_SPACE_END, open_mem
 from .records import GilLocation, ProbeUnavailable
 
 _U64 = struct.Struct("<Q")
@@ -395,6 +395,8 @@ class StackReader:
         unmapped), ProbeUnavailable when the process is gone."""
         if addr <= 0 or (aligned and addr & 7):
             raise TornStack("misaligned pointer")
+        if addr + size > USER_SPACE_END:     # torn or garbage: os.pread cannot even take it
+            raise TornStack("not a user-space pointer")
         try:
             data = os.pread(self.fd, size, addr)
         except OSError as exc:

@@ -15,6 +15,10 @@ from exporter import procfs
 
 from .records import ProbeUnavailable
 
+#: No user-space pointer reaches this (x86_64 with 5-level paging: 2**56; aarch64: 2**52). A
+#: pointer read from a torn or garbage struct may, and os.pread cannot take one past 2**63.
+USER_SPACE_END = 1 << 57
+
 MapEntry = procfs.MapEntry
 
 
@@ -74,6 +78,8 @@ def open_mem(pid: int) -> int:
 
 
 def pread_exact(fd: int, size: int, addr: int, pid: int) -> bytes:
+    if not 0 <= addr <= USER_SPACE_END - size:
+        raise ProbeUnavailable("validation_failed", f"pid {pid}: {addr:#x} is no user-space address")
     try:
         data = os.pread(fd, size, addr)
     except OSError as exc:

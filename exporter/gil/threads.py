@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from .frames import STATIC_FRAME_LAYOUTS
 from .layouts import PTHREAD_ID_OFFSETS, pthread_for_glibc
 from .location import futex_waiting_tids
-from .memory import host_arch
+from .memory import USER_SPACE_END, host_arch
 from .records import GilLocation, GilReading, ProbeUnavailable, ThreadStateLayout
 
 _U64 = struct.Struct("<Q")
@@ -59,7 +59,7 @@ class ThreadWalker:
             addr, = _U64.unpack(os.pread(self.fd, 8, self.head_address))
             seen = set()
             while addr:
-                if addr in seen or len(seen) >= MAX_THREADS or addr & 7:
+                if addr in seen or len(seen) >= MAX_THREADS or addr & 7 or addr >= USER_SPACE_END:
                     return None
                 seen.add(addr)
                 data = os.pread(self.fd, self.span, addr)
@@ -148,9 +148,11 @@ class ThreadIds:
     def tid(self, tstate: int) -> int:
         """The TID of the thread state at `tstate`; 0 when it cannot be read."""
         try:
+            if not 0 < tstate < USER_SPACE_END:
+                return 0
             value, = _U64.unpack(os.pread(self.fd, 8, tstate + self.offset))
             if self.pthread_tid >= 0:
-                if not value or value & 7:
+                if not value or value & 7 or value >= USER_SPACE_END:
                     return 0
                 value, = _I32.unpack(os.pread(self.fd, 4, value + self.pthread_tid))
         except (OSError, struct.error):
