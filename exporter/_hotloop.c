@@ -247,6 +247,13 @@ static PyObject *core_remove(Core *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The 12-tuple of a target's state, as sampler.py's _Target.state holds it. */
+static PyObject *state_tuple(const target_t *t) {
+    return Py_BuildValue("(dllKKddddKll)", t->c, t->locked, t->waiters, (unsigned long long)t->sw,
+                         (unsigned long long)t->interval, t->sampled, t->held, t->wait,
+                         t->contended, (unsigned long long)t->switches, t->samples, t->enabled);
+}
+
 /* state(index, uid) -> the 12-tuple, or None once that slot holds another target */
 static PyObject *core_state(Core *self, PyObject *args) {
     Py_ssize_t i;
@@ -260,9 +267,7 @@ static PyObject *core_state(Core *self, PyObject *args) {
     pthread_mutex_unlock(&self->mu);
     if (t.uid != uid)
         Py_RETURN_NONE;
-    return Py_BuildValue("(dllKKddddKll)", t.c, t.locked, t.waiters, (unsigned long long)t.sw,
-                         (unsigned long long)t.interval, t.sampled, t.held, t.wait, t.contended,
-                         (unsigned long long)t.switches, t.samples, t.enabled);
+    return state_tuple(&t);
 }
 
 /* drain(index, uid) -> (state 12-tuple, {holder address: held seconds}, holder), or None once
@@ -307,11 +312,12 @@ static PyObject *core_drain(Core *self, PyObject *args) {
         Py_DECREF(key);
         Py_DECREF(val);
     }
-    return Py_BuildValue("((dllKKddddKll)NK)", t.c, t.locked, t.waiters,
-                         (unsigned long long)t.sw, (unsigned long long)t.interval,
-                         t.sampled, t.held, t.wait, t.contended,
-                         (unsigned long long)t.switches, t.samples, t.enabled, held,
-                         (unsigned long long)t.holder);
+    PyObject *state = state_tuple(&t);
+    if (!state) {
+        Py_DECREF(held);
+        return NULL;
+    }
+    return Py_BuildValue("(NNK)", state, held, (unsigned long long)t.holder);
 }
 
 static inline uint64_t get_u64(const unsigned char *b, int off) {
