@@ -59,3 +59,39 @@ def exporter():
     yield start
     for e in started:
         e.close()
+
+
+# ------------------------------------------------------------------ tiers (markers in pyproject)
+# The unit tier (`./tests/run.sh --fast`, `-m unit`) is what needs no system setup and starts no
+# live process: parsers on fixture files, config validation, pure functions, chart renders.
+# A file is unit only when listed here, so a new test file starts out in the live tier; a test
+# can also carry its own tier marker, which wins.
+UNIT_FILES = {
+    "test_config.py", "test_docs.py", "test_monitor_figures.py", "test_monitor_units.py",
+    "test_kube.py", "test_dockerfile.py", "test_helm.py", "test_passes.py",
+    "test_procfs_parsers.py", "test_redact.py", "test_fuzz_readers.py", "test_architecture.py",
+    "test_lint.py",
+}
+FILE_TIERS = {
+    "test_image.py": ("image", "slow"), "test_image_diagnose.py": ("image", "slow"),
+    "test_landing.py": ("browser",),
+    "test_e2e_prometheus.py": ("e2e", "slow"), "test_alerts.py": ("e2e",),
+    "test_soak.py": ("live", "slow"), "test_placements.py": ("live", "slow"),
+    "test_servers.py": ("live", "slow"),
+}
+TIERS = ("unit", "live", "e2e", "image", "browser")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(t) for t in TIERS):
+            continue
+        name = item.path.name
+        if "promtool" in item.name:  # needs Debian's prometheus package
+            tiers = ("e2e",)
+        elif name in UNIT_FILES:
+            tiers = ("unit",)
+        else:
+            tiers = FILE_TIERS.get(name, ("live",))
+        for t in tiers:
+            item.add_marker(t)
