@@ -41,6 +41,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import yaml
 
+from exporter import targetfile
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -286,11 +288,10 @@ class _LineLoader(yaml.SafeLoader):
 
 
 def _read_text(file: str) -> str:
+    # Never blocks: a FIFO (or a device) is refused, not opened; symlinks are followed, as
+    # Kubernetes mounts a ConfigMap's files through them.
     try:
-        with open(file, "rb") as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)
-    except IsADirectoryError:
-        raise ConfigError(file, 0, "cannot read config: is a directory") from None
+        data = targetfile.read_head(file, MAX_FILE_BYTES + 1, follow_symlinks=True)
     except OSError as exc:
         reason = exc.strerror or exc.__class__.__name__
         raise ConfigError(file, 0, _one_line(f"cannot read config: {reason}")) from None

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from exporter import targetfile
+
 PROC = "/proc"
 
 
@@ -515,13 +517,22 @@ def host_cpu_times() -> list[tuple[float, float]]:
     return out
 
 
+PIDFILE_MAX_BYTES = 4096  # a pidfile holds a number and perhaps a line or two more
+
+
 def read_pidfile(path: str) -> int | None:
-    """PID from a pidfile, None when missing or malformed (normal: the service is down)."""
+    """PID from a pidfile, None when missing or malformed (normal: the service is down).
+
+    The service writes the file, so it is hostile input: only a regular file, not through a
+    symlink at its last component, opened without blocking, and only its first
+    PIDFILE_MAX_BYTES read (targetfile.py). A FIFO, a device or a symlink counts as malformed.
+    """
     try:
-        with open(path) as f:
-            return int(f.read().split()[0])
+        head = targetfile.read_head(path, PIDFILE_MAX_BYTES)
+        pid = int(head.split()[0])
     except (OSError, ValueError, IndexError):
         return None
+    return pid if pid > 0 else None
 
 
 def task_schedstat(pid: int) -> dict[int, tuple[int, int]]:

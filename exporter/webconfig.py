@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from exporter import targetfile
+from exporter.config import MAX_FILE_BYTES
+
 
 class WebConfigError(Exception):
     """A problem with the web config; str() is one line, FILE: message."""
@@ -51,8 +54,10 @@ class WebConfig:
 
 def load_web_config(path: str) -> WebConfig:
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
+        raw = targetfile.read_head(path, MAX_FILE_BYTES + 1, follow_symlinks=True)  # never blocks
+        if len(raw) > MAX_FILE_BYTES:
+            raise WebConfigError(f"{path}: cannot read: larger than {MAX_FILE_BYTES} bytes")
+        doc = yaml.safe_load(raw.decode("utf-8"))
     except OSError as e:
         raise WebConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:

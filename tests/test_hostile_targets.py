@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.gil import elf as gil_elf
 from harness import write_config
 from workloads import pyenv_pythons, start_workload
 
@@ -25,12 +27,19 @@ GIL_SERIES = ("pygil_gil_held_seconds_total", "pygil_gil_wait_seconds_total", "p
 MAPPER_C = r"""
 #include <fcntl.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-/* argv[1] is a tag for matching; every further argument is a file to map read-only. */
+/* argv[1] is a tag for matching; every further argument is a file to map read-only, except
+   "--chroot DIR": chroot there once the files before it are mapped (the same paths then name
+   what DIR holds). */
 int main(int argc, char **argv) {
     for (int i = 2; i < argc; i++) {
+        if (!strcmp(argv[i], "--chroot") && i + 1 < argc) {
+            if (chroot(argv[++i]) || chdir("/")) { perror("chroot"); return 1; }
+            continue;
+        }
         int fd = open(argv[i], O_RDONLY);
         struct stat st;
         if (fd < 0 || fstat(fd, &st) < 0) { perror(argv[i]); return 1; }
@@ -293,3 +302,285 @@ def test_interpreters_finalizing_while_sampled(exporter, tmp_path, version):
                 p.kill()
             p.wait()
             p.stdout.close()
+
+
+# --------------------------------------------------------------------------- files a target controls
+#
+# Each attack is built for real; each test asserts that a bystander CPython keeps its figures,
+# that /metrics answers well inside the chart's scrape timeout, that the daemon's fds, threads
+# and RSS stay flat (read from /proc/<exporter>) and that SIGTERM still ends it.
+
+SCRAPE_TIMEOUT = 10.0     # the chart's scrape timeout: a scrape must take well under it
+RSS_SLACK_KIB = 32 << 10  # an unbounded read of /dev/zero grows RSS by gigabytes
+
+
+def _footprint(pid: int) -> tuple[int, int, int]:
+    """(open fds, threads, VmRSS KiB) of a process, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task")), rss
+
+
+def _timed_scrape(exp) -> tuple[float, list]:
+    t = time.monotonic()
+    samples = exp.scrape()
+    took = time.monotonic() - t
+    assert took < SCRAPE_TIMEOUT / 2, f"/metrics took {took:.2f} s"
+    return took, samples
+
+
+def _bystander_sampled(exp, pid: int) -> float:
+    """The bystander's sampled GIL time, once it has any (its GIL was located)."""
+    return exp.wait_for(lambda: exp.value("pygil_gil_sampled_seconds_total", pid=pid), timeout=30)
+
+
+def _assert_daemon_healthy(exp, bystander_pid: int, views: tuple[str, ...] = ()) -> None:
+    """The bystander's figures keep arriving, scrapes stay quick and the footprint stays flat
+    while the hostile input is read scan after scan (and its pages are viewed)."""
+    before_sampled = _bystander_sampled(exp, bystander_pid)
+    for path in views:   # the first view may start a sampler for the page's process
+        exp.get(path)
+    before = _footprint(exp.proc.pid)
+    started = time.monotonic()
+    slowest = 0.0
+    for _ in range(8):   # ~4 scans at scan_interval_seconds: 1
+        for path in views:
+            status, _page = exp.get(path, timeout=SCRAPE_TIMEOUT)
+            assert status in (200, 404), (path, status)
+        took, _ = _timed_scrape(exp)
+        slowest = max(slowest, took)
+        time.sleep(0.5)
+    after = _footprint(exp.proc.pid)
+    elapsed = time.monotonic() - started
+    sampled = exp.value("pygil_gil_sampled_seconds_total", pid=bystander_pid)
+    assert sampled > before_sampled, (before_sampled, sampled, elapsed)
+    assert exp.value("pygil_process_threads", pid=bystander_pid)
+    assert after[0] <= before[0] + 2, f"fds {before[0]} -> {after[0]}"
+    assert after[1] <= before[1] + 2, f"threads {before[1]} -> {after[1]}"
+    assert after[2] <= before[2] + RSS_SLACK_KIB, f"RSS {before[2]} -> {after[2]} KiB"
+    print(f"slowest scrape {slowest:.3f} s; fds {before[0]}->{after[0]}, threads {before[1]}->{after[1]}, "
+          f"RSS {before[2]}->{after[2]} KiB over {elapsed:.1f} s; bystander sampled "
+          f"{before_sampled:.2f}->{sampled:.2f} s")
+
+
+def _assert_sigterm_exits(exp) -> None:
+    t = time.monotonic()
+    exp.signal(signal.SIGTERM)
+    code = exp.proc.wait(timeout=30)
+    took = time.monotonic() - t
+    assert code == 0 and took < 5.0, (code, took, exp.log_text()[-2000:])
+    assert "Traceback" not in exp.log_text()
+    print(f"SIGTERM to exit: {took:.2f} s")
+
+
+def _two_targets(tmp_path, hostile_match: str) -> Path:
+    return write_config(tmp_path, f"""
+targets:
+  - name: bystander
+    match:
+      cmdline: 'hostile-bystander'
+  - name: hostile
+    match:
+      {hostile_match}
+scan_interval_seconds: 1
+window_seconds: 2
+""")
+
+
+@pytest.fixture
+def bystander():
+    with start_workload("sleep", python=pyenv_pythons().get("3.12") or sys.executable, threads=1,
+                        argv_tag="hostile-bystander") as w:
+        yield w
+
+
+@pytest.fixture
+def no_sys_admin(monkeypatch):
+    """Run the exporter as the chart does: root with CAP_SYS_PTRACE but without CAP_SYS_ADMIN,
+    so /proc/PID/map_files is closed to it and the paths a target controls are what it opens."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is missing")
+    import harness
+    plain = harness.exporter_command
+    monkeypatch.setattr(harness, "exporter_command", lambda: [
+        "setpriv", "--inh-caps=-sys_admin,-checkpoint_restore",
+        "--bounding-set=-sys_admin,-checkpoint_restore", "--"] + plain())
+
+
+@pytest.fixture(scope="module")
+def libpython312(tmp_path_factory) -> Path:
+    """A real libpython, copied where a test may map it under a name it chooses."""
+    python = pyenv_pythons().get("3.12")
+    if python is None:
+        pytest.skip("pyenv's CPython 3.12 is missing")
+    copy = tmp_path_factory.mktemp("real") / "libpython3.12.so"
+    shutil.copy(_libpython(python), copy)
+    return copy
+
+
+def _make_special(path: Path, kind: str, big_file: Path | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "devzero":
+        os.symlink("/dev/zero", path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        raise ValueError(kind)
+
+
+def _exporter_sees_no_sys_admin(exp) -> None:
+    status = Path(f"/proc/{exp.proc.pid}/status").read_text()
+    eff = int(next(l.split()[1] for l in status.splitlines() if l.startswith("CapEff:")), 16)
+    assert not eff >> 21 & 1 and eff >> 19 & 1, f"CapEff {eff:x}: want SYS_PTRACE without SYS_ADMIN"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "devzero", "directory"])
+def test_special_file_at_a_mapped_path_after_chroot(exporter, tmp_path, mapper, libpython312, bystander,
+                                                    no_sys_admin, kind):
+    """A root process maps a real libpython, then chroots so that the same path names a FIFO
+    (a /dev/zero symlink, a directory). The locator must not open it: the bystander, started
+    first, gets its GIL figures, and views of the hostile process's page leak nothing."""
+    mapped = tmp_path / "lib" / "libpython3.12.so"
+    mapped.parent.mkdir()
+    shutil.copy(libpython312, mapped)
+    jail = tmp_path / "jail"
+    _make_special(jail / str(mapped).lstrip("/"), kind)
+    hostile = _start([str(mapper), "hostile-chroot", str(mapped), "--chroot", str(jail)])
+    try:
+        assert os.readlink(f"/proc/{hostile.pid}/root") == str(jail)
+        assert str(mapped) in Path(f"/proc/{hostile.pid}/maps").read_text()
+        exp = exporter("--config", str(_two_targets(tmp_path, "cmdline: 'hostile-chroot'")))
+        _exporter_sees_no_sys_admin(exp)
+        assert _info(exp, bystander.pid).labels["gil_probe"] == "ok"
+        info = _info(exp, hostile.pid)
+        assert info.labels["gil_probe"] != "ok", info.labels   # a mapped library, not a running CPython
+        _no_gil_numbers(exp, hostile.pid)
+        _assert_daemon_healthy(exp, bystander.pid, views=(f"/process/{hostile.pid}",))
+        _assert_sigterm_exits(exp)
+    finally:
+        _stop(hostile)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "devzero"])
+def test_mapped_file_covered_in_the_targets_mount_namespace(exporter, tmp_path, mapper, libpython312,
+                                                            bystander, no_sys_admin, kind):
+    """The target maps a libpython at a path only its mount namespace has, then bind-mounts a
+    FIFO (/dev/zero) over it: every path to the file now names a special file, and the probe
+    says so (gil_probe="not_regular_file") instead of opening it."""
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        pytest.skip("unshare and nsenter (util-linux) are needed")
+    private = tmp_path / "private-lib"
+    private.mkdir()
+    script = (f"mount --make-rprivate / && mount --bind {libpython312.parent} {private} && "
+              f"exec {mapper} hostile-covered {private}/libpython3.12.so")
+    try:
+        hostile = _start(["unshare", "-m", "sh", "-c", script])
+    except AssertionError:
+        pytest.skip("unshare -m is not permitted here")
+    try:
+        assert not any(private.iterdir()), "the bind mount leaked into our namespace"
+        special = "/dev/zero"
+        if kind == "fifo":
+            special = str(tmp_path / "cover.fifo")
+            os.mkfifo(special)
+        subprocess.run(["nsenter", "-t", str(hostile.pid), "-m", "mount", "--bind", special,
+                        f"{private}/libpython3.12.so"], check=True)
+        assert f"{private}/libpython3.12.so" in Path(f"/proc/{hostile.pid}/maps").read_text()
+        exp = exporter("--config", str(_two_targets(tmp_path, "cmdline: 'hostile-covered'")))
+        _exporter_sees_no_sys_admin(exp)
+        info = _info(exp, hostile.pid)
+        assert info.labels["gil_probe"] == "not_regular_file", info.labels
+        _no_gil_numbers(exp, hostile.pid)
+        assert _info(exp, bystander.pid).labels["gil_probe"] == "ok"
+        _assert_daemon_healthy(exp, bystander.pid, views=(f"/process/{hostile.pid}",))
+        _assert_sigterm_exits(exp)
+    finally:
+        _stop(hostile)
+
+
+def test_elf_claiming_a_huge_symbol_table(exporter, tmp_path, mapper, libpython312, bystander):
+    """A sparse 64 GiB "libpython" whose .dynsym section header claims 2^32 symbols: parsing
+    it symbol by symbol would run for days; the parse gives up at its ceiling."""
+    from elftools.elf.elffile import ELFFile
+    crafted = tmp_path / "huge" / "libpython3.12.so"
+    crafted.parent.mkdir()
+    shutil.copy(libpython312, crafted)
+    with open(crafted, "r+b") as f:
+        elf_file = ELFFile(f)
+        index = next(i for i, sec in enumerate(elf_file.iter_sections()) if sec.name == ".dynsym")
+        header_at = elf_file["e_shoff"] + index * elf_file["e_shentsize"]
+        f.seek(header_at + 32)                   # Elf64_Shdr.sh_size
+        f.write((24 << 32).to_bytes(8, "little"))
+        f.seek(15)                               # e_ident padding: a first page (cache key) of its own
+        f.write(b"\x01")
+        f.truncate(64 << 30)
+    hostile = _start([str(mapper), "hostile-hugeelf", str(crafted)])
+    try:
+        exp = exporter("--config", str(_two_targets(tmp_path, "cmdline: 'hostile-hugeelf'")))
+        t = time.monotonic()
+        info = _info(exp, hostile.pid)
+        print(f"hostile ELF refused ({info.labels['gil_probe']}) {time.monotonic() - t:.2f} s after start")
+        # The crafted libpython is refused; what is left is the mapper's own ELF, no CPython.
+        assert info.labels["gil_probe"] in ("not_elf", "no_runtime_symbol"), info.labels
+        with pytest.raises(gil_elf.NotElf, match="more than 32768 dynamic symbols"):
+            gil_elf.load(str(crafted))
+        assert _info(exp, bystander.pid).labels["gil_probe"] == "ok"
+        _assert_daemon_healthy(exp, bystander.pid)
+        _assert_sigterm_exits(exp)
+    finally:
+        _stop(hostile)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "devzero", "directory"])
+def test_hostile_pidfile(exporter, tmp_path, bystander, kind):
+    """A pidfile that is a FIFO (a /dev/zero symlink, a directory), read at every scan: the
+    monitor thread never blocks on it or reads it without end; its target just has no process."""
+    pidfile = tmp_path / "run" / "app.pid"
+    _make_special(pidfile, kind)
+    exp = exporter("--config", str(_two_targets(tmp_path, f"pidfile: '{pidfile}'")))
+    assert _info(exp, bystander.pid).labels["gil_probe"] == "ok"
+    _assert_daemon_healthy(exp, bystander.pid)
+    assert not exp.series("pygil_target_info", target="hostile")
+    _assert_sigterm_exits(exp)
+
+
+def test_pidfile_is_read_only_as_a_regular_file(exporter, tmp_path, bystander):
+    """The same target through a regular pidfile is found (the refusal above is not blindness),
+    and a pidfile far larger than any pidfile costs one bounded read."""
+    with start_workload("idle", argv_tag="hostile-by-pidfile") as service:
+        pidfile = tmp_path / "app.pid"
+        with open(pidfile, "wb") as f:
+            f.write(f"{service.pid}\n".encode())
+            f.truncate(8 << 30)                       # sparse: 8 GiB of NULs after the PID
+        exp = exporter("--config", str(_two_targets(tmp_path, f"pidfile: '{pidfile}'")))
+        exp.wait_for(lambda: exp.series("pygil_target_info", target="hostile", pid=service.pid))
+        _assert_daemon_healthy(exp, bystander.pid)
+        _assert_sigterm_exits(exp)
+
+
+def test_config_fifo(exporter, tmp_path, bystander):
+    """--config naming a FIFO: a one-line error and exit 2 at start and for --config.check,
+    never a blocked open; at SIGHUP the running config stays, and SIGTERM still ends the daemon."""
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    from harness import exporter_command
+    for extra in ([], ["--config.check"]):
+        t = time.monotonic()
+        r = subprocess.run(exporter_command() + ["--web.listen-address", "127.0.0.1:0", "--config", str(fifo)]
+                           + extra, capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - t
+        assert r.returncode == 2, (extra, r.returncode, r.stderr)
+        assert r.stderr == f"{fifo}:0: cannot read config: not a regular file (a FIFO)\n", r.stderr
+        print(f"{' '.join(extra) or 'start'} with a FIFO config: exit 2 after {took:.2f} s")
+    config = _two_targets(tmp_path, "cmdline: 'hostile-nothing-matches'")
+    exp = exporter("--config", str(config))
+    assert _info(exp, bystander.pid).labels["gil_probe"] == "ok"
+    config.unlink()
+    os.mkfifo(config)
+    exp.signal(signal.SIGHUP)
+    exp.wait_for(lambda: "reload failed, keeping the running config" in exp.log_text()
+                 and "not a regular file (a FIFO)" in exp.log_text(), timeout=20)
+    _assert_daemon_healthy(exp, bystander.pid)
+    _assert_sigterm_exits(exp)

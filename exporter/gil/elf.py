@@ -7,13 +7,20 @@ replaced on disk by another build can never be served from the cache under the o
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
+from .. import targetfile
+
 EM_SUPPORTED = {"EM_X86_64": "x86_64", "EM_AARCH64": "aarch64"}
 HEAD_SIZE = 4096   # bytes compared between a candidate file and the target's mapping
+# What one parse may read: headers, notes, .dynsym and .dynstr. A libpython reads well under
+# 1 MiB (docs/gil-internals.md, "Which file"); the ceilings keep a crafted file from costing more.
+READ_BUDGET = 16 << 20
+MAX_SYMBOLS = 1 << 15     # a libpython defines about 2,000; each costs ~50 µs to parse
 
 
 class NotElf(Exception):
@@ -46,74 +53,128 @@ def clear_cache() -> None:
         _cache.clear()
 
 
-def load(path: str, key: str = "") -> ElfInfo:
+def load(path: str, key: str = "", follow_symlinks: bool = False) -> ElfInfo:
     """Parse what we need from the ELF file at `path`; cached under `key` when given.
 
-    Raises NotElf for anything pyelftools cannot parse.
+    The file is the target's: opened only if regular (targetfile.py; `follow_symlinks` for
+    the kernel's magic links), parsed only if its first page still has the digest `key`
+    (nothing swapped in since it was compared with the mapping), and read through
+    BoundedFile. Raises NotElf for anything pyelftools cannot parse, and for a file that
+    asks for more than the reading budget.
     """
     if key:
         with _lock:
             hit = _cache.get(key)
         if hit is not None:
             return hit
-    info = _parse(path)
+    try:
+        fd = targetfile.open_regular(path, follow_symlinks)
+    except OSError as exc:
+        raise NotElf(f"{path}: {exc.strerror or exc}") from exc
+    try:
+        f = BoundedFile(fd, READ_BUDGET)
+        if key and head_key(os.pread(fd, HEAD_SIZE, 0)) != key:
+            raise NotElf(f"{path}: changed on disk while being read")
+        info = _parse(path, f)
+    finally:
+        os.close(fd)
     if key:
         with _lock:
             _cache[key] = info
     return info
 
 
-def _parse(path: str) -> ElfInfo:
+class BudgetExceeded(Exception):
+    """A read past the file's budget: a file built to make its parser read without end."""
+
+
+class BoundedFile:
+    """The read/seek/tell that pyelftools needs, over an fd, by pread, with a byte budget.
+
+    A hostile ELF can claim a section of terabytes (a sparse file costs nothing): every read
+    is checked against what is left of the budget before a buffer is allocated.
+    """
+
+    def __init__(self, fd: int, budget: int) -> None:
+        self._fd = fd
+        self._pos = 0
+        self._size = os.fstat(fd).st_size
+        self.left = budget
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = max(self._size - self._pos, 0)
+        n = min(n, max(self._size - self._pos, 0))
+        if n > self.left:
+            raise BudgetExceeded(f"asks to read more than {READ_BUDGET >> 20} MiB")
+        data = os.pread(self._fd, n, self._pos)
+        self.left -= len(data)
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = max(base + offset, 0)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _parse(path: str, f: BoundedFile) -> ElfInfo:
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
 
     try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"\x7fELF":
-                raise NotElf(f"{path}: not an ELF file")
-            f.seek(0)
-            elf = ELFFile(f)
-            build_id = interp = soname = ""
-            loads = []
-            dynamic = None
-            for seg in elf.iter_segments():
-                ptype = seg["p_type"]
-                if ptype == "PT_LOAD":
-                    loads.append(seg)
-                elif ptype == "PT_NOTE":
-                    for note in seg.iter_notes():
-                        if note["n_type"] == "NT_GNU_BUILD_ID":
-                            build_id = str(note["n_desc"])
-                elif ptype == "PT_INTERP":
-                    interp = seg.get_interp_name()
-                elif ptype == "PT_DYNAMIC":
-                    dynamic = seg
-            if not loads:
-                raise NotElf(f"{path}: no PT_LOAD segment")
-            runtime = py_version = None
-            # .dynsym when the section headers survive, else the dynamic segment (stripped files)
-            symtab = elf.get_section_by_name(".dynsym") or dynamic
-            if symtab is not None:
-                for sym in symtab.iter_symbols():
-                    if sym["st_shndx"] == "SHN_UNDEF" or not sym["st_value"]:
-                        continue      # an --enable-shared python imports _PyRuntime: skip it
-                    if sym.name == "_PyRuntime":
-                        runtime = (sym["st_value"], sym["st_size"])
-                    elif sym.name == "Py_Version":
-                        py_version = sym["st_value"]
-            if dynamic is not None:
-                for tag in dynamic.iter_tags():
-                    if tag.entry.d_tag == "DT_SONAME":
-                        soname = tag.soname
-            return ElfInfo(
-                machine=EM_SUPPORTED.get(elf["e_machine"], str(elf["e_machine"])),
-                elfclass=elf.elfclass,
-                first_load_vaddr=min(s["p_vaddr"] for s in loads),
-                rw_segments=tuple((s["p_vaddr"], s["p_memsz"]) for s in loads if s["p_flags"] & 2),
-                runtime=runtime, py_version=py_version, soname=soname, interp=interp,
-                build_id=build_id)
+        if f.read(4) != b"\x7fELF":
+            raise NotElf(f"{path}: not an ELF file")
+        f.seek(0)
+        elf = ELFFile(f)
+        build_id = interp = soname = ""
+        loads = []
+        dynamic = None
+        for seg in elf.iter_segments():
+            ptype = seg["p_type"]
+            if ptype == "PT_LOAD":
+                loads.append(seg)
+            elif ptype == "PT_NOTE":
+                for note in seg.iter_notes():
+                    if note["n_type"] == "NT_GNU_BUILD_ID":
+                        build_id = str(note["n_desc"])
+            elif ptype == "PT_INTERP":
+                interp = seg.get_interp_name()
+            elif ptype == "PT_DYNAMIC":
+                dynamic = seg
+        if not loads:
+            raise NotElf(f"{path}: no PT_LOAD segment")
+        runtime = py_version = None
+        # .dynsym when the section headers survive, else the dynamic segment (stripped files)
+        symtab = elf.get_section_by_name(".dynsym") or dynamic
+        if symtab is not None:
+            if symtab.num_symbols() > MAX_SYMBOLS:
+                raise NotElf(f"{path}: more than {MAX_SYMBOLS} dynamic symbols")
+            for sym in symtab.iter_symbols():
+                if sym["st_shndx"] == "SHN_UNDEF" or not sym["st_value"]:
+                    continue      # an --enable-shared python imports _PyRuntime: skip it
+                if sym.name == "_PyRuntime":
+                    runtime = (sym["st_value"], sym["st_size"])
+                elif sym.name == "Py_Version":
+                    py_version = sym["st_value"]
+        if dynamic is not None:
+            for tag in dynamic.iter_tags():
+                if tag.entry.d_tag == "DT_SONAME":
+                    soname = tag.soname
+        return ElfInfo(
+            machine=EM_SUPPORTED.get(elf["e_machine"], str(elf["e_machine"])),
+            elfclass=elf.elfclass,
+            first_load_vaddr=min(s["p_vaddr"] for s in loads),
+            rw_segments=tuple((s["p_vaddr"], s["p_memsz"]) for s in loads if s["p_flags"] & 2),
+            runtime=runtime, py_version=py_version, soname=soname, interp=interp,
+            build_id=build_id)
     except NotElf:
         raise
+    except BudgetExceeded as exc:
+        raise NotElf(f"{path}: {exc}") from exc
     except (ELFError, OSError, ValueError, KeyError, IndexError, AttributeError,
             AssertionError, UnicodeDecodeError, struct.error, TypeError) as exc:
         raise NotElf(f"{path}: {type(exc).__name__}: {exc}") from exc

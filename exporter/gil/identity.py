@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .. import targetfile
 from . import elf
 from .layouts import (DEBUG_COOKIE, CondvarLayout, _EXE_RE, _LIBPY_RE, condvar_for_glibc,
                       detect_free_threaded, version_from_hex)
@@ -47,6 +48,13 @@ class Target:
 
 # --------------------------------------------------------------------------- which file
 
+def is_magic_link(path: str) -> bool:
+    """/proc/PID/exe and /proc/PID/map_files/...: links the kernel resolves to the very file."""
+    parts = path.split("/")
+    return (len(parts) in (4, 5) and parts[1] == "proc" and parts[2].isdigit()
+            and (parts[3:] == ["exe"] or (len(parts) == 5 and parts[3] == "map_files")))
+
+
 def mapped_file(pid: int, fd: int, mapping: MapEntry, exe_link: str = "") -> Tuple[str, str]:
     """(host path, cache key) of the very file `pid` mapped at `mapping` (file offset 0).
 
@@ -55,7 +63,8 @@ def mapped_file(pid: int, fd: int, mapping: MapEntry, exe_link: str = "") -> Tup
     access), the path inside the target's root (containers), the path as we see it (a chroot:
     maps already shows the chroot prefix), and that path less the chroot prefix inside the
     target's root. A candidate counts only if its first page equals the first page of the
-    target's mapping. Raises ProbeUnavailable("binary_replaced") when none does.
+    target's mapping. Raises ProbeUnavailable("binary_replaced") when none does, and
+    ("not_regular_file") when the only candidates there are FIFOs, devices, directories or symlinks.
     """
     path = mapping.path[:-len(_DELETED)] if mapping.path.endswith(_DELETED) else mapping.path
     size = min(elf.HEAD_SIZE, mapping.end - mapping.start)
@@ -74,18 +83,26 @@ def mapped_file(pid: int, fd: int, mapping: MapEntry, exe_link: str = "") -> Tup
             root = "/"
         if root != "/" and path.startswith(root.rstrip("/") + "/"):
             candidates.append(f"/proc/{pid}/root{path[len(root.rstrip('/')):]}")
-    differed = []
+    # The kernel's magic links are followed; every other candidate is a path the target
+    # controls, so it is never followed at its last component, and never opened unless it is
+    # a regular file (a FIFO there would block the open for good).
+    differed, special = [], []
     for cand in candidates:
         try:
-            with open(cand, "rb") as f:
-                head = f.read(size)
-        except PermissionError:
+            head = targetfile.read_head(cand, size, follow_symlinks=is_magic_link(cand))
+        except targetfile.NotRegularFile as exc:
+            special.append(f"{cand} is {exc.kind}")
             continue
         except OSError:
             continue
         if len(head) >= 64 and mem_head[:len(head)] == head:
             return cand, elf.head_key(head)
         differed.append(cand)
+    if special and not differed:
+        raise ProbeUnavailable(
+            "not_regular_file",
+            f"pid {pid} maps {path}, but no regular file with its contents is there: "
+            f"{'; '.join(special)}"[:300])
     if mapping.path.endswith(_DELETED) or differed:
         raise ProbeUnavailable(
             "binary_replaced",
@@ -170,9 +187,9 @@ def _identify(pid: int, fd: int, maps: List[MapEntry], exe: str) -> Target:
         m = first_map[path]
         try:
             host, key = mapped_file(pid, fd, m, exe)
-            info = elf.load(host, key)
+            info = elf.load(host, key, follow_symlinks=is_magic_link(host))
         except ProbeUnavailable as exc:
-            if exc.reason == "binary_replaced":
+            if exc.reason in ("binary_replaced", "not_regular_file"):
                 replaced = replaced or exc
                 continue
             if exc.reason != "not_elf":
