@@ -244,3 +244,49 @@ def test_api_unreachable_is_one_line(cluster):
     assert r.returncode == 2
     assert f"listing the pods of node {NODE} from https://127.0.0.1:{port} failed:" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_top_namespace_filter_on_the_daemons_pod_labels(cluster, api_tls):
+    """top's Monitor labels processes with their pod through the daemon's lookup (the fake
+    API, over TLS): --namespace shows only that namespace's processes, n steps to every
+    process and back."""
+    from exporter import kube
+    from exporter.config import Config, Limits, Match, Sampling, Target
+    from exporter.monitor import Monitor
+    from exporter.top import TopView, parse_keys
+    from workloads import start_workload
+
+    resolver = kube.PodResolver(cluster["server"].url, NODE, token=TOKEN,
+                                ca_path=str(api_tls / "ca.crt"))
+
+    def labels(pid):  # as cli._pod_resolver's
+        from exporter import procfs
+        ref = kube.parse_cgroup(procfs.cgroup(pid))
+        meta = resolver.resolve(ref) if ref else None
+        return (("namespace", meta.namespace), ("pod", meta.pod), ("container", meta.container)) if meta else ()
+
+    shop = set(cluster["shop"].node_pids("app").values())
+    with start_workload("sleep", threads=1) as host:
+        pids = sorted(shop | {host.pid})
+        config = Config(targets=tuple(Target(name=f"t{p}", match=Match(pid=p)) for p in pids),
+                        scan_interval_seconds=1.0, window_seconds=2.0,
+                        sampling=Sampling(rate_hz=10.0, enabled=True), limits=Limits())
+        monitor = Monitor(config, tick_seconds=0.5, pod_resolver=labels)
+        monitor.start()
+        try:
+            view = TopView(monitor, namespace="shop")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                view.refresh()
+                if {r.pid for r in view.rows} == shop:
+                    break
+                time.sleep(0.2)
+            assert {r.pid for r in view.rows} == shop and {r.namespace for r in view.rows} == {"shop"}
+            assert view.namespaces == ["shop"]
+            assert parse_keys(b"n") == ["namespace"]
+            view.key("namespace")                      # shop -> every process
+            assert view.namespace is None and {r.pid for r in view.rows} == set(pids)
+            view.key("namespace")                      # -> shop again
+            assert view.namespace == "shop" and {r.pid for r in view.rows} == shop
+        finally:
+            monitor.stop()
