@@ -47,7 +47,8 @@ def _daemon_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gil-exporter",
         usage="%(prog)s [options]\n       %(prog)s diagnose PID [--seconds N] [--rate-hz HZ] [--json] [--stacks]"
-              "\n       %(prog)s top [--config FILE] [--refresh SECONDS]",
+              "\n       %(prog)s diagnose --pod NAMESPACE/POD[/CONTAINER] [--seconds N] [--json] [--stacks]"
+              "\n       %(prog)s top [--config FILE] [--refresh SECONDS] [--namespace NS]",
         description="Prometheus exporter for CPython GIL contention, read from outside the target processes.",
         epilog="One process at a terminal: `gil-exporter diagnose PID [--seconds N] [--json]` measures it "
                "for N seconds (default 5) and prints the figures and a verdict with what to change; "
@@ -75,7 +76,11 @@ def _diagnose_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gil-exporter diagnose",
                                 description="Measure one process for a while and say whether the GIL holds it back. "
                                             "Exit 0: no contention, 1: contention, 2: error.")
-    p.add_argument("pid", type=int, help="process to examine")
+    p.add_argument("pid", type=int, nargs="?", help="process to examine (the node's PID on Kubernetes)")
+    p.add_argument("--pod", metavar="NAMESPACE/POD[/CONTAINER]",
+                   help="instead of a PID: every Python process of that pod (or of one of its "
+                        "containers), found through this node's pod list; run it in the "
+                        "exporter's pod on the target's node")
     p.add_argument("--seconds", type=float, default=5.0, help="how long to measure (default 5)")
     p.add_argument("--rate-hz", type=float, default=100.0, help="GIL samples per second (default 100)")
     p.add_argument("--json", action="store_true", help="print the figures and verdict as JSON")
@@ -96,6 +101,9 @@ def _top_parser() -> argparse.ArgumentParser:
                    help="YAML config of target processes, as for the daemon (default: every CPython process)")
     p.add_argument("--refresh", type=float, default=1.0, metavar="SECONDS",
                    help="seconds between refreshes (default 1)")
+    p.add_argument("--namespace", metavar="NS",
+                   help="only the processes of pods in Kubernetes namespace NS (in the exporter's "
+                        "pod; key n: the next namespace)")
     p.add_argument("--log.level", dest="log_level", default="critical",
                    choices=["debug", "info", "warn", "warning", "error", "critical"])
     return p
@@ -113,11 +121,21 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(str(e), file=sys.stderr)
             return 2
-        return run_top(config, args.refresh)
+        from exporter.kube import not_in_cluster
+        why = not_in_cluster()
+        if args.namespace is not None and why:
+            print(f"gil-exporter top: --namespace needs the exporter's pod: {why}", file=sys.stderr)
+            return 2
+        return run_top(config, args.refresh, args.namespace, None if why else _pod_resolver())
     if argv and argv[0] == "diagnose":
-        args = _diagnose_parser().parse_args(argv[1:])
+        parser = _diagnose_parser()
+        args = parser.parse_args(argv[1:])
+        if (args.pid is None) == (args.pod is None):
+            parser.error("give either a PID or --pod NAMESPACE/POD[/CONTAINER]")
         _setup_logging(args.log_level)
-        from exporter.diagnose import run_diagnose
+        from exporter.diagnose import run_diagnose, run_diagnose_pod
+        if args.pod is not None:
+            return run_diagnose_pod(args.pod, args.seconds, args.rate_hz, args.json, args.stacks)
         return run_diagnose(args.pid, args.seconds, args.rate_hz, args.json, args.stacks)
     args = _daemon_parser().parse_args(argv)
     _setup_logging(args.log_level)

@@ -7,13 +7,15 @@ or that exits during the measurement, is an error (exit 2), never a verdict.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import sys
 import time
 from dataclasses import dataclass
 
-from exporter import attribution, discover, procfs, score
+from exporter import attribution, discover, pods, procfs, score
 from exporter import stacks as holder_stacks
 from exporter.config import Config, Limits, Match, Sampling, Target
 from exporter.monitor import Monitor, ProcessView
@@ -228,3 +230,59 @@ def run_diagnose(pid: int, seconds: float, rate_hz: float, as_json: bool, stacks
     if v.kind == "unknown":
         return EXIT_ERROR
     return EXIT_CONTENDED if v.contended else EXIT_OK
+
+
+def _printable(text: str) -> str:
+    """A target's own name, with what a terminal would act on shown as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _no_python(found: pods.PodProcesses, name: pods.PodName) -> str:
+    where = f"pod {name}" + ("" if name.container else f" on node {found.node}")
+    if not found.others:
+        return (f"{where} has no process visible here (the exporter needs the node's PID "
+                f"namespace: hostPID)")
+    shown = ", ".join(sorted({_printable(c) for c in found.others}))
+    return f"{where} has no Python process ({len(found.others)} other processes: {shown})"
+
+
+def run_diagnose_pod(pod: str, seconds: float, rate_hz: float, as_json: bool,
+                     stacks: bool = False, environ: dict | None = None) -> int:
+    """`diagnose --pod NAMESPACE/POD[/CONTAINER]`: `diagnose PID` on each Python process of
+    the pod, one after the other, each with its container's PID beside the node's. Exit code:
+    the worst of theirs; 2 when the pod has no Python process here."""
+    try:
+        name = pods.PodName.parse(pod)
+        found = pods.find(name, pods.resolver(environ))
+        if not found.python:
+            raise pods.PodError(_no_python(found, name))
+    except pods.PodError as e:
+        print(f"gil-exporter diagnose: {e}", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"pod": pod, "error": str(e)}))
+        return EXIT_ERROR
+    head = {"namespace": name.namespace, "pod": name.pod, "container": name.container,
+            "node": found.node}
+    if not as_json:
+        print(f"gil-exporter diagnose --pod {name}: {len(found.python)} Python process"
+              f"{'es' if len(found.python) > 1 else ''} on node {found.node}\n"
+              f"  {'PID':>8}  {'container PID':>13}  {'container':<20} command")
+        for p in found.python:
+            print(f"  {p.pid:>8}  {p.container_pid:>13}  {p.container or '?':<20} "
+                  f"{_printable(p.comm)}")
+    worst, measured = EXIT_OK, []
+    for p in found.python:
+        if not as_json:
+            print(f"\n=== pid {p.pid} (pid {p.container_pid} in container "
+                  f"{p.container or '?'}) ===", flush=True)
+            code = run_diagnose(p.pid, seconds, rate_hz, False, stacks)
+        else:  # diagnose PID's own JSON document, one per process
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                code = run_diagnose(p.pid, seconds, rate_hz, True, stacks)
+            measured.append({"pid": p.pid, "container_pid": p.container_pid,
+                             "container": p.container, "exit_code": code,
+                             "diagnose": json.loads(out.getvalue())})
+        worst = max(worst, code)
+    if as_json:
+        print(json.dumps({**head, "exit_code": worst, "processes": measured}, indent=2))
+    return worst

@@ -64,6 +64,33 @@ class PodMeta:
     container: str
 
 
+@dataclass(frozen=True)
+class PodContainers:
+    """One pod of this node as the API lists it: the UIDs its cgroups may carry (the pod's
+    UID, and a static pod's config hash) and its containers by container ID."""
+    namespace: str
+    pod: str
+    uids: frozenset
+    containers: tuple  # ((container ID, container name), ...)
+
+    def container_names(self) -> list[str]:
+        return sorted({name for _, name in self.containers})
+
+
+def not_in_cluster(environ: Optional[dict] = None,
+                   serviceaccount_dir: str = SERVICEACCOUNT_DIR) -> str | None:
+    """Why PodResolver.from_environment() finds no cluster, in words; None when it would."""
+    env = os.environ if environ is None else environ
+    if not env.get("KUBERNETES_SERVICE_HOST"):
+        return "not in a Kubernetes pod: KUBERNETES_SERVICE_HOST is not set"
+    token = os.path.join(serviceaccount_dir, "token")
+    if not os.path.exists(token):
+        return f"no service account token at {token} (automountServiceAccountToken is off?)"
+    if not env.get("NODE_NAME"):
+        return "NODE_NAME is not set (the chart sets it from the downward API's spec.nodeName)"
+    return None
+
+
 def _normalise_uid(uid: str) -> str:
     return uid.replace("_", "-").lower()
 
@@ -234,6 +261,20 @@ class PodResolver:
             return False
         self._pods = self._index(items)
         return True
+
+    def find_pod(self, namespace: str, name: str) -> PodContainers | None:
+        """The pod `namespace/name` from a fresh list of this node's pods (the cache is
+        replaced by it); None when it is not on this node. Raises OSError (urllib's
+        errors are OSErrors) or ValueError when the list cannot be had."""
+        with self._lock:
+            self._last_list = self._clock()
+            self._pods = self._index(self._list_pods())
+            pods = self._pods
+        uids = frozenset(uid for uid, (ns, pod, _) in pods.items() if (ns, pod) == (namespace, name))
+        if not uids:
+            return None
+        containers = pods[next(iter(uids))][2]
+        return PodContainers(namespace, name, uids, tuple(sorted(containers.items())))
 
     def _lookup(self, ref: ContainerRef) -> PodMeta | None:
         entry = self._pods.get(ref.pod_uid.lower())

@@ -428,6 +428,23 @@ def process_state(pid: int) -> str:
         return ""
 
 
+def ns_pids(pid: int) -> tuple[int, ...]:
+    """The process's PID in each PID namespace it is in, the node's first and its own
+    (a container's) last: the NSpid line of /proc/PID/status."""
+    try:
+        with open(f"{PROC}/{pid}/status", "rb") as f:
+            status = f.read(16384)
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise ProcessGone(pid) from e
+    for line in status.splitlines():
+        if line.startswith(b"NSpid:"):
+            try:
+                return tuple(int(x) for x in line.split()[1:])
+            except ValueError:
+                break
+    return (pid,)  # a kernel without NSpid (before 4.1): one namespace as far as it shows
+
+
 def task_ids(pid: int) -> list[int]:
     try:
         return [int(t) for t in os.listdir(f"{PROC}/{pid}/task")]

@@ -43,18 +43,23 @@ class ProcessRow:
     held: Optional[float]       # share of sampled time the GIL was held
     probe: str                  # "ok" or why the GIL is not read
     python: str
+    namespace: str = ""         # its pod's Kubernetes namespace, "" when not known
 
 
-def process_rows(views: List[ProcessView]) -> List[ProcessRow]:
-    """One row per process, most contended first (unknown scores last, then by CPU)."""
+def process_rows(views: List[ProcessView], namespace: Optional[str] = None) -> List[ProcessRow]:
+    """One row per process, most contended first (unknown scores last, then by CPU); with
+    `namespace`, only the processes of pods in that Kubernetes namespace."""
     rows = []
     for v in views:
+        ns = dict(v.kube).get("namespace", "")
+        if namespace is not None and ns != namespace:
+            continue
         f = v.figures
         rows.append(ProcessRow(
             pid=v.pid, target=v.target, command=" ".join((v.cmdline or v.exe).split()),
             threads=v.threads, cores=f.cpu_cores if f else None, score=v.score,
             waiting=f.waiting_threads if f else None, held=f.held_ratio if f else None,
-            probe=v.gil_probe, python=v.python_version))
+            probe=v.gil_probe, python=v.python_version, namespace=ns))
     rows.sort(key=lambda r: (r.score is None, -(r.score or 0.0), -(r.cores or 0.0), r.pid))
     return rows
 
@@ -207,6 +212,7 @@ KEYS = {
     b"\x1b[C": "enter", b"\x1bOC": "enter", b"\r": "enter", b"\n": "enter",
     b"\x1b[D": "back", b"\x1bOD": "back", b"\x7f": "back", b"\x08": "back", b"\x1b": "back",
     b"q": "quit", b"Q": "quit",
+    b"n": "namespace",
 }
 
 
@@ -245,9 +251,12 @@ def _num(x: Optional[float], fmt: str = ".2f") -> str:
 class TopView:
     """The state of the screen: the process list or one process's threads, and the keys."""
 
-    def __init__(self, monitor: Monitor, thread_shares: ThreadShares = no_thread_shares) -> None:
+    def __init__(self, monitor: Monitor, thread_shares: ThreadShares = no_thread_shares,
+                 namespace: Optional[str] = None) -> None:
         self.monitor = monitor
         self.thread_shares = thread_shares
+        self.namespace = namespace  # Kubernetes namespace shown, None: every process
+        self.namespaces: List[str] = []  # the namespaces of the processes seen at the last refresh
         self.rows: List[ProcessRow] = []
         self.selected = 0           # pid of the selected process (kept across re-sorting)
         self.opened: Optional[ProcessRow] = None
@@ -259,7 +268,9 @@ class TopView:
 
     # ------------------------------------------------------------ data
     def refresh(self) -> None:
-        self.rows = process_rows(self.monitor.snapshot())
+        views = self.monitor.snapshot()
+        self.namespaces = sorted({ns for v in views for k, ns in v.kube if k == "namespace" and ns})
+        self.rows = process_rows(views, self.namespace)
         if self.rows and self.selected not in {r.pid for r in self.rows}:
             self.selected = self.rows[0].pid
         if self.opened is not None:
@@ -294,7 +305,17 @@ class TopView:
                 self.open(row)
         elif name == "back":
             self.back()
+        elif name == "namespace" and self.opened is None:
+            self.next_namespace()
         return True
+
+    def next_namespace(self) -> None:
+        """Every process, then each namespace seen in turn, then every process again."""
+        order: List[Optional[str]] = [None, *self.namespaces]
+        if self.namespace not in order:
+            order.append(self.namespace)
+        self.namespace = order[(order.index(self.namespace) + 1) % len(order)]
+        self.refresh()
 
     def open(self, row: ProcessRow) -> None:
         self.gone = ""
@@ -332,10 +353,12 @@ class TopView:
 
     def _render_processes(self, height, box, Group, Table, Text):
         host = self.monitor.host()
+        shown = f" in namespace {self.namespace}" if self.namespace is not None else ""
+        keys = ", n: next namespace" if self.namespaces or self.namespace is not None else ""
         head = Text.assemble(
             ("gil-exporter top", "bold"),
-            f"  {len(self.rows)} Python processes, {host.cpus} CPUs  "
-            f"(most contended first; ↑/↓ select, enter: threads, q: quit)")
+            f"  {len(self.rows)} Python processes{shown}, {host.cpus} CPUs  "
+            f"(most contended first; ↑/↓ select, enter: threads{keys}, q: quit)")
         t = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False)
         for name, kw in (("PID", dict(justify="right")), ("TARGET", {}),
                          ("THREADS", dict(justify="right")), ("CORES", dict(justify="right")),
@@ -355,7 +378,7 @@ class TopView:
                       style="reverse" if r.pid == self.selected else None)
         parts = [head, t]
         if not self.rows:
-            parts.append(Text("no Python process found yet (the first scan takes a second)"))
+            parts.append(Text(f"no Python process{shown} found yet (the first scan takes a second)"))
         if self.gone:
             parts.append(Text(self.gone, style="dim"))
         return Group(*parts)
@@ -402,7 +425,9 @@ class TopView:
 # ---------------------------------------------------------------- the loop
 
 
-def run_top(config, refresh: float = 1.0) -> int:
+def run_top(config, refresh: float = 1.0, namespace: Optional[str] = None,
+            pod_labels: Optional[Callable] = None) -> int:
+    """`pod_labels`: the daemon's pod lookup (cli._pod_resolver), for the namespace filter."""
     try:
         from rich.console import Console
         from rich.live import Live
@@ -418,8 +443,8 @@ def run_top(config, refresh: float = 1.0) -> int:
     import termios
     import tty
 
-    monitor = Monitor(config, tick_seconds=min(1.0, refresh))
-    view = TopView(monitor, thread_shares=SampledShares())
+    monitor = Monitor(config, tick_seconds=min(1.0, refresh), pod_resolver=pod_labels)
+    view = TopView(monitor, thread_shares=SampledShares(), namespace=namespace)
     console = Console()
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)
