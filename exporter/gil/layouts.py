@@ -178,9 +178,9 @@ def _amend(table: Sections, before: Dict[str, Tuple[str, Tuple[str, ...]]] = Non
 
 # 3.14: interpreter_state gains threads_main (before gc), code_object_generation,
 # tlbc_generation; interpreter_frame stackpointer, tlbc_index; code_object co_tlbc; a
-# set_object section.
+# set_object section after list_object (read live: tests/test_hostile_offsets.py).
 _DEBUG_314 = _amend(
-    _DEBUG_313, before={"list_object": ("set_object", ("size", "used", "table", "mask"))},
+    _DEBUG_313, before={"dict_object": ("set_object", ("size", "used", "table", "mask"))},
     interpreter_state=("size", "id", "next", "threads_head", "threads_main", "gc",
                        "imports_modules", "sysdict", "builtins", "ceval_gil", "gil_runtime_state",
                        "gil_runtime_state_enabled", "gil_runtime_state_locked",
