@@ -823,10 +823,7 @@ def _gil_figures(history: deque, a: Tick, b: Tick, interpreter: int = 0) -> dict
 
 def _may_have_other_gils(location: gil.GilLocation) -> bool:
     """Subinterpreters with a GIL of their own exist from 3.12 on."""
-    try:
-        return tuple(int(x) for x in location.identity.version.split(".")[:2]) >= (3, 12)
-    except ValueError:
-        return False
+    return gil.supports(location.identity.minor, "own_gils")
 
 
 def _thread_names(pid: int) -> dict[int, str]:

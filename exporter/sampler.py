@@ -581,7 +581,10 @@ class GilSampler:
                     continue
                 waiters = wrefs >> 3
                 if st.waiting is not None:
-                    exact = st.waiting()
+                    try:              # reads the target's thread list: hostile memory
+                        exact = st.waiting()
+                    except Exception:
+                        exact = None  # the condvar's count stands
                     if exact is not None:
                         waiters = exact
                 lock = st.lock

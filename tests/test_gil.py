@@ -49,15 +49,17 @@ def _debug_offsets_blob(minor: tuple, hexversion: int, free_threaded: int, gil: 
     buf[0:8] = DEBUG_COOKIE
     vals = {"version": hexversion, "free_threaded": free_threaded,
             "runtime_state.size": 2000, "runtime_state.interpreters_head": 40 + 1000,
-            "interpreter_state.size": 9000, "interpreter_state.next": 64, "interpreter_state.threads_head": 7000,
+            "interpreter_state.size": 200000, "interpreter_state.next": 64, "interpreter_state.threads_head": 7000,
             "interpreter_state.ceval_gil": 100, "interpreter_state.gil_runtime_state": gil,
-            "interpreter_state.gil_runtime_state_enabled": gil + 999,
+            "interpreter_state.gil_runtime_state_enabled": 0,
             "interpreter_state.gil_runtime_state_locked": gil + locked_rel,
             "interpreter_state.gil_runtime_state_holder": gil + holder_rel,
             "thread_state.next": 8, "thread_state.interp": 16}
     for name, off in t.items():
-        if not name.startswith("_"):
-            struct.pack_into("<Q", buf, off, vals.get(name, 0))
+        if not name.startswith("_") and name != "cookie":
+            # every other section: a plausible size, its fields at 0 (inside it)
+            default = 512 if name.endswith(".size") else 0
+            struct.pack_into("<Q", buf, off, vals.get(name, default))
     return bytes(buf)
 
 

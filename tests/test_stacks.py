@@ -22,7 +22,6 @@ import workloads
 from harness import exporter_command
 from exporter import gil
 from exporter.gil import frames as gframes
-from exporter.gil.layouts import DEBUG_OFFSETS_LAYOUTS
 from exporter.stacks import StackSampler
 
 INTERPRETERS = {i.name: i for i in placements.interpreters()}
@@ -62,17 +61,6 @@ THREADING = [("Thread.run", "self._target("), ("Thread._bootstrap_inner", "self.
 
 
 # ------------------------------------------------------------------ tables and parsers
-
-def test_debug_offsets_sections_agree_with_the_gil_tables():
-    """Two independent tables of _Py_DebugOffsets: this module's section lists (offsets by
-    position) and layouts.py's hand-written offsets must give the same numbers."""
-    for version, table in DEBUG_OFFSETS_LAYOUTS.items():
-        ours = gframes.debug_offsets_fields(gframes.DEBUG_SECTIONS[version])
-        for name, off in table.items():
-            if not name.startswith("_"):
-                assert ours[name] == off, (version, name)
-    assert set(gframes.DEBUG_SECTIONS) == set(DEBUG_OFFSETS_LAYOUTS)
-
 
 _DUMP_CODE = r"""
 import json, sys, types, importlib

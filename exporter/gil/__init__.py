@@ -5,7 +5,8 @@ files. Nothing attaches with ptrace, writes to the target or pauses it. The fact
 are in docs/gil-internals.md. Split by idea:
 
 * ``elf``      - ELF files (pyelftools) and mapped ELF images (symbol versions of libc);
-* ``layouts``  - CPython and glibc layouts as data tables, and the parsers of version data;
+* ``layouts``  - CPython and glibc layouts as data tables (the one description of
+  ``_Py_DebugOffsets``, what each version supports), their parsers and validation;
 * ``identity`` - which file the target mapped, its load base, version, build flags and libc;
 * ``location`` - strategies that find ``struct _gil_runtime_state`` and validate it live;
 * ``reader``   - ``GilReader``: one pread per sample, and periodic re-validation;
@@ -15,9 +16,10 @@ are in docs/gil-internals.md. Split by idea:
 from .elf import NotElf, clear_cache as clear_elf_cache
 from .identity import FUTEX_SYSCALL, Target, identify, identify_target, version_from_sys_version_buffer
 from .layouts import (CONDVARS, DEBUG_COOKIE, DEBUG_OFFSETS_LAYOUTS, DEBUG_OFFSETS_PREFIX,
-                      DEFAULT_LAYOUT, KNOWN_GIL_OFFSETS, LAYOUTS, CondvarLayout, condvar_for_glibc,
-                      detect_free_threaded, gil_layout, layout_from_debug_offsets,
-                      parse_debug_offsets, parse_debug_offsets_prefix, version_from_hex)
+                      DEBUG_SECTIONS, DEFAULT_LAYOUT, KNOWN_GIL_OFFSETS, LAYOUTS, SINCE, BadOffsets,
+                      CondvarLayout, condvar_for_glibc, detect_free_threaded, gil_layout,
+                      layout_from_debug_offsets, parse_debug_offsets, parse_debug_offsets_prefix,
+                      supports, validate_debug_offsets, version_from_hex)
 from .location import INTERVAL_MAX_US, INTERVAL_MIN_US, futex_waiters, locate, locate_all, other_gils
 from .memory import start_time
 from .reader import GilReader, layout_struct
@@ -35,4 +37,5 @@ __all__ = [
     "parse_debug_offsets_prefix", "layout_from_debug_offsets", "detect_free_threaded",
     "version_from_hex", "version_from_sys_version_buffer", "layout_struct", "start_time",
     "clear_elf_cache", "NotElf", "FUTEX_SYSCALL", "INTERVAL_MIN_US", "INTERVAL_MAX_US",
+    "DEBUG_SECTIONS", "SINCE", "supports", "BadOffsets", "validate_debug_offsets",
 ]

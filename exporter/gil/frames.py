@@ -7,7 +7,7 @@ it is at (`prev_instr`, `instr_ptr` from 3.13). The code object gives the qualif
 file, and the line through its location table (`co_linetable`, the 3.11+ format).
 
 Where the offsets come from: `_Py_DebugOffsets` at the start of `_PyRuntime` on 3.13+ (read
-from the target, with the section layout of that minor version below), and tables measured
+from the target, through layouts.py's one description of that struct, validated), and tables measured
 from the 3.11.7 and 3.12.1 headers before that (docs/gil-internals.md, "Stacks").
 
 The target runs while we read: frames are pushed and popped under us. Every object is checked
@@ -23,8 +23,8 @@ import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .layouts import DEBUG_COOKIE
-from .memory import USER_SPACE_END, open_mem
+from .layouts import DEBUG_OFFSETS_LAYOUTS, BadOffsets, parse_debug_offsets, supports
+from .memory import USER_SPACE_END, Pread, open_mem, pread_of
 from .records import GilLocation, ProbeUnavailable
 
 _U64 = struct.Struct("<Q")
@@ -109,71 +109,6 @@ STATIC_FRAME_LAYOUTS: Dict[Tuple[int, int], FrameLayout] = {
 }
 
 # ------------------------------------------------------------------ _Py_DebugOffsets (3.13+)
-# The struct is a char[8] cookie followed by uint64_t fields only, grouped in sections. Each
-# version's table below lists the sections and their fields in declaration order (CPython's
-# Include/internal/pycore_runtime.h in 3.13, pycore_debug_offsets.h from 3.14); a field's
-# offset is 8 times its position. Only the sections up to the last one used are listed.
-_DEBUG_313: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
-    ("", ("cookie", "version", "free_threaded")),
-    ("runtime_state", ("size", "finalizing", "interpreters_head")),
-    ("interpreter_state", ("size", "id", "next", "threads_head", "gc", "imports_modules",
-                           "sysdict", "builtins", "ceval_gil", "gil_runtime_state",
-                           "gil_runtime_state_enabled", "gil_runtime_state_locked",
-                           "gil_runtime_state_holder")),
-    ("thread_state", ("size", "prev", "next", "interp", "current_frame", "thread_id",
-                      "native_thread_id", "datastack_chunk", "status")),
-    ("interpreter_frame", ("size", "previous", "executable", "instr_ptr", "localsplus", "owner")),
-    ("code_object", ("size", "filename", "name", "qualname", "linetable", "firstlineno",
-                     "argcount", "localsplusnames", "localspluskinds", "co_code_adaptive")),
-    ("pyobject", ("size", "ob_type")),
-    ("type_object", ("size", "tp_name", "tp_repr", "tp_flags")),
-    ("tuple_object", ("size", "ob_item", "ob_size")),
-    ("list_object", ("size", "ob_item", "ob_size")),
-    ("dict_object", ("size", "ma_keys", "ma_values")),
-    ("float_object", ("size", "ob_fval")),
-    ("long_object", ("size", "lv_tag", "ob_digit")),
-    ("bytes_object", ("size", "ob_size", "ob_sval")),
-    ("unicode_object", ("size", "state", "length", "asciiobject_size")),
-)
-
-
-def _amend(table, **sections):
-    return tuple((name, sections.get(name, fields)) for name, fields in table)
-
-
-# 3.14: interpreter_state gains threads_main, code_object_generation, tlbc_generation;
-# interpreter_frame stackpointer, tlbc_index; code_object co_tlbc; a set_object section.
-_DEBUG_314 = _amend(
-    _DEBUG_313,
-    interpreter_state=("size", "id", "next", "threads_head", "threads_main", "gc",
-                       "imports_modules", "sysdict", "builtins", "ceval_gil", "gil_runtime_state",
-                       "gil_runtime_state_enabled", "gil_runtime_state_locked",
-                       "gil_runtime_state_holder", "code_object_generation", "tlbc_generation"),
-    interpreter_frame=("size", "previous", "executable", "instr_ptr", "localsplus", "owner",
-                       "stackpointer", "tlbc_index"),
-    code_object=("size", "filename", "name", "qualname", "linetable", "firstlineno", "argcount",
-                 "localsplusnames", "localspluskinds", "co_code_adaptive", "co_tlbc"))
-_DEBUG_314 = _DEBUG_314[:9] + (("set_object", ("size", "used", "table", "mask")),) + _DEBUG_314[9:]
-# 3.15: thread_state gains base_frame, last_profiled_frame(_seq), holds_gil, gil_requested,
-# current_exception, exc_state; an err_stackitem section; type_object tp_basicsize,
-# tp_dictoffset; a heap_type_object section; unicode_object compactunicodeobject_size.
-_DEBUG_315 = _amend(
-    _DEBUG_314,
-    thread_state=("size", "prev", "next", "interp", "current_frame", "base_frame",
-                  "last_profiled_frame", "last_profiled_frame_seq", "thread_id",
-                  "native_thread_id", "datastack_chunk", "status", "holds_gil", "gil_requested",
-                  "current_exception", "exc_state"),
-    type_object=("size", "tp_name", "tp_repr", "tp_flags", "tp_basicsize", "tp_dictoffset"),
-    unicode_object=("size", "state", "length", "asciiobject_size", "compactunicodeobject_size"))
-_i = [n for n, _ in _DEBUG_315].index("interpreter_frame")
-_DEBUG_315 = _DEBUG_315[:_i] + (("err_stackitem", ("exc_value",)),) + _DEBUG_315[_i:]
-_i = [n for n, _ in _DEBUG_315].index("tuple_object")
-_DEBUG_315 = _DEBUG_315[:_i] + (("heap_type_object", ("size", "ht_cached_keys")),) + _DEBUG_315[_i:]
-del _i
-
-DEBUG_SECTIONS: Dict[Tuple[int, int], tuple] = {(3, 13): _DEBUG_313, (3, 14): _DEBUG_314,
-                                                 (3, 15): _DEBUG_315}
-
 #: What _Py_DebugOffsets does not say. 3.14 made f_executable a _PyStackRef (tag bits 0b11 in
 #: the default build) and added FRAME_OWNED_BY_INTERPRETER = 3 before FRAME_OWNED_BY_CSTACK =
 #: 4; 3.15 dropped CSTACK. sizeof(PyCompactUnicodeObject) is sizeof(PyASCIIObject) + 16
@@ -197,44 +132,31 @@ def debug_offsets_fields(sections) -> Dict[str, int]:
     return out
 
 
-def frame_layout_from_debug_offsets(data: bytes, version: Tuple[int, int]) -> FrameLayout:
-    """The FrameLayout of a 3.13+ target from the bytes at the start of its _PyRuntime.
-
-    Raises ValueError when the cookie or the version is not the expected one, or no table
-    describes that version's _Py_DebugOffsets."""
-    sections = DEBUG_SECTIONS.get(version)
-    if sections is None:
-        raise ValueError(f"no _Py_DebugOffsets table for {version[0]}.{version[1]}")
-    fields = debug_offsets_fields(sections)
-    if len(data) < fields["_end"] or data[:8] != DEBUG_COOKIE:
-        raise ValueError("no _Py_DebugOffsets cookie")
-    got = {k: _U64.unpack_from(data, off)[0] for k, off in fields.items()
-           if k not in ("cookie", "_end")}
-    hexv = got["version"]
-    if ((hexv >> 24) & 0xFF, (hexv >> 16) & 0xFF) != tuple(version):
-        raise ValueError(f"_Py_DebugOffsets version {hexv:#x} is not {version}")
-    ascii_size = got["unicode_object.asciiobject_size"]
+def frame_layout_from_debug_offsets(offs: Dict[str, int], version: Tuple[int, int]) -> FrameLayout:
+    """The FrameLayout of a 3.13+ target from its parsed and validated _Py_DebugOffsets
+    (layouts.parse_debug_offsets, the one description of that struct)."""
+    ascii_size = offs["unicode_object.asciiobject_size"]
     layout = FrameLayout(
-        tstate_frame=got["thread_state.current_frame"], cframe_frame=-1,
-        tstate_native_thread_id=got["thread_state.native_thread_id"],
-        frame_previous=got["interpreter_frame.previous"],
-        frame_code=got["interpreter_frame.executable"],
-        frame_instr=got["interpreter_frame.instr_ptr"],
-        frame_owner=got["interpreter_frame.owner"],
-        code_filename=got["code_object.filename"], code_name=got["code_object.name"],
-        code_qualname=got["code_object.qualname"], code_linetable=got["code_object.linetable"],
-        code_firstlineno=got["code_object.firstlineno"],
-        code_adaptive=got["code_object.co_code_adaptive"],
-        ob_type=got["pyobject.ob_type"], tp_name=got["type_object.tp_name"],
-        ob_size=got["bytes_object.ob_size"], bytes_sval=got["bytes_object.ob_sval"],
-        str_length=got["unicode_object.length"], str_state=got["unicode_object.state"],
+        tstate_frame=offs["thread_state.current_frame"], cframe_frame=-1,
+        tstate_native_thread_id=offs["thread_state.native_thread_id"],
+        frame_previous=offs["interpreter_frame.previous"],
+        frame_code=offs["interpreter_frame.executable"],
+        frame_instr=offs["interpreter_frame.instr_ptr"],
+        frame_owner=offs["interpreter_frame.owner"],
+        code_filename=offs["code_object.filename"], code_name=offs["code_object.name"],
+        code_qualname=offs["code_object.qualname"], code_linetable=offs["code_object.linetable"],
+        code_firstlineno=offs["code_object.firstlineno"],
+        code_adaptive=offs["code_object.co_code_adaptive"],
+        ob_type=offs["pyobject.ob_type"], tp_name=offs["type_object.tp_name"],
+        ob_size=offs["bytes_object.ob_size"], bytes_sval=offs["bytes_object.ob_sval"],
+        str_length=offs["unicode_object.length"], str_state=offs["unicode_object.state"],
         str_ascii_size=ascii_size,
-        str_compact_size=got.get("unicode_object.compactunicodeobject_size", ascii_size + 16),
+        str_compact_size=offs.get("unicode_object.compactunicodeobject_size", ascii_size + 16),
         **DEBUG_EXTRAS[version])
     # Offsets of a few hundred bytes at most: anything else is not a layout we understand.
     for name, value in layout.__dict__.items():
         if not -1 <= value < 4096:
-            raise ValueError(f"implausible _Py_DebugOffsets value {name}={value}")
+            raise BadOffsets(f"implausible _Py_DebugOffsets value {name}={value}")
     return layout
 
 
@@ -338,14 +260,11 @@ class _Code:
 
 # ------------------------------------------------------------------ reader
 
-def layout_for(location: GilLocation, fd: int) -> FrameLayout:
+def layout_for(location: GilLocation, pread: Pread) -> FrameLayout:
     """The FrameLayout of the target of `location`. Raises ProbeUnavailable."""
     ident = location.identity
-    try:
-        mm = tuple(int(x) for x in ident.version.split(".")[:2])
-    except ValueError:
-        mm = ()
-    if len(mm) != 2 or mm < (3, 11):
+    mm = ident.minor
+    if not supports(mm, "stacks"):
         raise ProbeUnavailable("unsupported_version",
                                f"stacks need CPython 3.11 or newer, pid {location.pid} runs "
                                f"{ident.version or 'an unknown version'}")
@@ -354,15 +273,18 @@ def layout_for(location: GilLocation, fd: int) -> FrameLayout:
                                                 "(thread-local bytecode)")
     if mm in STATIC_FRAME_LAYOUTS:
         return STATIC_FRAME_LAYOUTS[mm]
-    if mm not in DEBUG_SECTIONS:
+    if mm not in DEBUG_OFFSETS_LAYOUTS or mm not in DEBUG_EXTRAS:
+        newest = max(DEBUG_OFFSETS_LAYOUTS)
         raise ProbeUnavailable("unsupported_version",
                                f"Python {ident.version} is newer than the frame layouts this "
-                               f"exporter knows (up to {max(DEBUG_SECTIONS)[0]}.{max(DEBUG_SECTIONS)[1]})")
+                               f"exporter knows (up to {newest[0]}.{newest[1]})")
     try:
-        data = os.pread(fd, 4096, ident.runtime_address)
-        return frame_layout_from_debug_offsets(data, mm)
+        data = pread(DEBUG_OFFSETS_LAYOUTS[mm]["_end"], ident.runtime_address)
+        return frame_layout_from_debug_offsets(parse_debug_offsets(data, mm), mm)
     except OSError as exc:
         raise ProbeUnavailable("exited", f"pid {location.pid}: {exc}") from exc
+    except BadOffsets as exc:
+        raise ProbeUnavailable("bad_offsets", f"pid {location.pid}: {exc}") from exc
     except ValueError as exc:
         raise ProbeUnavailable("validation_failed", f"pid {location.pid}: {exc}") from exc
 
@@ -378,13 +300,23 @@ class StackReader:
     CACHE_MAX = 20000
 
     def __init__(self, location: GilLocation) -> None:
-        self.pid = location.pid
-        self.fd = open_mem(self.pid)
+        fd = open_mem(location.pid)
         try:
-            self.layout = layout_for(location, self.fd)
+            self._start(location.pid, pread_of(fd), layout_for(location, pread_of(fd)), fd)
         except BaseException:
-            os.close(self.fd)
+            os.close(fd)
             raise
+
+    @classmethod
+    def reading(cls, pread: Pread, layout: FrameLayout, pid: int = 0) -> "StackReader":
+        """A reader of the memory `pread` gives (os.pread's signature), with `layout`: what
+        a parser test (tests/test_fuzz_readers.py) reads canned memory through."""
+        reader = cls.__new__(cls)
+        reader._start(pid, pread, layout, -1)
+        return reader
+
+    def _start(self, pid: int, pread: Pread, layout: FrameLayout, fd: int) -> None:
+        self.pid, self.fd, self._pread, self.layout = pid, fd, pread, layout
         self._types: Dict[bytes, int] = {}      # b"code" / b"bytes" / b"str" -> type address
         self._codes: Dict[Tuple[int, bytes], _Code] = {}
         self._mask = ~self.layout.code_tag_bits & 0xFFFFFFFFFFFFFFFF
@@ -398,7 +330,7 @@ class StackReader:
         if addr + size > USER_SPACE_END:     # torn or garbage: os.pread cannot even take it
             raise TornStack("not a user-space pointer")
         try:
-            data = os.pread(self.fd, size, addr)
+            data = self._pread(size, addr)
         except OSError as exc:
             if exc.errno == 5:            # EIO: nothing mapped there
                 raise TornStack("unmapped pointer") from None

@@ -110,53 +110,195 @@ PTHREAD_ID_OFFSETS: Dict[Tuple[int, int], int] = {
     (3, 10): 176,
 }
 
+# --------------------------------------------------------------------------- CPython versions
+
+#: What CPython gives a reader from outside, by the first minor version that has it. Code asks
+#: supports(minor, feature) and never compares versions itself.
+SINCE: Dict[str, Tuple[int, int]] = {
+    "gil": (3, 8),                # the oldest GIL layout read (struct _gil_runtime_state)
+    "stacks": (3, 11),            # _PyInterpreterFrame: stacks and PyThreadState.native_thread_id
+    "own_gils": (3, 12),          # per-interpreter GILs; the main GIL is inside the interpreter
+    "debug_offsets": (3, 13),     # _Py_DebugOffsets at the start of _PyRuntime
+    "thread_gil_flags": (3, 15),  # PyThreadState.holds_gil and gil_requested
+}
+
+
+def supports(minor: Optional[Tuple[int, int]], feature: str) -> bool:
+    """Does CPython `minor` ((3, 12)) have `feature` (a key of SINCE)? False when unknown."""
+    return minor is not None and tuple(minor) >= SINCE[feature]
+
+
 # --------------------------------------------------------------------------- _Py_DebugOffsets (3.13+)
 
 DEBUG_COOKIE = b"xdebugpy"
 
-#: The first fields of _Py_DebugOffsets, identical in 3.13, 3.14 and 3.15. A version without a
-#: table below is read through these alone plus a validated search (locate.py): never a guess.
-DEBUG_OFFSETS_PREFIX: Dict[str, int] = {
-    "version": 8, "free_threaded": 16,
-    "runtime_state.size": 24, "runtime_state.interpreters_head": 40,
-    "interpreter_state.size": 48, "interpreter_state.id": 56, "interpreter_state.next": 64,
-    "interpreter_state.threads_head": 72,
-    "_end": 80,
-}
+# The one description of _Py_DebugOffsets: a char[8] cookie followed by uint64_t fields only,
+# grouped in sections. Each version's table lists the sections and their fields in declaration
+# order (CPython's Include/internal/pycore_runtime.h in 3.13, pycore_debug_offsets.h from 3.14);
+# a field's offset inside the struct is 8 times its position. Only the sections up to the last
+# one used are listed. Checked against the values pyenv's 3.13.0 and Debian's 3.14.10 and
+# 3.15.2 carry (tests/test_stacks.py reads them live).
+Sections = Tuple[Tuple[str, Tuple[str, ...]], ...]
 
-# Byte offsets, inside _Py_DebugOffsets, of the fields we use. From CPython's
-# Include/internal/pycore_runtime.h (3.13) and pycore_debug_offsets.h (3.14, 3.15), checked
-# against the values that Debian's 3.14.10 and 3.15.2 and pyenv's 3.13.0 carry.
-_DEBUG_OFFSETS_313: Dict[str, int] = {
-    **DEBUG_OFFSETS_PREFIX,
-    "interpreter_state.ceval_gil": 112, "interpreter_state.gil_runtime_state": 120,
-    "interpreter_state.gil_runtime_state_enabled": 128,
-    "interpreter_state.gil_runtime_state_locked": 136,
-    "interpreter_state.gil_runtime_state_holder": 144,
-    "thread_state.next": 168, "thread_state.interp": 176,
-    "thread_state.native_thread_id": 200,
-    "_end": 224,
+_DEBUG_313: Sections = (
+    ("", ("cookie", "version", "free_threaded")),
+    ("runtime_state", ("size", "finalizing", "interpreters_head")),
+    ("interpreter_state", ("size", "id", "next", "threads_head", "gc", "imports_modules",
+                           "sysdict", "builtins", "ceval_gil", "gil_runtime_state",
+                           "gil_runtime_state_enabled", "gil_runtime_state_locked",
+                           "gil_runtime_state_holder")),
+    ("thread_state", ("size", "prev", "next", "interp", "current_frame", "thread_id",
+                      "native_thread_id", "datastack_chunk", "status")),
+    ("interpreter_frame", ("size", "previous", "executable", "instr_ptr", "localsplus", "owner")),
+    ("code_object", ("size", "filename", "name", "qualname", "linetable", "firstlineno",
+                     "argcount", "localsplusnames", "localspluskinds", "co_code_adaptive")),
+    ("pyobject", ("size", "ob_type")),
+    ("type_object", ("size", "tp_name", "tp_repr", "tp_flags")),
+    ("tuple_object", ("size", "ob_item", "ob_size")),
+    ("list_object", ("size", "ob_item", "ob_size")),
+    ("dict_object", ("size", "ma_keys", "ma_values")),
+    ("float_object", ("size", "ob_fval")),
+    ("long_object", ("size", "lv_tag", "ob_digit")),
+    ("bytes_object", ("size", "ob_size", "ob_sval")),
+    ("unicode_object", ("size", "state", "length", "asciiobject_size")),
+)
+
+
+def _amend(table: Sections, before: Dict[str, Tuple[str, Tuple[str, ...]]] = None,
+           **sections: Tuple[str, ...]) -> Sections:
+    """`table` with the fields of some sections replaced, and new sections inserted before
+    the named ones (before={"tuple_object": ("heap_type_object", fields)})."""
+    out = []
+    for name, fields in table:
+        if before and name in before:
+            out.append(before[name])
+        out.append((name, sections.get(name, fields)))
+    return tuple(out)
+
+
+# 3.14: interpreter_state gains threads_main (before gc), code_object_generation,
+# tlbc_generation; interpreter_frame stackpointer, tlbc_index; code_object co_tlbc; a
+# set_object section after list_object (read live: tests/test_hostile_offsets.py).
+_DEBUG_314 = _amend(
+    _DEBUG_313, before={"dict_object": ("set_object", ("size", "used", "table", "mask"))},
+    interpreter_state=("size", "id", "next", "threads_head", "threads_main", "gc",
+                       "imports_modules", "sysdict", "builtins", "ceval_gil", "gil_runtime_state",
+                       "gil_runtime_state_enabled", "gil_runtime_state_locked",
+                       "gil_runtime_state_holder", "code_object_generation", "tlbc_generation"),
+    interpreter_frame=("size", "previous", "executable", "instr_ptr", "localsplus", "owner",
+                       "stackpointer", "tlbc_index"),
+    code_object=("size", "filename", "name", "qualname", "linetable", "firstlineno", "argcount",
+                 "localsplusnames", "localspluskinds", "co_code_adaptive", "co_tlbc"))
+# 3.15: thread_state gains base_frame, last_profiled_frame(_seq), holds_gil, gil_requested,
+# current_exception, exc_state; an err_stackitem section; type_object tp_basicsize,
+# tp_dictoffset; a heap_type_object section; unicode_object compactunicodeobject_size.
+_DEBUG_315 = _amend(
+    _DEBUG_314, before={"interpreter_frame": ("err_stackitem", ("exc_value",)),
+                        "tuple_object": ("heap_type_object", ("size", "ht_cached_keys"))},
+    thread_state=("size", "prev", "next", "interp", "current_frame", "base_frame",
+                  "last_profiled_frame", "last_profiled_frame_seq", "thread_id",
+                  "native_thread_id", "datastack_chunk", "status", "holds_gil", "gil_requested",
+                  "current_exception", "exc_state"),
+    type_object=("size", "tp_name", "tp_repr", "tp_flags", "tp_basicsize", "tp_dictoffset"),
+    unicode_object=("size", "state", "length", "asciiobject_size", "compactunicodeobject_size"))
+
+DEBUG_SECTIONS: Dict[Tuple[int, int], Sections] = {
+    (3, 13): _DEBUG_313, (3, 14): _DEBUG_314, (3, 15): _DEBUG_315}
+
+
+def debug_offsets_fields(sections: Sections) -> Dict[str, int]:
+    """{"section.field": offset inside _Py_DebugOffsets, "_end": its size} of a table above."""
+    out: Dict[str, int] = {}
+    pos = 0
+    for section, fields in sections:
+        for f in fields:
+            out[f"{section}.{f}" if section else f] = pos
+            pos += 8
+    out["_end"] = pos
+    return out
+
+
+#: Offsets inside _Py_DebugOffsets of every field, by version (derived from DEBUG_SECTIONS).
+DEBUG_OFFSETS_LAYOUTS: Dict[Tuple[int, int], Dict[str, int]] = {
+    v: debug_offsets_fields(s) for v, s in DEBUG_SECTIONS.items()}
+
+#: The first fields, identical in 3.13, 3.14 and 3.15. A version without a table is read
+#: through these alone plus a validated search (location.py): never a guess.
+DEBUG_OFFSETS_PREFIX: Dict[str, int] = {
+    **{k: v for k, v in DEBUG_OFFSETS_LAYOUTS[(3, 13)].items()
+       if k in ("version", "free_threaded", "runtime_state.size", "runtime_state.interpreters_head",
+                "interpreter_state.size", "interpreter_state.id", "interpreter_state.next",
+                "interpreter_state.threads_head")},
+    "_end": DEBUG_OFFSETS_LAYOUTS[(3, 13)]["interpreter_state.threads_head"] + 8}
+
+# ---- validation: a target publishes these numbers, and a target can lie (issue 16).
+# As CPython's own remote reader does (Python/remote_debug.h), every field read is checked
+# against its section's declared size, and every section size against a ceiling, before one
+# byte is read through them.
+
+#: Ceiling of _PyRuntime's size as its ELF symbol gives it (st_size: 190-350 KiB in 3.8-3.15),
+#: and of the runtime and interpreter sections of _Py_DebugOffsets.
+RUNTIME_SIZE_MAX = 4 << 20
+
+#: Ceiling of a section's declared size (sizeof the struct). The runtime and interpreter
+#: structs measure 190-350 KiB in 3.13-3.15; the others less than 1 KiB.
+SECTION_MAX: Dict[str, int] = {"runtime_state": RUNTIME_SIZE_MAX, "interpreter_state": RUNTIME_SIZE_MAX}
+SECTION_MAX_DEFAULT = 8 << 10
+
+#: Bytes the readers take at each field used (8: a pointer or 64-bit integer, 4: an int,
+#: 1: a char, 0: a position or size compared, never read past). A field is valid when
+#: offset + width <= its section's size.
+FIELD_WIDTHS: Dict[str, int] = {
+    "runtime_state.interpreters_head": 8,
+    "interpreter_state.id": 8, "interpreter_state.next": 8, "interpreter_state.threads_head": 8,
+    "interpreter_state.ceval_gil": 8,
+    "interpreter_state.gil_runtime_state": 128,     # the GIL struct and its mutex (<= 128 B)
+    "interpreter_state.gil_runtime_state_locked": 4, "interpreter_state.gil_runtime_state_holder": 8,
+    "thread_state.next": 8, "thread_state.interp": 8, "thread_state.current_frame": 8,
+    "thread_state.native_thread_id": 8, "thread_state.holds_gil": 4, "thread_state.gil_requested": 4,
+    "interpreter_frame.previous": 8, "interpreter_frame.executable": 8,
+    "interpreter_frame.instr_ptr": 8, "interpreter_frame.owner": 1,
+    "code_object.filename": 8, "code_object.name": 8, "code_object.qualname": 8,
+    "code_object.linetable": 8, "code_object.firstlineno": 4, "code_object.co_code_adaptive": 0,
+    "pyobject.ob_type": 8, "type_object.tp_name": 8,
+    "bytes_object.ob_size": 8, "bytes_object.ob_sval": 0,
+    "unicode_object.state": 4, "unicode_object.length": 8,
+    "unicode_object.asciiobject_size": 0, "unicode_object.compactunicodeobject_size": 0,
 }
-# 3.14 adds interpreter_state.threads_main (before gc: the GIL fields move by 8) and
-# code_object_generation, tlbc_generation (after them: thread_state moves by 24).
-_DEBUG_OFFSETS_314: Dict[str, int] = {
-    **_DEBUG_OFFSETS_313,
-    "interpreter_state.ceval_gil": 120, "interpreter_state.gil_runtime_state": 128,
-    "interpreter_state.gil_runtime_state_enabled": 136,
-    "interpreter_state.gil_runtime_state_locked": 144,
-    "interpreter_state.gil_runtime_state_holder": 152,
-    "thread_state.next": 192, "thread_state.interp": 200,
-    "thread_state.native_thread_id": 224,
-    "_end": 248,
-}
-# 3.15 adds base_frame, last_profiled_frame(_seq) before thread_id, and holds_gil,
-# gil_requested after status: the per-thread GIL state that profiling.sampling reads.
-_DEBUG_OFFSETS_315: Dict[str, int] = {
-    **_DEBUG_OFFSETS_314,
-    "thread_state.native_thread_id": 248,
-    "thread_state.holds_gil": 272, "thread_state.gil_requested": 280,
-    "_end": 304,
-}
+#: `gil_runtime_state_enabled` is published relative to the GIL struct, not the interpreter.
+GIL_STRUCT_MAX = 128
+
+
+class BadOffsets(ValueError):
+    """The target's _Py_DebugOffsets carry the cookie and our version but numbers that cannot
+    describe it: the reason is `bad_offsets`, and nothing is read through them."""
+
+
+def validate_debug_offsets(offs: Dict[str, int]) -> None:
+    """Raise BadOffsets unless every section size used is within its ceiling and every field
+    used lies inside its section. `offs` are parsed fields ("section.field": value)."""
+    for name, width in FIELD_WIDTHS.items():
+        if name not in offs:
+            continue
+        section = name.split(".", 1)[0]
+        size = offs.get(f"{section}.size", 0)
+        limit = SECTION_MAX.get(section, SECTION_MAX_DEFAULT)
+        if not 0 < size <= limit:
+            raise BadOffsets(f"{section}.size {size} is not in (0, {limit}]")
+        if offs[name] + width > size:
+            raise BadOffsets(f"{name} {offs[name]} + {width} is outside its section ({size} B)")
+    enabled = offs.get("interpreter_state.gil_runtime_state_enabled")
+    if enabled is not None and enabled >= GIL_STRUCT_MAX:
+        raise BadOffsets(f"interpreter_state.gil_runtime_state_enabled {enabled} is outside "
+                         f"the GIL struct")
+    if "interpreter_state.gil_runtime_state_holder" in offs:
+        gil = offs["interpreter_state.gil_runtime_state"]
+        for f in ("locked", "holder"):
+            rel = offs[f"interpreter_state.gil_runtime_state_{f}"] - gil
+            if not 0 <= rel < GIL_STRUCT_MAX:
+                raise BadOffsets(f"interpreter_state.gil_runtime_state_{f} is outside the GIL struct")
+
+
 #: The interpreter list of 3.12, which has per-interpreter GILs but no _Py_DebugOffsets: the
 #: same fields, named as above, from offsetof() over the installed headers of 3.12.1
 #: (Py_BUILD_CORE: _PyRuntimeState.interpreters.head, PyInterpreterState.next, id,
@@ -167,13 +309,6 @@ INTERPRETER_LAYOUTS: Dict[Tuple[int, int], Dict[str, int]] = {
               "interpreter_state.id": 8, "interpreter_state.threads_head": 72,
               "interpreter_state.ceval_gil": 384, "interpreter_state.gil_runtime_state": 1040},
 }
-
-DEBUG_OFFSETS_LAYOUTS: Dict[Tuple[int, int], Dict[str, int]] = {
-    (3, 13): _DEBUG_OFFSETS_313,
-    (3, 14): _DEBUG_OFFSETS_314,
-    (3, 15): _DEBUG_OFFSETS_315,
-}
-
 
 def version_from_hex(hexversion: int) -> str:
     """PY_VERSION_HEX -> "3.11.7" / "3.13.0rc1" (sys.version spelling)."""
@@ -206,10 +341,12 @@ def _parse_with(data: bytes, table: Dict[str, int]) -> Dict[str, int]:
 
 
 def parse_debug_offsets(data: bytes, minor_version: Optional[Tuple[int, int]] = None) -> Dict[str, int]:
-    """The fields we use, from the bytes at the start of _PyRuntime.
+    """Every field of the table of its version, from the bytes at the start of _PyRuntime,
+    validated (validate_debug_offsets).
 
     Raises ValueError if the cookie is missing, the versions disagree or the layout is unknown
-    (then :func:`parse_debug_offsets_prefix` still reads the stable first fields).
+    (then :func:`parse_debug_offsets_prefix` still reads the stable first fields), BadOffsets
+    (a ValueError) if the numbers cannot be the target's own layout.
     """
     key = _debug_offsets_key(data)
     if minor_version is not None and key != tuple(minor_version):
@@ -217,13 +354,18 @@ def parse_debug_offsets(data: bytes, minor_version: Optional[Tuple[int, int]] = 
     table = DEBUG_OFFSETS_LAYOUTS.get(key)
     if table is None:
         raise ValueError(f"unknown _Py_DebugOffsets layout for {key[0]}.{key[1]}")
-    return _parse_with(data, table)
+    offs = _parse_with(data, table)
+    validate_debug_offsets(offs)
+    return offs
 
 
 def parse_debug_offsets_prefix(data: bytes) -> Dict[str, int]:
-    """The stable first fields of _Py_DebugOffsets, for any version that carries the cookie."""
+    """The stable first fields of _Py_DebugOffsets, for any version that carries the cookie
+    (validated as parse_debug_offsets does)."""
     _debug_offsets_key(data)
-    return _parse_with(data, DEBUG_OFFSETS_PREFIX)
+    offs = _parse_with(data, DEBUG_OFFSETS_PREFIX)
+    validate_debug_offsets(offs)
+    return offs
 
 
 def layout_from_debug_offsets(offs: Dict[str, int], condvar: CondvarLayout) -> GilLayout:

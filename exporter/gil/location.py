@@ -20,9 +20,10 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .identity import FUTEX_SYSCALL, Target, identify_target
-from .layouts import (DEBUG_OFFSETS_LAYOUTS, INTERPRETER_LAYOUTS, KNOWN_GIL_OFFSETS, gil_layout,
-                      layout_from_debug_offsets, parse_debug_offsets,
-                      parse_debug_offsets_prefix, thread_layout_from_debug_offsets)
+from .layouts import (DEBUG_OFFSETS_LAYOUTS, DEBUG_OFFSETS_PREFIX, INTERPRETER_LAYOUTS,
+                      KNOWN_GIL_OFFSETS, RUNTIME_SIZE_MAX, BadOffsets, gil_layout,
+                      layout_from_debug_offsets, parse_debug_offsets, parse_debug_offsets_prefix,
+                      supports, thread_layout_from_debug_offsets)
 from .memory import WritableRanges, host_arch, open_mem, pread_exact, task_ids, task_syscalls
 from .records import GilLayout, GilLocation, ProbeUnavailable
 
@@ -110,7 +111,9 @@ class RuntimeView:
     """Lazily read copy of _PyRuntime, to tell the runtime's interpreter from look-alikes."""
 
     def __init__(self, pid: int, fd: int, address: int, size: int) -> None:
-        self.pid, self.fd, self.address, self.size = pid, fd, address, size
+        # `size` is the st_size of the target's own ELF file: capped, like every read size
+        # that comes from the target.
+        self.pid, self.fd, self.address, self.size = pid, fd, address, min(size, RUNTIME_SIZE_MAX)
         self._data: Optional[bytes] = None
         self.interpreters: set = set()    # interpreters known from _Py_DebugOffsets
 
@@ -250,7 +253,7 @@ def _search(pid: int, fd: int, target: Target, layout: GilLayout) -> List[int]:
     """Offsets inside _PyRuntime whose bytes look like a GIL struct (cheap checks only)."""
     rt_addr = target.identity.runtime_address
     size = target.elf.runtime[1]
-    if not size or size > 16 << 20:
+    if not size or size > RUNTIME_SIZE_MAX:
         size = 1 << 20
     data = pread_exact(fd, size, rt_addr, pid)
     writable = WritableRanges(target.maps)
@@ -266,12 +269,16 @@ def _search(pid: int, fd: int, target: Target, layout: GilLayout) -> List[int]:
 
 def _strategy(method: str):
     """A strategy of _Locator: bad data (ValueError) or an unreadable address ends it with a
-    reason in `why` and None; the target exiting or denying access ends locate() itself."""
+    reason in `why` and None; the target exiting or denying access ends locate() itself, and
+    so do debug offsets that the target published but that cannot describe it (bad_offsets):
+    a target that lies about its layout is not read with any other one either."""
     def wrap(fn):
         @functools.wraps(fn)
         def run(self, *args):
             try:
                 return fn(self, *args)
+            except BadOffsets as exc:
+                raise ProbeUnavailable("bad_offsets", f"pid {self.pid}: {exc}") from exc
             except ValueError as exc:
                 self.why.append(f"{method}: {exc}")
             except ProbeUnavailable as exc:
@@ -315,7 +322,7 @@ class _Locator:
 
     @_strategy("debug_offsets")
     def debug_offsets(self, mm: Tuple[int, int]) -> GilLocation:
-        offs = parse_debug_offsets(pread_exact(self.fd, 512, self.rt, self.pid), mm)
+        offs = read_debug_offsets(self.pid, self.fd, self.rt, mm)
         layout = layout_from_debug_offsets(offs, self.target.condvar)
         interp = _main_interpreter(self.pid, self.fd, self.rt, offs)
         gil_ptr, = _U64.unpack(pread_exact(self.fd, 8, interp + offs["interpreter_state.ceval_gil"], self.pid))
@@ -330,7 +337,8 @@ class _Locator:
     def debug_offsets_search(self) -> GilLocation:
         """A version without a table: the stable prefix finds the main interpreter; its GIL is
         the struct inside it that one of its own words points at (interp->ceval.gil), validated."""
-        offs = parse_debug_offsets_prefix(pread_exact(self.fd, 512, self.rt, self.pid))
+        offs = parse_debug_offsets_prefix(
+            pread_exact(self.fd, DEBUG_OFFSETS_PREFIX["_end"], self.rt, self.pid))
         isize = offs["interpreter_state.size"]
         if not (offs["runtime_state.interpreters_head"] + 8 <= offs["runtime_state.size"] <= 64 << 20
                 and 1024 <= isize <= 16 << 20):
@@ -362,13 +370,20 @@ class _Locator:
         for off in cands[:32]:
             # 3.12+: the main interpreter (inside _PyRuntime) points at its GIL
             # (interp->ceval.gil); below 3.12 the GIL is _PyRuntime.ceval.gil itself.
-            if mm >= (3, 12) and not self.runtime.holds_pointer(self.rt + off):
+            if supports(mm, "own_gils") and not self.runtime.holds_pointer(self.rt + off):
                 continue
             if not self.check(self.rt + off, reads=4, strict=True):
                 good.append(off)
         if len(good) != 1:
             raise ValueError(f"{len(cands)} candidates, {len(good)} valid {good[:4]}")
         return self.location(self.rt + good[0], "search")
+
+
+def read_debug_offsets(pid: int, fd: int, runtime_address: int, minor: Tuple[int, int]) -> Dict[str, int]:
+    """The target's _Py_DebugOffsets, parsed and validated (layouts.parse_debug_offsets): one
+    read of the size of our own table for that version. Raises ValueError (BadOffsets)."""
+    size = DEBUG_OFFSETS_LAYOUTS[minor]["_end"]
+    return parse_debug_offsets(pread_exact(fd, size, runtime_address, pid), minor)
 
 
 def interpreters(pid: int, fd: int, runtime_address: int, offs: Dict[str, int]) -> List[Tuple[int, int]]:
@@ -400,7 +415,7 @@ def other_gils(main: GilLocation, known: Optional[Dict[int, GilLocation]] = None
     locate() found. Cheap when nothing changed: a few reads per interpreter.
     """
     pid = main.pid
-    mm = tuple(int(x) for x in main.identity.version.split(".")[:2])
+    mm = main.identity.minor
     if main.method == "debug_offsets" and mm in DEBUG_OFFSETS_LAYOUTS:
         static = None
     elif mm in INTERPRETER_LAYOUTS and not main.identity.free_threaded:
@@ -411,7 +426,11 @@ def other_gils(main: GilLocation, known: Optional[Dict[int, GilLocation]] = None
     fd = open_mem(pid)
     try:
         rt = main.identity.runtime_address
-        offs = static or parse_debug_offsets(pread_exact(fd, 512, rt, pid), mm)
+        try:
+            offs = static or read_debug_offsets(pid, fd, rt, mm)
+        except ValueError as exc:      # changed since locate() read them: trust none of it
+            reason = "bad_offsets" if isinstance(exc, BadOffsets) else "validation_failed"
+            raise ProbeUnavailable(reason, f"pid {pid}: {exc}") from exc
         listed = interpreters(pid, fd, rt, offs)
         if static is not None and (
                 not listed or listed[-1][0] + offs["interpreter_state.gil_runtime_state"] != main.address):
@@ -450,13 +469,10 @@ def locate(pid: int, *, methods: Sequence[str] = ("debug_offsets", "offset_table
     if ident.libc != "glibc" or target.condvar is None:
         raise ProbeUnavailable("unknown_layout", f"libc {ident.libc} {ident.libc_version or '?'}: "
                                                  f"condvar layout unknown")
-    try:
-        mm = tuple(int(x) for x in ident.version.split(".")[:2])
-    except ValueError:
-        mm = ()
-    if len(mm) != 2 or mm < (3, 8):
+    mm = ident.minor
+    if not supports(mm, "gil"):
         raise ProbeUnavailable("unknown_layout", f"unsupported version {ident.version!r}")
-    known = mm in DEBUG_OFFSETS_LAYOUTS or mm < (3, 13)
+    known = mm in DEBUG_OFFSETS_LAYOUTS or not supports(mm, "debug_offsets")
     layout = gil_layout(ident.free_threaded, target.condvar)
     fd = open_mem(pid)
     try:
@@ -472,7 +488,7 @@ def locate(pid: int, *, methods: Sequence[str] = ("debug_offsets", "offset_table
                     f"knows (up to {max(DEBUG_OFFSETS_LAYOUTS)[0]}.{max(DEBUG_OFFSETS_LAYOUTS)[1]}); "
                     + "; ".join(loc.why))
             return found
-        if "debug_offsets" in methods and mm >= (3, 13):
+        if "debug_offsets" in methods and supports(mm, "debug_offsets"):
             found = loc.debug_offsets(mm)
         # A free-threaded build is only read through its own _Py_DebugOffsets: with the GIL
         # switched off, a search has too little live evidence to tell the GIL from junk.

@@ -8,8 +8,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import functools
 import os
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Union
 
 from exporter import procfs
 
@@ -20,6 +21,16 @@ from .records import ProbeUnavailable
 USER_SPACE_END = 1 << 57
 
 MapEntry = procfs.MapEntry
+
+#: The memory interface of the readers of target memory (frames, thread states): (size,
+#: address) -> bytes, os.pread's contract on /proc/PID/mem (short or empty when the memory
+#: ends, OSError EIO when nothing is mapped). A parser test may give canned memory instead.
+Pread = Callable[[int, int], bytes]
+
+
+def pread_of(source: Union[int, Pread]) -> Pread:
+    """The Pread of an open /proc/PID/mem fd (or `source` itself when it is one already)."""
+    return functools.partial(os.pread, source) if isinstance(source, int) else source
 
 
 def proc_error(exc: OSError, pid: int) -> ProbeUnavailable:

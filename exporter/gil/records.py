@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 
 class ProbeUnavailable(Exception):
@@ -23,6 +23,14 @@ class PythonIdentity:
     runtime_address: int     # absolute address of _PyRuntime in the target, 0 if none
     libc: str                # "glibc" | "musl" | "unknown"
     libc_version: str = ""   # "2.36"; from the libc the target mapped, "" if unknown
+
+    @property
+    def minor(self) -> Optional[Tuple[int, int]]:
+        """(3, 11) for "3.11.7"; None when the version is unknown."""
+        parts = self.version.split(".")[:2]
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            return None
+        return int(parts[0]), int(parts[1])
 
 
 @dataclass(frozen=True)

@@ -9,20 +9,22 @@ thread seen with both set is counted as the holder, not as a waiter.
 """
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from .frames import STATIC_FRAME_LAYOUTS
-from .layouts import PTHREAD_ID_OFFSETS, pthread_for_glibc
+from .layouts import PTHREAD_ID_OFFSETS, SECTION_MAX_DEFAULT, pthread_for_glibc
 from .location import futex_waiting_tids
-from .memory import USER_SPACE_END, host_arch
+from .memory import USER_SPACE_END, Pread, host_arch, pread_of
 from .records import GilLocation, GilReading, ProbeUnavailable, ThreadStateLayout
 
 _U64 = struct.Struct("<Q")
 _I32 = struct.Struct("<i")
 MAX_THREADS = 4096
+#: Bytes read per thread state at most (a PyThreadState is under 1 KiB in 3.13-3.15; the
+#: offsets are validated against the same ceiling, layouts.SECTION_MAX_DEFAULT).
+MAX_SPAN = SECTION_MAX_DEFAULT
 _ZERO = b"\0\0\0\0"
 
 
@@ -41,8 +43,9 @@ class ThreadWalker:
     interpreter, a cycle or an unreadable pointer returns None rather than a wrong answer.
     """
 
-    def __init__(self, fd: int, interpreter: int, layout: ThreadStateLayout) -> None:
+    def __init__(self, fd: Union[int, Pread], interpreter: int, layout: ThreadStateLayout) -> None:
         self.fd = fd
+        self._pread = pread_of(fd)
         self.interpreter = interpreter
         self.layout = layout
         self.head_address = interpreter + layout.threads_head
@@ -50,19 +53,24 @@ class ThreadWalker:
         if layout.has_gil_flags:
             fields += [layout.holds_gil, layout.gil_requested]
         self.span = max(fields) + 8          # one pread per thread covers every field we need
+        if min(fields + [layout.threads_head, layout.native_thread_id]) < 0 or self.span > MAX_SPAN \
+                or not 0 <= layout.threads_head < USER_SPACE_END or layout.native_thread_id >= MAX_SPAN:
+            raise ProbeUnavailable("bad_offsets", f"thread-state offsets out of bounds: {layout}")
 
     def _walk(self) -> Optional[List[Tuple[int, bytes]]]:
         """(address, bytes) of every thread state in list order, or None if the list changed."""
         lay = self.layout
         out: List[Tuple[int, bytes]] = []
         try:
-            addr, = _U64.unpack(os.pread(self.fd, 8, self.head_address))
+            if not 0 < self.head_address < USER_SPACE_END:
+                return None
+            addr, = _U64.unpack(self._pread(8, self.head_address))
             seen = set()
             while addr:
                 if addr in seen or len(seen) >= MAX_THREADS or addr & 7 or addr >= USER_SPACE_END:
                     return None
                 seen.add(addr)
-                data = os.pread(self.fd, self.span, addr)
+                data = self._pread(self.span, addr)
                 if len(data) != self.span:
                     return None
                 if _U64.unpack_from(data, lay.interp)[0] != self.interpreter:
@@ -95,7 +103,7 @@ class ThreadWalker:
                 if tid_in_span:
                     tid, = _U64.unpack_from(data, lay.native_thread_id)
                 else:
-                    tid, = _U64.unpack(os.pread(self.fd, 8, addr + lay.native_thread_id))
+                    tid, = _U64.unpack(self._pread(8, addr + lay.native_thread_id))
             except (OSError, struct.error):
                 return None
             holds = req = None
@@ -118,13 +126,11 @@ class ThreadIds:
     freed meanwhile can be junk, so callers check it against the process's tasks.
     """
 
-    def __init__(self, fd: int, location: GilLocation) -> None:
+    def __init__(self, fd: Union[int, Pread], location: GilLocation) -> None:
         self.fd = fd
+        self._pread = pread_of(fd)
         ident = location.identity
-        try:
-            mm = tuple(int(x) for x in ident.version.split(".")[:2])
-        except ValueError:
-            mm = ()
+        mm = ident.minor
         self.pthread_tid = -1
         if location.threads is not None:
             self.offset = location.threads.native_thread_id
@@ -150,11 +156,13 @@ class ThreadIds:
         try:
             if not 0 < tstate < USER_SPACE_END:
                 return 0
-            value, = _U64.unpack(os.pread(self.fd, 8, tstate + self.offset))
+            if not 0 <= self.offset < MAX_SPAN:
+                return 0
+            value, = _U64.unpack(self._pread(8, tstate + self.offset))
             if self.pthread_tid >= 0:
                 if not value or value & 7 or value >= USER_SPACE_END:
                     return 0
-                value, = _I32.unpack(os.pread(self.fd, 4, value + self.pthread_tid))
+                value, = _I32.unpack(self._pread(4, value + self.pthread_tid))
         except (OSError, struct.error):
             return 0
         return value if 0 < value < 1 << 31 else 0
