@@ -120,18 +120,6 @@ DEBUG_EXTRAS: Dict[Tuple[int, int], Dict[str, int]] = {
 }
 
 
-def debug_offsets_fields(sections) -> Dict[str, int]:
-    """{"section.field": offset inside _Py_DebugOffsets} from a section table above."""
-    out: Dict[str, int] = {}
-    pos = 0
-    for section, fields in sections:
-        for f in fields:
-            out[f"{section}.{f}" if section else f] = pos
-            pos += 8
-    out["_end"] = pos
-    return out
-
-
 def frame_layout_from_debug_offsets(offs: Dict[str, int], version: Tuple[int, int]) -> FrameLayout:
     """The FrameLayout of a 3.13+ target from its parsed and validated _Py_DebugOffsets
     (layouts.parse_debug_offsets, the one description of that struct)."""
