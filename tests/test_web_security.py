@@ -156,6 +156,51 @@ basic_auth_users:
             assert _get(exp.base + path, ctx, "prometheus", "s3cret")[0] == 200, path
 
 
+@pytest.mark.parametrize("client_auth", ["NoClientCert", "RequireAndVerifyClientCert"])
+def test_rendered_chart_secures_a_real_exporter(exporter, tmp_path, pki, client_auth):
+    """The chart's own output run for real: the web config Secret it renders from an inline
+    webConfig.config becomes the exporter's --web.config.file, and the probes it renders pass
+    as the kubelet makes them (HTTPS GET /healthz without credentials; a TCP connect when client
+    certificates are required), while the ServiceMonitor's scheme with credentials scrapes and
+    without them gets 401 (or no handshake)."""
+    import base64
+
+    from test_helm import render, with_repository
+    web = {"tls_server_config": {"cert_file": f"{pki}/server.crt", "key_file": f"{pki}/server.key",
+                                 "client_auth_type": client_auth, "client_ca_file": f"{pki}/ca.crt"},
+           "basic_auth_users": {"prometheus": HASH}}
+    secret_ref = {"name": "scrape", "key": "k"}
+    res = render(with_repository({"webConfig": {"config": web}, "serviceMonitor": {
+        "enabled": True, "basicAuth": {"username": secret_ref, "password": secret_ref}}}))
+    ds = res.one("DaemonSet")["spec"]["template"]["spec"]
+    (c,) = ds["containers"]
+    (arg,) = [a for a in c["args"] if a.startswith("--web.config.file=")]
+    secret = res.one("Secret")
+    web_file = tmp_path / Path(arg.split("=", 1)[1]).name
+    web_file.write_bytes(base64.b64decode(secret["data"][web_file.name]))
+    exp = exporter("--config", str(_targets(tmp_path)), "--web.config.file", str(web_file))
+    host, port = exp.base.split("//", 1)[1].rsplit(":", 1)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for name in ("livenessProbe", "readinessProbe"):
+        probe = c[name]
+        if client_auth == "NoClientCert":
+            get = probe["httpGet"]
+            assert get["port"] in ports and get["scheme"] == "HTTPS"
+            assert _kubelet_probe(f"https://{host}:{port}{get['path']}") == (200, "ok\n"), name
+        else:
+            assert "httpGet" not in probe and probe["tcpSocket"]["port"] in ports
+            socket.create_connection((host, int(port)), timeout=10).close()
+    ep = res.one("ServiceMonitor")["spec"]["endpoints"][0]
+    assert ep["scheme"] == "https"
+    ctx = _ctx(pki, client_cert=client_auth != "NoClientCert")
+    url = f"{ep['scheme']}://{host}:{port}{ep['path']}"
+    assert _get(url, ctx, "prometheus", "s3cret")[0] == 200
+    assert _get(url, ctx)[0] == 401
+    if client_auth != "NoClientCert":
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError, OSError)):
+            _get(url, _ctx(pki), "prometheus", "s3cret")
+
+
 def test_mutual_tls(exporter, tmp_path, pki):
     web = write_config(tmp_path, f"""
 tls_server_config:
