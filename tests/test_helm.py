@@ -690,6 +690,12 @@ def test_install_with_every_alert_disabled_by_name(tmp_path):
     assert {r["record"] for r in rules} == {r["record"] for g in yaml.safe_load(rulesfile.rules_text())["groups"]
                                              for r in g["rules"] if "record" in r}
     _validate_objects(res)
+    promtool = find_promtool()
+    if promtool:  # what is left still loads in Prometheus
+        f = tmp_path / "rules.yaml"
+        f.write_text(yaml.safe_dump(res.one("PrometheusRule")["spec"]))
+        r = subprocess.run([promtool, "check", "rules", str(f)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
     # One name at a time too, each leaving the others in place.
     for name in names:
         res = render(with_repository(merge(ALL_ON, {"prometheusRule": {"disabledAlerts": [name]}})))
