@@ -854,10 +854,14 @@ def test_web_config_secret_mounted_and_monitors_scrape_with_it(tmp_path):
     ({"webConfig": {"existingSecret": "mine"}}, "set webConfig.tls"),
     ({"webConfig": {"config": {"basic_auth_users": {"p": HASH}}}, "serviceMonitor": {"enabled": True}},
      "set serviceMonitor.basicAuth"),
-    ({"webConfig": {"config": {"tls_server_config": TLS_SERVER}}, "podMonitor": {"enabled": True, "scheme": "http"}},
-     "podMonitor.scheme is http"),
+    ({"webConfig": {"config": {"tls_server_config": TLS_SERVER}, "tlsSecret": "t"},
+      "podMonitor": {"enabled": True, "scheme": "http"}}, "podMonitor.scheme is http"),
     ({"serviceMonitor": {"enabled": True, "scheme": "https"}}, "no TLS in the web config"),
-    ({"webConfig": {"config": {"tls_server_config": TLS_SERVER}, "tls": "mtls"}}, "leave webConfig.tls empty"),
+    ({"webConfig": {"config": {"tls_server_config": TLS_SERVER}, "tlsSecret": "t", "tls": "mtls"}},
+     "leave webConfig.tls empty"),
+    ({"webConfig": {"config": {"tls_server_config": {"cert_file": "tls.crt", "key_file": "/k"}}}},
+     "tls_server_config.cert_file: \"tls.crt\" is relative"),
+    ({"webConfig": {"config": {"tls_server_config": TLS_SERVER}}}, "set webConfig.tlsSecret"),
 ])
 def test_web_config_mismatch_fails_the_install(values, message):
     """A web config the scrapes or probes would not get through fails the install, naming it."""
@@ -896,6 +900,8 @@ def test_probes_with_auth(web, expect):
     with basic auth), over HTTPS when TLS is on (the kubelet does not verify the certificate);
     with a client certificate required, which the kubelet cannot present, a TCP connect."""
     kind, scheme = expect
+    if "config" in web and "tls_server_config" in web["config"]:
+        web = {**web, "tlsSecret": "gil-tls"}
     res = render(with_repository({"webConfig": web}))
     c = _container(res)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}

@@ -98,6 +98,17 @@ user's webConfig.existingSecret or the chart's <fullname>-web-config made from w
 {{- if $w.existingSecret }}
 {{- $w.existingSecret }}
 {{- else if $w.config }}
+{{- /* The chart's Secret holds the web config alone: the files it names must come from elsewhere. */}}
+{{- range $key, $file := ($w.config.tls_server_config | default dict) }}
+{{- if and (has $key (list "cert_file" "key_file" "client_ca_file")) $file }}
+{{- if not (isAbs $file) }}
+{{- fail (printf "webConfig.config.tls_server_config.%s: %q is relative to the web config, which is alone in its Secret: name it by absolute path, e.g. /etc/gil-exporter-tls/tls.crt with webConfig.tlsSecret" $key $file) }}
+{{- end }}
+{{- if and (hasPrefix "/etc/gil-exporter-tls/" $file) (not $w.tlsSecret) }}
+{{- fail (printf "webConfig.config.tls_server_config.%s is under /etc/gil-exporter-tls: set webConfig.tlsSecret, the Secret mounted there" $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- printf "%s-web-config" (include "gil-exporter.fullname" .) }}
 {{- end }}
 {{- end }}
