@@ -716,7 +716,8 @@ def test_renders_as_a_subchart_with_global(tmp_path):
     helm.package(str(CHART), destination=str(parent / "charts"))
     (parent / "Chart.yaml").write_text(yaml.safe_dump({
         "apiVersion": "v2", "name": "platform", "version": "1.0.0",
-        "dependencies": [{"name": "gil-exporter", "version": CHART_META["version"], "condition": "gil-exporter.enabled"}]}))
+        "dependencies": [{"name": "gil-exporter", "version": CHART_META["version"],
+                          "condition": "gil-exporter.enabled"}]}))
     (parent / "values.yaml").write_text(yaml.safe_dump({
         "global": {"imageRegistry": "registry.example.com", "imagePullSecrets": [{"name": "pull"}]},
         "gil-exporter": {"enabled": True}}))

@@ -141,8 +141,9 @@ basic_auth_users:
             assert _kubelet_probe(exp.base + path) == (200, "ok\n"), path
             assert _kubelet_probe(exp.base + path, "HEAD")[0] == 200, path
             assert _get(exp.base + path, ctx, "prometheus", "wrong") == (200, "ok\n"), path
-        # The scrape must find the workload before its page exists.
-        for _ in range(40):
+        # The scrape must find the workload before its page exists (generous: a busy host).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
             status, body = _get(exp.base + "/metrics", ctx, "prometheus", "s3cret")
             if status == 200 and f'pid="{w.pid}"' in body:
                 break
