@@ -16,6 +16,7 @@ import rulesfile  # noqa: E402
 
 ROOT = rulesfile.ROOT
 RUNBOOKS = ROOT / "docs" / "runbooks"
+DASHBOARD = rulesfile.CHART / "dashboards" / "gil-exporter.json"
 EXPECTED_ALERTS = {"PythonGILContention", "PythonGILSaturated", "PythonGILProbeUnavailable",
                    "PythonGILReenabled", "GilExporterDown"}
 
@@ -54,6 +55,51 @@ def test_promtool_unit_tests(promtool):
     assert "SUCCESS" in r.stdout
 
 
+def test_recycling_tests_are_generated_from_rulesfile():
+    """recycling.test.yaml is recycling_tests()'s text: one source for the recycled workers."""
+    assert rulesfile.RECYCLING_TESTS.read_text() == rulesfile.recycling_tests(), (
+        "regenerate: python tests/promtool/rulesfile.py")
+    doc = yaml.safe_load(rulesfile.RECYCLING_TESTS.read_text())
+    (case,) = doc["tests"]
+    pids = {s["series"] for s in case["input_series"] if 'workload="checkout-api"' in s["series"]}
+    # 8 workers per generation, a generation every 2 minutes over 30 minutes
+    assert len(pids) == 8 * -(-rulesfile.SAMPLES // rulesfile.RECYCLE_EVERY) >= 8 * 15
+    assert rulesfile.RECYCLE_EVERY * rulesfile.RECYCLE_SCRAPE == 120 and rulesfile.RECYCLE_MINUTES == 30
+
+
+def test_alerts_survive_worker_recycling(promtool):
+    """8 contended workers replaced by new PIDs every 2 minutes for 30 minutes (every worker at
+    once, a scrape with no score between generations): PythonGILContention fires once per
+    workload, within its `for:`, and stays firing; the recorded series has no gap."""
+    r = run([promtool, "test", "rules", str(rulesfile.RECYCLING_TESTS)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout
+
+
+@pytest.mark.parametrize("rewrite,why", [
+    # the alert as it was: per process, so every new PID restarted its `for:`
+    (lambda t: t.replace("namespace_workload_target:pygil_gil_contention_score:max\n            > 0.5",
+                         "pygil_gil_contention_score\n            > 0.5"), "per process"),
+    # per workload, but without bridging the scrape between generations
+    (lambda t: t.replace("last_over_time(pygil_gil_contention_score[3m])", "pygil_gil_contention_score"),
+     "no last_over_time"),
+])
+def test_recycling_test_fails_for_rules_that_reset_on_recycling(promtool, tmp_path, rewrite, why):
+    """The recycling test has teeth: rules that lose the workload's series when workers are
+    replaced do not pass it."""
+    text = rewrite(rulesfile.rules_text())
+    assert text != rulesfile.rules_text(), why
+    rules = tmp_path / "deploy" / "helm" / "gil-exporter" / "files" / "gil-exporter-rules.yaml"
+    rules.parent.mkdir(parents=True)
+    rules.write_text(text)
+    tests_dir = tmp_path / "tests" / "promtool"
+    tests_dir.mkdir(parents=True)
+    (tests_dir / "t.yaml").write_text(rulesfile.RECYCLING_TESTS.read_text())
+    r = run([promtool, "test", "rules", str(tests_dir / "t.yaml")])
+    assert r.returncode != 0, why
+    assert "PythonGILContention" in r.stdout + r.stderr
+
+
 def test_every_alert_has_firing_and_silent_unit_tests():
     doc = yaml.safe_load(rulesfile.UNIT_TESTS.read_text())
     assert doc["rule_files"] == ["../../deploy/helm/gil-exporter/files/gil-exporter-rules.yaml"]
@@ -66,30 +112,68 @@ def test_every_alert_has_firing_and_silent_unit_tests():
     assert silent >= EXPECTED_ALERTS, EXPECTED_ALERTS - silent
 
 
+def records(text: str | None = None) -> dict[str, str]:
+    doc = yaml.safe_load(rulesfile.rules_text() if text is None else text)
+    return {r["record"]: r["expr"] for g in doc["groups"] for r in g["rules"] if "record" in r}
+
+
+WORKLOAD_BY = "by (cluster, namespace, workload, workload_kind, target"
+
+
 def test_alerts_match_the_issue():
-    a = rulesfile.alerts()
+    a, rec = rulesfile.alerts(), records()
     assert a["PythonGILContention"]["for"] == "10m"
     assert a["PythonGILSaturated"]["for"] == "10m"
-    assert "rate(pygil_gil_held_seconds_total[5m])" in a["PythonGILSaturated"]["expr"]
+    assert "rate(pygil_gil_held_seconds_total[5m])" in rec["pygil:gil_held_ratio:rate5m"]
+    assert "pygil:gil_held_ratio:rate5m" in rec["pygil:gil_saturated_held_ratio:rate5m"]
     assert rulesfile.thresholds() == {"contentionScore": 0.5, "saturatedHeldRatio": 0.95,
                                       "saturatedWaitingThreads": 1.0, "saturatedMaxCores": 1.2}
-    assert 'method="procfs"' in a["PythonGILProbeUnavailable"]["expr"]
+    assert 'method="procfs"' in rec["pygil:gil_probe_unavailable:info"]
     assert "up{" in a["GilExporterDown"]["expr"]
     assert a["PythonGILReenabled"]["for"] == "5m"
-    assert "pygil_gil_enabled == 1" in a["PythonGILReenabled"]["expr"]
-    assert 'free_threaded="true"' in a["PythonGILReenabled"]["expr"]
+    assert "pygil_gil_enabled == 1" in rec["pygil:gil_reenabled:info"]
+    assert 'free_threaded="true"' in rec["pygil:gil_reenabled:info"]
+    # kube-prometheus-stack's InfoInhibitor silences severity info: every alert is a warning
+    assert {r["labels"]["severity"] for r in a.values()} == {"warning"}
+
+
+def test_alerts_are_per_workload_on_the_recording_rules():
+    """Each GIL alert is one recorded per-workload series (pid, pod and instance aggregated
+    away), and every per-workload record is used by an alert or the dashboard."""
+    a, rec = rulesfile.alerts(), records()
+    workload = {name: expr for name, expr in rec.items() if name.startswith("namespace_workload_target:")}
+    assert "namespace_workload_target:pygil_gil_contention_score:max" in workload
+    for name, expr in workload.items():
+        assert WORKLOAD_BY in " ".join(expr.split()), name
+        assert not any(f"{label}," in expr or f"{label})" in expr for label in ("pid", "pod", "instance")), name
+    used = " ".join(r["expr"] + r["annotations"]["description"] for r in a.values()) + DASHBOARD.read_text()
+    for name in workload:
+        assert name in used, f"{name} is used by neither an alert nor the dashboard"
+    for alert, rule in a.items():
+        if alert == "GilExporterDown":
+            continue
+        (first, *_) = rule["expr"].split()
+        assert first in workload, (alert, rule["expr"])
+    assert rulesfile.thresholds(a["PythonGILContention"]["expr"]) == {"contentionScore": 0.5}
 
 
 @pytest.mark.parametrize("alert", sorted(EXPECTED_ALERTS))
 def test_annotations_and_runbooks(alert):
     rule = rulesfile.alerts()[alert]
     ann = rule["annotations"]
-    assert {"summary", "description", "runbook_url"} <= set(ann)
+    assert {"summary", "description", "runbook_url", "dashboard_url"} <= set(ann)
     assert rule["labels"]["severity"] in {"info", "warning", "critical"}
+    assert ann["dashboard_url"].startswith(rulesfile.DASHBOARD_URL + "?var-cluster={{ $labels.cluster | urlquery }}")
     if alert != "GilExporterDown":
         for text in (ann["summary"], ann["description"]):
-            assert "$labels.target" in text and "$labels.pod" in text and "$labels.pid" in text
+            assert "$labels.target" in text and "$labels.workload" in text and "$labels.namespace" in text
+        # the worst process named, so that `diagnose --pod` can follow
+        assert ".Labels.pid" in ann["description"] and ".Labels.pod" in ann["description"]
         assert "$value" in ann["description"]
+        for var in ("namespace", "workload", "target"):
+            assert f"&var-{var}={{{{ $labels.{var} | urlquery }}}}" in ann["dashboard_url"]
+    else:
+        assert "&var-node={{ $labels.node | urlquery }}" in ann["dashboard_url"]
     url = ann["runbook_url"]
     prefix = "https://github.com/gil-exporter/gil-exporter/blob/main/docs/runbooks/"
     assert url.startswith(prefix)
@@ -131,3 +215,76 @@ def test_a_changed_threshold_changes_what_fires(promtool, tmp_path):
     r = run([promtool, "test", "rules", str(tests_dir / "t.yaml")])
     assert r.returncode != 0
     assert "PythonGILContention" in r.stdout + r.stderr
+
+
+# --- the chart's rewrites: the job regex with fullnameOverride, the dashboard URL ----------------
+
+def rendered_rules(values: dict) -> dict:
+    from test_helm import render, with_repository
+    values = {**values, "prometheusRule": {"enabled": True, **values.get("prometheusRule", {})}}
+    return render(with_repository(values)).one("PrometheusRule")["spec"]
+
+
+def scrape_job(values: dict) -> str:
+    """The job name Prometheus Operator gives the chart's ServiceMonitor: the Service's name,
+    or the value of the Service label that jobLabel names."""
+    from test_helm import render, with_repository
+    res = render(with_repository(values))
+    svc = res.one("Service")["metadata"]
+    label = res.one("ServiceMonitor")["spec"].get("jobLabel")
+    return svc["labels"][label] if label else svc["name"]
+
+
+@pytest.mark.parametrize("values", [
+    {"fullnameOverride": "python-gil"},
+    {"nameOverride": "pyprobe"},
+    {"fullnameOverride": "python-gil", "serviceMonitor": {"jobLabel": "app.kubernetes.io/component"}},
+    {},
+], ids=["fullnameOverride", "nameOverride", "jobLabel", "default"])
+def test_exporter_down_matches_the_charts_job_name(promtool, tmp_path, values):
+    """GilExporterDown's absent() must see the job the chart's ServiceMonitor produces, however
+    the release is named: silent while that job is up, firing when it is down."""
+    import re
+    values = {**values, "serviceMonitor": {"enabled": True, **values.get("serviceMonitor", {})}}
+    job = scrape_job(values)
+    if values.get("fullnameOverride"):
+        assert not re.fullmatch(rulesfile.DEFAULT_JOB_REGEX, job), job  # the regex alone misses it
+    spec = rendered_rules(values)
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(spec))
+    instance = "10.0.0.5:10057"
+    down = [{"exp_labels": {"severity": "warning", "job": job, "instance": instance},
+             "exp_annotations": {
+                 "summary": f"gil-exporter {instance} is down",
+                 "description": (f"Prometheus has not been able to scrape gil-exporter at {instance} (job {job}), "
+                                 "or no gil-exporter target exists at all. GIL contention of the Python "
+                                 "processes on that node is not being measured, and the GIL alerts cannot fire."),
+                 "runbook_url": "https://github.com/gil-exporter/gil-exporter/blob/main/docs/runbooks/gil-exporter-down.md",
+                 "dashboard_url": f"{rulesfile.DASHBOARD_URL}?var-cluster=&var-node="}}]
+    cases = [{"name": f"{job} {name}", "interval": "1m",
+              "input_series": [{"series": f'up{{job="{job}",instance="{instance}"}}', "values": series}],
+              "alert_rule_test": [{"eval_time": "10m", "alertname": "GilExporterDown", "exp_alerts": exp}]}
+             for name, series, exp in (("up", "1x15", []), ("down", "1x2 0x13", down))]
+    t = tmp_path / "t.yaml"
+    t.write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": cases}))
+    r = run([promtool, "test", "rules", str(t)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    expr = next(r["expr"] for g in spec["groups"] for r in g["rules"] if r.get("alert") == "GilExporterDown")
+    assert rulesfile.DEFAULT_JOB_REGEX in expr  # the value's regex stays; the chart's job is added
+
+
+def test_dashboard_url_value(tmp_path):
+    """prometheusRule.dashboardUrl replaces the Grafana base of every alert's dashboard_url,
+    rendered with tpl; "" leaves the annotation out."""
+    spec = rendered_rules({"prometheusRule": {
+        "dashboardUrl": "https://grafana.{{ .Release.Namespace }}.example.com/d/gil-exporter/gil-exporter"}})
+    alerts = [r for g in spec["groups"] for r in g["rules"] if "alert" in r]
+    assert len(alerts) == len(EXPECTED_ALERTS)
+    from test_helm import NAMESPACE
+    for a in alerts:
+        url = a["annotations"]["dashboard_url"]
+        assert url.startswith(f"https://grafana.{NAMESPACE}.example.com/d/gil-exporter/gil-exporter?var-cluster="), url
+    spec = rendered_rules({"prometheusRule": {"dashboardUrl": ""}})
+    for g in spec["groups"]:
+        for r in g["rules"]:
+            if "alert" in r:
+                assert "dashboard_url" not in r["annotations"] and "runbook_url" in r["annotations"]
