@@ -176,6 +176,8 @@ def recycling_tests() -> str:
     doc = {
         "rule_files": ["../../deploy/helm/gil-exporter/files/gil-exporter-rules.yaml"],
         "evaluation_interval": f"{RECYCLE_SCRAPE}s",
+        # as Prometheus orders them on a steady state: the records, then the alerts reading them
+        "group_eval_order": ["gil-exporter.recording", "gil-exporter.alerts"],
         "tests": [{
             "name": (f"8 contended workers replaced by new PIDs every {RECYCLE_EVERY * RECYCLE_SCRAPE // 60}m "
                      f"for {RECYCLE_MINUTES}m: one PythonGILContention per workload, within for: {for_}, "
