@@ -288,3 +288,13 @@ def test_dashboard_url_value(tmp_path):
         for r in g["rules"]:
             if "alert" in r:
                 assert "dashboard_url" not in r["annotations"] and "runbook_url" in r["annotations"]
+
+
+def test_readme_kube_prometheus_stack_join_is_the_tested_one():
+    """The README's alternative join on kube-prometheus-stack's
+    namespace_workload_pod:kube_pod_owner:relabel is the expression the promtool tests run."""
+    import re
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"```promql\n(max by \(cluster, namespace, workload, workload_type.*?)```", readme, re.S)
+    assert m, "README lost the kube-prometheus-stack join"
+    assert " ".join(m.group(1).split()) in " ".join(rulesfile.UNIT_TESTS.read_text().split())
