@@ -298,3 +298,55 @@ def test_readme_kube_prometheus_stack_join_is_the_tested_one():
     m = re.search(r"```promql\n(max by \(cluster, namespace, workload, workload_type.*?)```", readme, re.S)
     assert m, "README lost the kube-prometheus-stack join"
     assert " ".join(m.group(1).split()) in " ".join(rulesfile.UNIT_TESTS.read_text().split())
+
+
+# --- the dashboard: variables for a fleet, workloads from the recording rules, hosts by node ----
+
+def dashboard_exprs() -> dict[str, list[str]]:
+    import json
+    out: dict[str, list[str]] = {}
+    for p in json.loads(DASHBOARD.read_text())["panels"]:
+        out.setdefault(p["title"], []).extend(t["expr"] for t in p.get("targets", []))
+    return out
+
+
+def test_dashboard_has_fleet_variables():
+    import json
+    dash = json.loads(DASHBOARD.read_text())
+    names = [v["name"] for v in dash["templating"]["list"]]
+    assert {"cluster", "namespace", "workload", "node"} <= set(names), names
+    for v in dash["templating"]["list"]:
+        if v["type"] == "query":
+            assert v["includeAll"] and v["allValue"] == ".*", v["name"]  # "All" matches absent labels
+    for title, exprs in dashboard_exprs().items():
+        for e in exprs:
+            assert "$instance" not in e, title
+            if "namespace=~" in e:
+                assert 'cluster=~"$cluster"' in e and 'workload=~"$workload"' in e, (title, e)
+
+
+def test_dashboard_ranks_workloads_from_the_recording_rules():
+    import re
+    exprs = dashboard_exprs()
+    recorded = set(records())
+    ranked = exprs["Workloads by contention"]
+    used = {m for e in ranked for m in re.findall(r"namespace_workload_target:[a-z_:]+", e)}
+    assert "namespace_workload_target:pygil_gil_contention_score:max" in used
+    assert used <= recorded, used - recorded
+    assert ranked[0].startswith("sort_desc(namespace_workload_target:pygil_gil_contention_score:max{")
+    # the same series the alert fires on, over time
+    (trend,) = exprs["Worst contention score by workload"]
+    assert "namespace_workload_target:pygil_gil_contention_score:max" in trend
+
+
+def test_dashboard_host_panels_are_keyed_by_node():
+    """Host panels aggregate by node, which the chart's relabeling sets from the pod's node: a
+    rollout (a new exporter pod IP in `instance`) continues the same series. Only a scrape
+    without a node label falls back to the instance."""
+    import re
+    exprs = dashboard_exprs()
+    for title in ("Host per-core utilization", "Host cores", "Host mean utilization"):
+        for e in exprs[title]:
+            by = re.match(r"(max|avg) by \(([^)]*)\)", e)
+            assert by and "node" in by.group(2) and "instance" not in by.group(2), (title, e)
+            assert 'node=~"$node", node!=""' in e and 'label_replace(' in e, (title, e)
