@@ -60,8 +60,10 @@ def test_recycling_tests_are_generated_from_rulesfile():
     assert rulesfile.RECYCLING_TESTS.read_text() == rulesfile.recycling_tests(), (
         "regenerate: python tests/promtool/rulesfile.py")
     doc = yaml.safe_load(rulesfile.RECYCLING_TESTS.read_text())
-    (case,) = doc["tests"]
-    pids = {s["series"] for s in case["input_series"] if 'workload="checkout-api"' in s["series"]}
+    contention, probe = doc["tests"]
+    pids = {s["series"] for s in contention["input_series"] if 'workload="checkout-api"' in s["series"]}
+    assert {t["alertname"] for t in contention["alert_rule_test"]} == {"PythonGILContention"}
+    assert {t["alertname"] for t in probe["alert_rule_test"]} == {"PythonGILProbeUnavailable"}
     # 8 workers per generation, a generation every 2 minutes over 30 minutes
     assert len(pids) == 8 * -(-rulesfile.SAMPLES // rulesfile.RECYCLE_EVERY) >= 8 * 15
     assert rulesfile.RECYCLE_EVERY * rulesfile.RECYCLE_SCRAPE == 120 and rulesfile.RECYCLE_MINUTES == 30
@@ -76,15 +78,18 @@ def test_alerts_survive_worker_recycling(promtool):
     assert "SUCCESS" in r.stdout
 
 
-@pytest.mark.parametrize("rewrite,why", [
+@pytest.mark.parametrize("rewrite,why,alert", [
     # the alert as it was: per process, so every new PID restarted its `for:`
     (lambda t: t.replace("namespace_workload_target:pygil_gil_contention_score:max\n            > 0.5",
-                         "pygil_gil_contention_score\n            > 0.5"), "per process"),
+                         "pygil_gil_contention_score\n            > 0.5"), "per process", "PythonGILContention"),
     # per workload, but without bridging the scrape between generations
     (lambda t: t.replace("last_over_time(pygil_gil_contention_score[3m])", "pygil_gil_contention_score"),
-     "no last_over_time"),
+     "no last_over_time", "PythonGILContention"),
+    (lambda t: t.replace("max_over_time(namespace_workload_target:pygil_gil_probe_unavailable_processes:count[3m])",
+                         "namespace_workload_target:pygil_gil_probe_unavailable_processes:count"),
+     "no max_over_time", "PythonGILProbeUnavailable"),
 ])
-def test_recycling_test_fails_for_rules_that_reset_on_recycling(promtool, tmp_path, rewrite, why):
+def test_recycling_test_fails_for_rules_that_reset_on_recycling(promtool, tmp_path, rewrite, why, alert):
     """The recycling test has teeth: rules that lose the workload's series when workers are
     replaced do not pass it."""
     text = rewrite(rulesfile.rules_text())
@@ -97,7 +102,7 @@ def test_recycling_test_fails_for_rules_that_reset_on_recycling(promtool, tmp_pa
     (tests_dir / "t.yaml").write_text(rulesfile.RECYCLING_TESTS.read_text())
     r = run([promtool, "test", "rules", str(tests_dir / "t.yaml")])
     assert r.returncode != 0, why
-    assert "PythonGILContention" in r.stdout + r.stderr
+    assert f"alertname: {alert}," in r.stdout + r.stderr
 
 
 def test_every_alert_has_firing_and_silent_unit_tests():
@@ -152,8 +157,10 @@ def test_alerts_are_per_workload_on_the_recording_rules():
     for alert, rule in a.items():
         if alert == "GilExporterDown":
             continue
-        (first, *_) = rule["expr"].split()
-        assert first in workload, (alert, rule["expr"])
+        import re
+        read = set(re.findall(r"namespace_workload_target:[a-z_:]+", rule["expr"]))
+        assert len(read) == 1 and read <= set(workload), (alert, rule["expr"])
+        assert "pygil_" not in rule["expr"].replace("namespace_workload_target:pygil_", ""), alert
     assert rulesfile.thresholds(a["PythonGILContention"]["expr"]) == {"contentionScore": 0.5}
 
 

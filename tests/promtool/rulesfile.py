@@ -91,9 +91,13 @@ class _Recycled:
     On Kubernetes the workers are spread over `pods` on two nodes."""
 
     def __init__(self, labels: dict[str, str], workers: int, score: float, first_pid: int,
-                 pods: list[str] | None = None):
+                 pods: list[str] | None = None, gil_probe: str = "ok"):
         self.labels, self.workers, self.score, self.first_pid = labels, workers, score, first_pid
         self.pods = pods or []
+        # a probe other than ok: the exporter publishes the /proc estimate, and says why in
+        # pygil_target_info, series for series
+        self.gil_probe = gil_probe
+        self.method = "gil_state" if gil_probe == "ok" else "procfs"
 
     def pid(self, generation: int, w: int) -> int:
         return self.first_pid + generation * self.workers + w
@@ -112,10 +116,40 @@ class _Recycled:
                 values = ["_"] * SAMPLES
                 for i in range(start, min(start + RECYCLE_EVERY, SAMPLES)):
                     values[i] = f"{self.score + 0.01 * w:.2f}" if _scored(i) else "stale"
-                labels = dict(self.labels, pid=str(self.pid(g, w)), method="gil_state", **self.where(w))
-                body = ",".join(f'{k}="{v}"' for k, v in labels.items())
+                labels = dict(self.labels, pid=str(self.pid(g, w)), **self.where(w))
+                body = ",".join(f'{k}="{v}"' for k, v in dict(labels, method=self.method).items())
                 out.append({"series": f"pygil_gil_contention_score{{{body}}}", "values": " ".join(values)})
+                if self.gil_probe != "ok":
+                    info = dict(labels, python_version="3.11.7", implementation="cpython",
+                                exe="/usr/local/bin/python3.11", gil_probe=self.gil_probe, free_threaded="false")
+                    body = ",".join(f'{k}="{v}"' for k, v in info.items())
+                    out.append({"series": f"pygil_target_info{{{body}}}",
+                                "values": " ".join("1" if v not in ("_", "stale") else v for v in values)})
         return out
+
+    def probe_alert(self, i: int) -> dict:
+        """PythonGILProbeUnavailable as it reads at sample i (a scored one)."""
+        assert _scored(i)
+        l, w = self.labels, self.workers - 1
+        workload = f" ({l['workload_kind']} {l['namespace']}/{l['workload']})"
+        where = self.where(w)
+        keys = ("namespace", "workload", "workload_kind", "target")
+        return {
+            "exp_labels": {"severity": "warning", **{k: l[k] for k in keys}, "gil_probe": self.gil_probe},
+            "exp_annotations": {
+                "summary": f"GIL probe unavailable for {l['target']}{workload}: {self.gil_probe}",
+                "description": (
+                    f"gil-exporter cannot read the GIL state of {self.workers} Python processes of "
+                    f"{l['target']}{workload} because of \"{self.gil_probe}\" (e.g. pid "
+                    f"{self.pid(i // RECYCLE_EVERY, w)}, pod {where['pod']}, on {where['node']}), and falls "
+                    "back to the /proc heuristic (when /proc alone cannot tell, no score is published and "
+                    "pygil_gil_contention_score_unknown is 1). Contention figures for this workload are "
+                    "estimates, and the contention alerts may miss it."),
+                "runbook_url": "https://github.com/gil-exporter/gil-exporter/blob/main/docs/runbooks/"
+                               "python-gil-probe-unavailable.md",
+                "dashboard_url": (f"{DASHBOARD_URL}?var-cluster=&var-namespace={l['namespace']}"
+                                  f"&var-workload={l['workload']}&var-target={l['target']}"),
+            }}
 
     def alert(self, i: int) -> dict:
         """PythonGILContention as it reads at sample i (a scored one)."""
@@ -149,6 +183,45 @@ def _at(i: int) -> str:
     return f"{seconds // 60}m{seconds % 60}s" if seconds % 60 else f"{seconds // 60}m"
 
 
+def _checks(for_: str) -> tuple[int, list[int]]:
+    """The evaluation at which `for:` has passed, and where to check the alert fires: there,
+    then every 2 minutes (the first scrape of a generation) to the end."""
+    assert for_.endswith("m")
+    fires = int(for_[:-1]) * 60 // RECYCLE_SCRAPE
+    assert _scored(fires)
+    return fires, [fires] + list(range(fires + RECYCLE_EVERY - fires % RECYCLE_EVERY, SAMPLES, RECYCLE_EVERY))
+
+
+def _probe_case() -> dict:
+    """8 workers whose GIL probe is unavailable, recycled as above: one
+    PythonGILProbeUnavailable for the workload, within its `for:`, firing throughout."""
+    legacy = _Recycled({"job": "gil-exporter", "target": "legacy", "namespace": "batch", "container": "app",
+                        "workload": "etl-api", "workload_kind": "Deployment"}, 8, 0.3, 20000,
+                       pods=["etl-api-5d8f9c7b6-aaaaa", "etl-api-5d8f9c7b6-bbbbb"], gil_probe="permission_denied")
+    for_ = alerts()["PythonGILProbeUnavailable"]["for"]
+    fires, checks = _checks(for_)
+    labels = ('alertstate="firing", severity="warning", namespace="batch", workload="etl-api", '
+              'workload_kind="Deployment", target="legacy", gil_probe="permission_denied"')
+    return {
+        "name": (f"8 workers without GIL probe replaced by new PIDs every {RECYCLE_EVERY * RECYCLE_SCRAPE // 60}m "
+                 f"for {RECYCLE_MINUTES}m: one PythonGILProbeUnavailable, within for: {for_}, firing throughout"),
+        "interval": f"{RECYCLE_SCRAPE}s",
+        "input_series": legacy.series(),
+        "alert_rule_test": [
+            {"eval_time": _at(fires - 1), "alertname": "PythonGILProbeUnavailable", "exp_alerts": []},
+            *({"eval_time": _at(i), "alertname": "PythonGILProbeUnavailable",
+               "exp_alerts": [legacy.probe_alert(i)]} for i in checks),
+        ],
+        "promql_expr_test": [
+            {"expr": (f'count_over_time(ALERTS{{alertname="PythonGILProbeUnavailable", alertstate="firing"}}'
+                      f'[{RECYCLE_MINUTES}m])'),
+             "eval_time": _at(SAMPLES - 1),
+             "exp_samples": [{"labels": f'{{alertname="PythonGILProbeUnavailable", {labels}}}',
+                              "value": SAMPLES - fires}]},
+        ],
+    }
+
+
 def recycling_tests() -> str:
     """tests/promtool/recycling.test.yaml, made from the constants above (test_alerts checks the
     file is this text): 8 contended gunicorn workers of a Deployment, over two pods, replaced by
@@ -164,12 +237,7 @@ def recycling_tests() -> str:
     host = _Recycled({"job": "gil-exporter", "target": "batch-host"}, 4, 0.7, 9000)
     series = checkout.series() + reports.series() + host.series()
     for_ = alerts()["PythonGILContention"]["for"]
-    assert for_.endswith("m")
-    fires = int(for_[:-1]) * 60 // RECYCLE_SCRAPE      # the first evaluation at which for: has passed
-    # where the alert is checked: just before for: passes, as it fires, then every 2 minutes
-    # (the first scrape of a new generation) to the end
-    checks = [fires + 1] + list(range(fires + RECYCLE_EVERY, SAMPLES, RECYCLE_EVERY))
-    assert all(_scored(i) for i in checks)
+    fires, checks = _checks(for_)
     end = _at(SAMPLES - 1)
     checkout_labels = ('namespace="shop", workload="checkout-api", workload_kind="Deployment", '
                        'target="gunicorn"')
@@ -226,7 +294,7 @@ def recycling_tests() -> str:
                 {"expr": f'count_over_time(ALERTS{{workload="reports"}}[{RECYCLE_MINUTES + 1}m])',
                  "eval_time": end, "exp_samples": []},
             ],
-        }],
+        }, _probe_case()],
     }
     header = ("# GENERATED by tests/promtool/rulesfile.py (recycling_tests); test_alerts.py checks it is\n"
               "# up to date. Regenerate: python tests/promtool/rulesfile.py\n"
