@@ -71,6 +71,11 @@ class Workload:
     kind: str
 
 
+def _mapping(value) -> dict:
+    """A JSON object, or {} for anything else (a malformed list must not stop the labelling)."""
+    return value if isinstance(value, dict) else {}
+
+
 def workload_of(pod: dict) -> Workload:
     """The workload of a pod, from the pod's own JSON (no further API call):
 
@@ -81,15 +86,16 @@ def workload_of(pod: dict) -> Workload:
     * Node (a static pod's mirror): the pod name minus `-<node>`, kind StaticPod;
     * no owner: the pod itself, kind Pod.
     """
-    meta = pod.get("metadata") or {}
+    meta = _mapping(pod.get("metadata"))
     name = str(meta.get("name") or "")
-    owners = [o for o in (meta.get("ownerReferences") or []) if isinstance(o, dict)]
+    refs = meta.get("ownerReferences")
+    owners = [o for o in (refs if isinstance(refs, list) else []) if isinstance(o, dict)]
     owner = next((o for o in owners if o.get("controller")), owners[0] if owners else None)
     if owner is None or not owner.get("name") or not owner.get("kind"):
         return Workload(name, "Pod")
     kind, owner_name = str(owner["kind"]), str(owner["name"])
     if kind == "ReplicaSet":
-        template_hash = str((meta.get("labels") or {}).get("pod-template-hash") or "")
+        template_hash = str(_mapping(meta.get("labels")).get("pod-template-hash") or "")
         if template_hash and owner_name.endswith("-" + template_hash):
             return Workload(owner_name[:-len(template_hash) - 1], "Deployment")
         return Workload(owner_name, "ReplicaSet")

@@ -381,8 +381,10 @@ def test_workload_of_the_pods_in_the_list():
      Workload("x", "StatefulSet")),
     # Another controller (an operator's custom resource): as it names itself.
     (_pod("cluster-a-0", [_owner("RabbitmqCluster", "cluster-a")]), Workload("cluster-a", "RabbitmqCluster")),
-    # A malformed owner (no kind): the pod itself, never an exception.
+    # A malformed owner (no kind), owners or labels of the wrong type: never an exception.
     (_pod("weird", [{"name": "x"}]), Workload("weird", "Pod")),
+    (_pod("weird", {"kind": "StatefulSet"}), Workload("weird", "Pod")),
+    (_pod("weird-abc", [_owner("ReplicaSet", "weird")], ["pod-template-hash"]), Workload("weird", "ReplicaSet")),
 ])
 def test_workload_of(pod, want):
     assert workload_of(pod) == want
