@@ -5,7 +5,12 @@ The chart (templates/prometheusrule.yaml) and these helpers do the same three th
   * set an alert's `for:`;
   * swap the exporter job regex `.*gil-exporter.*`.
 The end-to-end test uses `derive()` to make its short-`for:` copy; test_alerts.py checks that
-the markers exist and that a changed threshold changes what fires.
+the markers exist and that a changed threshold changes what fires. (The chart also swaps the
+dashboard URL and adds its own scrape job to the regex; test_alerts renders the chart for those.)
+
+`recycling_tests()` generates recycling.test.yaml: workers replaced by new PIDs every 2 minutes
+for 30 minutes, and the per-workload alerts that must fire once and stay firing
+(`python tests/promtool/rulesfile.py` rewrites the file).
 """
 from __future__ import annotations
 
