@@ -60,7 +60,8 @@ def test_recycling_tests_are_generated_from_rulesfile():
     assert rulesfile.RECYCLING_TESTS.read_text() == rulesfile.recycling_tests(), (
         "regenerate: python tests/promtool/rulesfile.py")
     doc = yaml.safe_load(rulesfile.RECYCLING_TESTS.read_text())
-    contention, probe = doc["tests"]
+    contention, probe, saturated = doc["tests"]
+    assert {t["alertname"] for t in saturated["alert_rule_test"]} == {"PythonGILSaturated"}
     pids = {s["series"] for s in contention["input_series"] if 'workload="checkout-api"' in s["series"]}
     assert {t["alertname"] for t in contention["alert_rule_test"]} == {"PythonGILContention"}
     assert {t["alertname"] for t in probe["alert_rule_test"]} == {"PythonGILProbeUnavailable"}
@@ -72,7 +73,8 @@ def test_recycling_tests_are_generated_from_rulesfile():
 def test_alerts_survive_worker_recycling(promtool):
     """8 contended workers replaced by new PIDs every 2 minutes for 30 minutes (every worker at
     once, a scrape with no score between generations): PythonGILContention fires once per
-    workload, within its `for:`, and stays firing; the recorded series has no gap."""
+    workload, within its `for:`, and stays firing; the recorded series has no gap. The same for
+    PythonGILProbeUnavailable and PythonGILSaturated with workers recycled alike."""
     r = run([promtool, "test", "rules", str(rulesfile.RECYCLING_TESTS)])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout
@@ -88,6 +90,9 @@ def test_alerts_survive_worker_recycling(promtool):
     (lambda t: t.replace("max_over_time(namespace_workload_target:pygil_gil_probe_unavailable_processes:count[3m])",
                          "namespace_workload_target:pygil_gil_probe_unavailable_processes:count"),
      "no max_over_time", "PythonGILProbeUnavailable"),
+    (lambda t: t.replace("last_over_time(pygil:gil_saturated_held_ratio:rate5m[3m])",
+                         "pygil:gil_saturated_held_ratio:rate5m"), "saturated without last_over_time",
+     "PythonGILSaturated"),
 ])
 def test_recycling_test_fails_for_rules_that_reset_on_recycling(promtool, tmp_path, rewrite, why, alert):
     """The recycling test has teeth: rules that lose the workload's series when workers are

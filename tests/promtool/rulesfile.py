@@ -227,6 +227,77 @@ def _probe_case() -> dict:
     }
 
 
+def _saturated_case() -> dict:
+    """8 workers whose GIL is saturated (held 97-99 %, 2 threads waiting, one core), recycled as
+    above: the per-process held ratio needs two samples of the new PID's counters, so each
+    generation leaves two scrapes without it; one PythonGILSaturated, firing throughout."""
+    workers = 8
+    labels = {"job": "gil-exporter", "target": "gunicorn", "namespace": "shop", "container": "app",
+              "workload": "render", "workload_kind": "Deployment"}
+    pods = ["render-6b7c8d9f5-aaaaa", "render-6b7c8d9f5-bbbbb"]
+    gen = _Recycled(labels, workers, 0.9, 30000, pods=pods)
+    held = [29.1 + 0.1 * w for w in range(workers)]      # of 30 s sampled per scrape
+    series = []
+    for g in range(-(-SAMPLES // RECYCLE_EVERY)):
+        start = g * RECYCLE_EVERY
+        for w in range(workers):
+            per = dict(labels, pid=str(gen.pid(g, w)), **gen.where(w))
+            body = ",".join(f'{k}="{v}"' for k, v in per.items())
+            for name, value in (("pygil_gil_held_seconds_total", lambda n: f"{held[w] * n:.1f}"),
+                                ("pygil_gil_sampled_seconds_total", lambda n: f"{30 * n}"),
+                                ("pygil_gil_waiting_threads", lambda n: "2"),
+                                ("pygil_process_cpu_cores", lambda n: "1")):
+                values = ["_"] * SAMPLES
+                for i in range(start, min(start + RECYCLE_EVERY, SAMPLES)):
+                    values[i] = value(i - start) if _scored(i) else "stale"
+                series.append({"series": f"{name}{{{body}}}", "values": " ".join(values)})
+    for_ = alerts()["PythonGILSaturated"]["for"]
+    assert for_.endswith("m")
+    first = 1                                            # the first held ratio: two samples
+    fires = first + int(for_[:-1]) * 60 // RECYCLE_SCRAPE
+    has_rate = [i for i in range(fires, SAMPLES) if 0 < i % RECYCLE_EVERY < RECYCLE_EVERY - RECYCLE_GAP]
+    checks = [fires] + [i for i in has_rate if i % RECYCLE_EVERY == 1 and i > fires]
+    assert fires in has_rate
+    worst = held[-1] / 30
+    keys = ("namespace", "workload", "workload_kind", "target")
+    where = gen.where(workers - 1)
+
+    def alert(i: int) -> dict:
+        return {
+            "exp_labels": {"severity": "warning", **{k: labels[k] for k in keys}},
+            "exp_annotations": {
+                "summary": f"GIL saturated in gunicorn (Deployment shop/render): held {worst * 100:.4g}% with threads waiting",
+                "description": (
+                    f"{workers} Python processes of gunicorn (Deployment shop/render) hold the GIL nearly all "
+                    "the time with threads waiting, on about one core each; the most saturated held it "
+                    f"{worst * 100:.4g}% of the time over 5 minutes (pid {gen.pid(i // RECYCLE_EVERY, workers - 1)}, "
+                    f"pod {where['pod']}, on {where['node']}). Such a process is capped at one core by the "
+                    "GIL: more threads or more CPU limit will not help; more processes will."),
+                "runbook_url": "https://github.com/gil-exporter/gil-exporter/blob/main/docs/runbooks/"
+                               "python-gil-saturated.md",
+                "dashboard_url": f"{DASHBOARD_URL}?var-cluster=&var-namespace=shop&var-workload=render&var-target=gunicorn",
+            }}
+
+    return {
+        "name": (f"8 saturated workers replaced by new PIDs every {RECYCLE_EVERY * RECYCLE_SCRAPE // 60}m "
+                 f"for {RECYCLE_MINUTES}m: one PythonGILSaturated, within for: {for_}, firing throughout"),
+        "interval": f"{RECYCLE_SCRAPE}s",
+        "input_series": series,
+        "alert_rule_test": [
+            {"eval_time": _at(fires - 1), "alertname": "PythonGILSaturated", "exp_alerts": []},
+            *({"eval_time": _at(i), "alertname": "PythonGILSaturated", "exp_alerts": [alert(i)]} for i in checks),
+        ],
+        "promql_expr_test": [
+            {"expr": f'count_over_time(ALERTS{{alertname="PythonGILSaturated", alertstate="firing"}}[{RECYCLE_MINUTES}m])',
+             "eval_time": _at(SAMPLES - 1),
+             "exp_samples": [{"labels": ('{alertname="PythonGILSaturated", alertstate="firing", severity="warning", '
+                                         'namespace="shop", workload="render", workload_kind="Deployment", '
+                                         'target="gunicorn"}'),
+                              "value": SAMPLES - fires}]},
+        ],
+    }
+
+
 def recycling_tests() -> str:
     """tests/promtool/recycling.test.yaml, made from the constants above (test_alerts checks the
     file is this text): 8 contended gunicorn workers of a Deployment, over two pods, replaced by
@@ -299,7 +370,7 @@ def recycling_tests() -> str:
                 {"expr": f'count_over_time(ALERTS{{workload="reports"}}[{RECYCLE_MINUTES + 1}m])',
                  "eval_time": end, "exp_samples": []},
             ],
-        }, _probe_case()],
+        }, _probe_case(), _saturated_case()],
     }
     header = ("# GENERATED by tests/promtool/rulesfile.py (recycling_tests); test_alerts.py checks it is\n"
               "# up to date. Regenerate: python tests/promtool/rulesfile.py\n"
