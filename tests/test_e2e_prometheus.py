@@ -310,7 +310,7 @@ def test_contention_alert_fires_and_dashboard_queries_return_data(stack, capsys)
 
 # --- recycled workers: one alert per workload ---------------------------------------------------
 
-RECYCLE_FOR = "20s"      # PythonGILContention's test `for:`: longer than any worker lives
+RECYCLE_FOR = "30s"      # PythonGILContention's test `for:`: longer than any worker lives
 WORKER_LIFE = 8.0        # seconds between generations of workers
 WORKERS = 2
 
@@ -318,7 +318,7 @@ WORKERS = 2
 def test_recycled_workers_keep_one_alert_per_workload(tmp_path, capsys):
     """Real CPU-bound CPython workers of one target, every one killed and replaced by a new
     process (new PIDs) every 8 s while a real Prometheus scrapes the real exporter: no PID lives
-    as long as the alert's `for:` (20 s here), yet PythonGILContention fires, once, for the
+    as long as the alert's `for:` (30 s here), yet PythonGILContention fires, once, for the
     target (outside Kubernetes the workload is the target), and stays firing across further
     generations with its activeAt unchanged; the recorded per-target series has a sample at
     every rule evaluation while the per-process series come and go."""
@@ -389,7 +389,11 @@ def test_recycled_workers_keep_one_alert_per_workload(tmp_path, capsys):
             stamps = [float(t) for t, _ in series["values"]]
             steps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
             median = steps[len(steps) // 2]
-            assert steps[-1] <= max(3 * median, 2.5), (steps[-5:], median)
+            # what the host gave: a stalled host delays the scrapes of `up` alike
+            (up,) = prom.query(f'up{{job="gil-exporter"}}[{window}s]')
+            up_stamps = [float(t) for t, _ in up["values"]]
+            up_gap = max(b - a for a, b in zip(up_stamps, up_stamps[1:]))
+            assert steps[-1] <= max(3 * median, 2.5, up_gap + 1), (steps[-5:], median, up_gap)
             # the per-process max, for the report: its gaps are what the rule bridges
             raw = prom.query_range('max(pygil_gil_contention_score{target="e2e-recycled"})',
                                    seconds=window, step="1s")
