@@ -108,8 +108,8 @@ def store_lock():
         yield
 
 
-def build_inputs_key(base: str) -> str:
-    """Hash of everything the build reads: the base image, the Dockerfile, .dockerignore and
+def build_inputs_key(base: str, builder: str) -> str:
+    """Hash of everything the build reads: the base and builder images, the Dockerfile, .dockerignore and
     every file of the context that .dockerignore lets through (the same filter as
     tests/test_dockerfile.py). Same key, same image: a warm run reuses it instead of paying
     buildah's per-step vfs copies for a fully cached build."""
@@ -117,7 +117,9 @@ def build_inputs_key(base: str) -> str:
     pats = ignore_patterns()
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.split("\n")
-    h = hashlib.sha256(json.loads(buildah("inspect", "--type", "image", base).stdout)["FromImageID"].encode())
+    h = hashlib.sha256()
+    for ref in (base, builder):
+        h.update(json.loads(buildah("inspect", "--type", "image", ref).stdout)["FromImageID"].encode())
     for rel in sorted({"Dockerfile", ".dockerignore"} | {f for f in files if f and not ignored(f, pats)}):
         path = ROOT / rel
         if path.is_file():
@@ -131,9 +133,13 @@ def image() -> dict:
     if reason:
         pytest.skip(f"buildah cannot run here: {reason}")
     base = (STORE / "base-image").read_text().strip()
-    ref = f"{REPO}:{build_inputs_key(base)}"
+    if not (STORE / "builder-image").exists():
+        pytest.skip(f"no builder image in {STORE}: run tests/setup/image.sh")
+    builder = (STORE / "builder-image").read_text().strip()
+    ref = f"{REPO}:{build_inputs_key(base, builder)}"
     args = ["bud", "--layers", "--force-rm", "--isolation", "chroot", "--pull=never",
-            "--build-arg", f"BASE_IMAGE={base}", "-t", ref, str(ROOT)]
+            "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"BUILDER_IMAGE={builder}",
+            "-t", ref, str(ROOT)]
     if HOST_CA.exists():
         # pip in RUN steps trusts what this machine trusts (e.g. a TLS-inspecting proxy's CA);
         # a RUN-time mount only, nothing of it lands in the image.
