@@ -13,9 +13,13 @@ nothing taken from anywhere else: a private mount namespace; the root filesystem
 read-only (readOnlyRootFilesystem); the pod's volumes mounted where its volumeMounts say (the
 rendered ConfigMap's files, an emptyDir as a tmpfs); the host's PID namespace and a /proc for it
 (hostPID); chroot; the capability bounding set cut to the securityContext's (drop ALL, add
-SYS_PTRACE); runAsUser/runAsGroup; no_new_privs (allowPrivilegeEscalation: false); the image's
-entrypoint with the container's args and env. Only the listen address is changed, to a free
+SYS_PTRACE and DAC_READ_SEARCH); runAsUser/runAsGroup; no_new_privs (allowPrivilegeEscalation:
+false); the image's entrypoint with the container's args and env. Only the listen address is changed, to a free
 port on 127.0.0.1.
+
+Targets: a CPython on the host, and nine non-root ones made to look like pods' containers
+(each PID 1 of its own mount and PID namespace, in a Debian root filesystem, under uid 1000,
+65534 or 1000680000), which the chart's capabilities must read.
 """
 from __future__ import annotations
 
@@ -175,6 +179,7 @@ def test_image_config(image):
     assert cfg.get("WorkingDir", "/") == "/"
     env = dict(e.split("=", 1) for e in cfg["Env"])
     assert env["PYTHONDONTWRITEBYTECODE"] == "1" and env["PIP_NO_CACHE_DIR"] == "1"
+    assert env["PATH"].split(":")[0] == "/opt/gil-exporter/bin"    # kubectl exec … gil-exporter
 
 
 def test_readme_states_the_image_size(image):
