@@ -15,7 +15,7 @@ ARG BUILDER_IMAGE=python:3.12-bookworm
 FROM ${BUILDER_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY exporter/ exporter/
 # The wheels of the exporter (with its `top` extra) and of every dependency, for the runtime
 # stage to install offline. setup.py's extension is optional (a pip install without a compiler
