@@ -136,9 +136,15 @@ def image() -> dict:
     reason = why_unavailable()
     if reason:
         pytest.skip(f"buildah cannot run here: {reason}")
-    base = (STORE / "base-image").read_text().strip()
     if not (STORE / "builder-image").exists():
         pytest.skip(f"no builder image in {STORE}: run tests/setup/image.sh")
+    return build_image()
+
+
+def build_image() -> dict:
+    """The image of this checkout, built (or reused: same inputs, same image) on the cached
+    base and builder images; also used by bench/bench_peers.py."""
+    base = (STORE / "base-image").read_text().strip()
     builder = (STORE / "builder-image").read_text().strip()
     ref = f"{REPO}:{build_inputs_key(base, builder)}"
     args = ["bud", "--layers", "--force-rm", "--isolation", "chroot", "--pull=never",
