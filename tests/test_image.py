@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import shlex
 import socket
 import subprocess
@@ -40,8 +41,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import placements
 from test_helm import CHART_META, defaults, merge, render, with_repository
-from workloads import pyenv_pythons, start_workload
+from workloads import pyenv_pythons, script, start_workload
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("GIL_EXPORTER_CACHE", "/var/cache/gil-exporter"))
@@ -471,8 +473,6 @@ def start_in_pod(interp, uid: int, name: str = "cpu"):
     PID namespace of its own (the interpreter is PID 1 there), the Debian root filesystem as
     its root (pivot_root, old root unmounted, /proc of its own PID namespace), run as `uid`
     with no groups. Niced, so that nine of them take only the CPU the rest leaves."""
-    import placements
-    from workloads import script
     root = shlex.quote(str(interp.rootfs))
     binds = ""
     for b in interp.binds:
@@ -495,8 +495,6 @@ def start_in_pod(interp, uid: int, name: str = "cpu"):
 
 
 def wait_ready(w, timeout: float = 60.0) -> None:
-    import placements
-    import select
     ready, _, _ = select.select([w.proc.stdout], [], [], timeout)
     line = w.proc.stdout.readline() if ready else ""
     if line.strip() != "ready":
@@ -513,7 +511,6 @@ def status_of(pid: int) -> dict:
 def pod_targets():
     """Each of 3.12 (pyenv), 3.14 and 3.15 (Debian) under each of the three uids: nine
     CPU-bound 3-thread CPythons, each in its own mount and PID namespace."""
-    import placements
     found = {i.name: i for i in placements.interpreters()}
     missing = [n for n in POD_PYTHONS if n not in found or not found[n].available()]
     if missing:
