@@ -655,13 +655,17 @@ def test_chart_capabilities_read_non_root_pods(image, pod_targets, tmp_path):
         a, b = r0[i], r1[i]
         sampled = b.sampled_seconds - a.sampled_seconds
         ref_score = (b.contended_seconds - a.contended_seconds) / sampled
-        # What this host gave: the reference saw the target contended over the same window
-        # (three CPU-bound threads always are, whatever CPU they got), and the exporter in the
-        # image says the same within sampling noise.
-        assert ref_score > threshold, (t, ref_score)
-        assert scores[t] > threshold and abs(scores[t] - ref_score) < 0.15, (t, scores[t], ref_score)
+        # What this host gave the target, as root read it over the same window: the exporter
+        # in the image says the same within sampling noise (a starved target's score sinks as
+        # its woken waiters wait for a CPU: 0.79 at 0.05 CPU-s in 3 s at load 36, so no
+        # constant is asserted), and both see the contention of three CPU-bound threads: while
+        # one holds the GIL the other two wait for it.
+        assert abs(scores[t] - ref_score) < 0.15, (t, scores[t], ref_score)
         ref_wait = (b.wait_seconds - a.wait_seconds) / sampled
         assert abs(waiting[t] - ref_wait) < 0.6, (t, waiting[t], ref_wait)
+        assert ref_wait > 1.0 and waiting[t] > 1.0, (t, waiting[t], ref_wait)
+        if ref_score > threshold + 0.15:       # contended as the chart's alert judges it
+            assert scores[t] > threshold, (t, scores[t], ref_score)
 
     # without DAC_READ_SEARCH: every one permission_denied, and its score from /proc only
     old_info = {l["target"]: l["gil_probe"] for l, _ in old["pygil_target_info"]}
