@@ -11,6 +11,10 @@ threads sleep in 1 s loops. Started side by side, against the same processes:
                      ("{{.Comm}}:{{.PID}}"), its default flags
   gil-exporter off   sampling.enabled: false (/proc figures only)
   gil-exporter on    sampling at the default rate (100 Hz)
+  ... in the image   the same config, in the container image built from the Dockerfile, run as
+                     the chart's DaemonSet runs it (tests/test_image.py's Pod: the image's root
+                     filesystem, hostPID, uid 0 with only SYS_PTRACE and DAC_READ_SEARCH);
+                     --no-image leaves it out
 
 The bench scrapes each one every --scrape-interval seconds (15 s, a usual Prometheus
 interval), as Prometheus would, and measures over --seconds (after a warm-up of one
@@ -18,7 +22,11 @@ minute): CPU cores (utime + stime of the exporter from /proc/PID/stat), peak RSS
 (VmHWM), series per scrape and scrape latency. Start-up: from exec until every process
 is reported with gil_probe="ok" (off: until every process is reported), with the
 exporter's CPU seconds at that moment; for process-exporter until its first scrape
-reports every process.
+reports every process. For each sampling gil-exporter, the GIL sampler thread's CPU per
+target-sample: that thread's run time (/proc/PID/task/TID/schedstat) over its read syscalls
+(/proc/PID/task/TID/io syscr: one pread of /proc/PID/mem per target-sample). The sampler thread
+is the one with the most reads (the threads carry no names on 3.11), and which loop it runs
+is the build_info's sampler_loop label.
 
     .venv/bin/python bench/bench_peers.py --seconds 300 --runs 2
 
@@ -139,6 +147,30 @@ def host_busy(seconds: float = 3.0) -> float:
     return (os.cpu_count() or 1) * (b1 - b0) / max(1, t1 - t0)
 
 
+def thread_counters(pid: int) -> dict:
+    """{TID: (run time in ns, read syscalls)} of every thread of `pid`."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                run_ns = int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid}/io") as f:
+                syscr = next(int(line.split()[1]) for line in f if line.startswith("syscr:"))
+        except (OSError, StopIteration):
+            continue
+        out[int(tid)] = (run_ns, syscr)
+    return out
+
+
+def sampler_cost(before: dict, after: dict) -> tuple[float, int] | None:
+    """(µs of run time per read, reads) of the thread that read most between the two."""
+    deltas = [(a[1] - before[t][1], a[0] - before[t][0]) for t, a in after.items() if t in before]
+    if not deltas:
+        return None
+    reads, run_ns = max(deltas)
+    return (run_ns / 1e3 / reads, reads) if reads > 0 else None
+
+
 @dataclass
 class Peer:
     name: str
@@ -156,6 +188,13 @@ class Peer:
     t1: float = 0.0
     hwm_mb: float = 0.0
     rss_mb: float = 0.0
+    threads0: dict = field(default_factory=dict)
+    threads1: dict = field(default_factory=dict)
+    loop: str = ""        # build_info's sampler_loop
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def start(self) -> None:
         self.log = tempfile.NamedTemporaryFile(prefix="bench-peers-",
@@ -180,6 +219,32 @@ class Peer:
         if self.log:
             self.log.close()
             os.unlink(self.log.name)
+
+
+class ImagePeer(Peer):
+    """gil-exporter from the container image, run as the chart's DaemonSet runs it, with
+    `config` as its config file (in place of the chart's ConfigMap)."""
+
+    def __init__(self, name: str, config: str, tmp: Path):
+        sys.path.insert(0, str(ROOT / "tests"))
+        from test_helm import merge, render, with_repository
+        from test_image import Pod, build_image
+        port = free_port()
+        rendered = render(merge(with_repository({}), {"listenAddress": f"127.0.0.1:{port}"}))
+        super().__init__(name, [], port)
+        self.pod = Pod(build_image(), rendered, tmp)
+        (cm,) = [c for c in self.pod.configmaps.values() if "config.yaml" in c.get("data", {})]
+        cm["data"]["config.yaml"] = config
+
+    def start(self) -> None:
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-peers-", suffix=".log", delete=False)
+        self.started = time.monotonic()
+        # the same process from exec to exec: unshare, sh, the launcher, the exporter
+        self.proc = self.pod.start(log=Path(self.log.name))
+
+    def stop(self) -> None:
+        super().stop()
+        self.pod.close()
 
 
 def series(body: str) -> int:
@@ -234,7 +299,7 @@ def run_once(args, pe_binary: str, python: str, tmp: Path) -> list:
                                                "-web.listen-address", f"127.0.0.1:{port}"], port))
         for sampling in (False, True):
             cfg = tmp / f"gil-exporter-{sampling}.yaml"
-            cfg.write_text(f"""targets:
+            cfg.write_text(config := f"""targets:
   - name: bench
     match:
       cmdline: '{TAG}$'
@@ -248,6 +313,9 @@ limits:
             name = "gil-exporter, GIL sampled (100 Hz)" if sampling else "gil-exporter, /proc only"
             peers.append(Peer(name, exporter_command() + ["--config", str(cfg), "--web.listen-address",
                                                           f"127.0.0.1:{port}"], port))
+        if args.image:
+            (tmp / "pod").mkdir(exist_ok=True)
+            peers.append(ImagePeer("gil-exporter in the image, GIL sampled (100 Hz)", config, tmp / "pod"))
         # Start-up: one exporter at a time, so that each one's start is not slowed by another's.
         # Ours is watched through its log (a scrape renders /metrics, which would add to the CPU
         # being measured); the moment is confirmed by one scrape. process-exporter reads /proc at
@@ -288,6 +356,7 @@ limits:
                 measuring = True
                 for peer in peers:
                     peer.cpu0, peer.t0 = cpu_seconds(peer.proc.pid), time.monotonic()
+                    peer.threads0 = thread_counters(peer.pid)
                 end = now + args.seconds
             if measuring and now >= end:
                 break
@@ -296,10 +365,13 @@ limits:
                     latency, body = peer.get()
                     if measuring:
                         peer.scrapes.append((latency, series(body)))
+                    m = re.search(r'^pygil_exporter_build_info\{[^}]*sampler_loop="(\w+)"', body, re.M)
+                    peer.loop = m.group(1) if m else peer.loop
                 next_scrape += args.scrape_interval
             time.sleep(max(0.0, min(next_scrape, end or next_scrape, warmup_end if not measuring else end)
                            - time.monotonic()))
         for peer in peers:
+            peer.threads1 = thread_counters(peer.pid)
             peer.cpu1, peer.t1 = cpu_seconds(peer.proc.pid), time.monotonic()
             peer.hwm_mb = status_kb(peer.proc.pid, "VmHWM") / 1024
             peer.rss_mb = status_kb(peer.proc.pid, "VmRSS") / 1024
@@ -318,16 +390,20 @@ def table(peers: list) -> list:
     pe = peers[0]
     pe_cores = (pe.cpu1 - pe.cpu0) / (pe.t1 - pe.t0)
     lines = ["| exporter | CPU cores | × process-exporter | peak RSS | × process-exporter | series | "
-             "scrape p50 | start-up: all ok after | CPU-s at start-up |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "scrape p50 | start-up: all ok after | CPU-s at start-up | sampler µs CPU per target-sample "
+             "(loop) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for p in peers:
         cores = (p.cpu1 - p.cpu0) / (p.t1 - p.t0)
         lat = statistics.median(s[0] for s in p.scrapes) * 1000 if p.scrapes else float("nan")
         nseries = statistics.median(s[1] for s in p.scrapes) if p.scrapes else 0
         ready = "not within the timeout" if p.ready_s is None else f"{p.ready_s:.1f} s"
         ready_cpu = "–" if p.ready_cpu is None else f"{p.ready_cpu:.2f}"
+        cost = sampler_cost(p.threads0, p.threads1) if "sampled" in p.name else None
+        per = "–" if cost is None else f"{cost[0]:.1f} ({p.loop}, {cost[1]:,} reads)"
         lines.append(f"| {p.name} | {cores:.4f} | {cores / pe_cores:.2f} | {p.hwm_mb:.1f} MB | "
-                     f"{p.hwm_mb / pe.hwm_mb:.2f} | {nseries:,.0f} | {lat:.1f} ms | {ready} | {ready_cpu} |")
+                     f"{p.hwm_mb / pe.hwm_mb:.2f} | {nseries:,.0f} | {lat:.1f} ms | {ready} | {ready_cpu} | "
+                     f"{per} |")
     return lines
 
 
@@ -343,6 +419,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=60.0)
     ap.add_argument("--startup-timeout", type=float, default=90.0)
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--image", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the exporter from the container image (needs tests/setup/image.sh)")
     args = ap.parse_args(argv)
     pe_binary = ensure_process_exporter()
     python = pyenv_python(args.python)

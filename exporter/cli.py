@@ -150,7 +150,7 @@ def _load(path: str | None):
 def run_daemon(args) -> int:
     from prometheus_client import CollectorRegistry
 
-    from exporter.collector import GilCollector
+    from exporter.collector import GilCollector, sampler_loop
     from exporter.config import ConfigError
     from exporter.http import ExporterServer
     from exporter.monitor import Monitor
@@ -201,6 +201,9 @@ def run_daemon(args) -> int:
              __version__, url, url, args.metrics_path, args.config or "every CPython process")
     print(f"gil-exporter {__version__}: landing page {url}/  metrics {url}{args.metrics_path}",
           file=sys.stderr, flush=True)
+    # Which loop samples the GILs: "python" means the install had no C compiler (1.9x the CPU).
+    log.info("sampler loop: %s%s", sampler_loop(monitor),
+             "" if monitor.sampler is not None else " (sampling.enabled: false: not sampling)")
 
     while not pending["stop"]:
         time.sleep(0.1)

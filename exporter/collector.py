@@ -181,8 +181,11 @@ class GilCollector:
         return cpus, util
 
     def _exporter_families(self):
-        build = _family("pygil_exporter_build_info", "gil-exporter's version.", "gauge")
-        build.add_sample("pygil_exporter_build_info", {"version": __version__}, 1)
+        build = _family("pygil_exporter_build_info",
+                        "gil-exporter's version, and which GIL sampling loop runs: sampler_loop=\"c\" "
+                        "(exporter._hotloop, compiled at install) or \"python\" (the fallback).", "gauge")
+        build.add_sample("pygil_exporter_build_info",
+                         {"version": __version__, "sampler_loop": sampler_loop(self.monitor)}, 1)
         errors = _family("pygil_exporter_errors", "Unexpected errors inside the exporter, by stage.", "counter")
         # The known stages always appear (at 0), so that rate() and alerts see them from the start.
         for reason in sorted(set(ERROR_STAGES) | set(self.monitor.errors)):
@@ -194,6 +197,15 @@ class GilCollector:
             dropped.add_sample("pygil_exporter_dropped_processes", {"target": name},
                                self.monitor.dropped.get(name, 0))
         return build, errors, dropped
+
+
+def sampler_loop(monitor: Monitor) -> str:
+    """"c" when the GIL sampler runs the C loop (the optional extension was built at install),
+    else "python". With sampling off, the loop a sampler would run."""
+    if monitor.sampler is not None:
+        return "c" if monitor.sampler.native else "python"
+    import importlib.util
+    return "c" if importlib.util.find_spec("exporter._hotloop") is not None else "python"
 
 
 # --------------------------------------------------------------------------- exposition

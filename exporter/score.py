@@ -256,11 +256,14 @@ def _probe_advice(probe: str, detail: str, can_ptrace: bool | None) -> tuple[str
     why = f"The GIL probe is unavailable ({probe}{': ' + detail if detail else ''})"
     if probe == "permission_denied":
         if can_ptrace:
-            return (why + ", although the exporter has CAP_SYS_PTRACE: a Yama ptrace_scope of "
-                    "3, a seccomp/AppArmor/SELinux policy, or a target that is not dumpable "
-                    "forbids reading its memory.",)
-        return (why + ": give the exporter ptrace access to the target (CAP_SYS_PTRACE, or the "
-                "same user with kernel.yama.ptrace_scope=0) to measure the GIL itself.",)
+            return (why + ", although the exporter has CAP_SYS_PTRACE: a target of another uid "
+                    "also needs CAP_DAC_READ_SEARCH (its /proc/PID/mem is mode 0600, owned by its "
+                    "uid; the Helm chart adds both), else a Yama ptrace_scope of 3, a "
+                    "seccomp/AppArmor/SELinux policy, or a target that is not dumpable forbids "
+                    "reading its memory.",)
+        return (why + ": give the exporter ptrace access to the target (CAP_SYS_PTRACE, and "
+                "CAP_DAC_READ_SEARCH for a target of another uid; or the same user with "
+                "kernel.yama.ptrace_scope=0) to measure the GIL itself.",)
     if probe in ("musl",):
         return (why + ": musl keeps condition-variable waiters where they cannot be counted; "
                 "the figures come from /proc alone.",)

@@ -268,7 +268,7 @@ def test_daemonset_least_privilege(rendered):
     (c,) = pod["containers"]
     assert c["image"] == f"{REPOSITORY}:{CHART_META['appVersion']}"
     sc = c["securityContext"]
-    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["SYS_PTRACE"]}
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["SYS_PTRACE", "DAC_READ_SEARCH"]}
     assert sc["runAsUser"] == 0 and sc["runAsGroup"] == 0 and sc["runAsNonRoot"] is False
     assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True
@@ -626,7 +626,7 @@ def test_schema_covers_every_top_level_value():
 
 
 def test_readme_sidecar_snippet():
-    """The documented sidecar pod spec: shared PID namespace, SYS_PTRACE only, the chart's port
+    """The documented sidecar pod spec: shared PID namespace, SYS_PTRACE and DAC_READ_SEARCH only, the chart's port
     name and pod label, the exporter's flags."""
     readme = (CHART / "README.md").read_text()
     section = readme[readme.index("## Sidecar mode"):readme.index("## Values")]
@@ -638,7 +638,7 @@ def test_readme_sidecar_snippet():
     assert pod["shareProcessNamespace"] is True
     c = next(c for c in pod["containers"] if c["name"] == "gil-exporter")
     assert c["ports"][0]["name"] == sidecar_values["portName"]
-    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_PTRACE"]}
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_PTRACE", "DAC_READ_SEARCH"]}
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert "--web.listen-address=:10057" in c["args"]
     assert c["resources"]["limits"]

@@ -13,9 +13,13 @@ nothing taken from anywhere else: a private mount namespace; the root filesystem
 read-only (readOnlyRootFilesystem); the pod's volumes mounted where its volumeMounts say (the
 rendered ConfigMap's files, an emptyDir as a tmpfs); the host's PID namespace and a /proc for it
 (hostPID); chroot; the capability bounding set cut to the securityContext's (drop ALL, add
-SYS_PTRACE); runAsUser/runAsGroup; no_new_privs (allowPrivilegeEscalation: false); the image's
-entrypoint with the container's args and env. Only the listen address is changed, to a free
+SYS_PTRACE and DAC_READ_SEARCH); runAsUser/runAsGroup; no_new_privs (allowPrivilegeEscalation:
+false); the image's entrypoint with the container's args and env. Only the listen address is changed, to a free
 port on 127.0.0.1.
+
+Targets: a CPython on the host, and nine non-root ones made to look like pods' containers
+(each PID 1 of its own mount and PID namespace, in a Debian root filesystem, under uid 1000,
+65534 or 1000680000), which the chart's capabilities must read.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import shlex
 import socket
 import subprocess
@@ -36,8 +41,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import placements
 from test_helm import CHART_META, defaults, merge, render, with_repository
-from workloads import pyenv_pythons, start_workload
+from workloads import pyenv_pythons, script, start_workload
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("GIL_EXPORTER_CACHE", "/var/cache/gil-exporter"))
@@ -108,8 +114,8 @@ def store_lock():
         yield
 
 
-def build_inputs_key(base: str) -> str:
-    """Hash of everything the build reads: the base image, the Dockerfile, .dockerignore and
+def build_inputs_key(base: str, builder: str) -> str:
+    """Hash of everything the build reads: the base and builder images, the Dockerfile, .dockerignore and
     every file of the context that .dockerignore lets through (the same filter as
     tests/test_dockerfile.py). Same key, same image: a warm run reuses it instead of paying
     buildah's per-step vfs copies for a fully cached build."""
@@ -117,7 +123,9 @@ def build_inputs_key(base: str) -> str:
     pats = ignore_patterns()
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.split("\n")
-    h = hashlib.sha256(json.loads(buildah("inspect", "--type", "image", base).stdout)["FromImageID"].encode())
+    h = hashlib.sha256()
+    for ref in (base, builder):
+        h.update(json.loads(buildah("inspect", "--type", "image", ref).stdout)["FromImageID"].encode())
     for rel in sorted({"Dockerfile", ".dockerignore"} | {f for f in files if f and not ignored(f, pats)}):
         path = ROOT / rel
         if path.is_file():
@@ -130,10 +138,20 @@ def image() -> dict:
     reason = why_unavailable()
     if reason:
         pytest.skip(f"buildah cannot run here: {reason}")
+    if not (STORE / "builder-image").exists():
+        pytest.skip(f"no builder image in {STORE}: run tests/setup/image.sh")
+    return build_image()
+
+
+def build_image() -> dict:
+    """The image of this checkout, built (or reused: same inputs, same image) on the cached
+    base and builder images; also used by bench/bench_peers.py."""
     base = (STORE / "base-image").read_text().strip()
-    ref = f"{REPO}:{build_inputs_key(base)}"
+    builder = (STORE / "builder-image").read_text().strip()
+    ref = f"{REPO}:{build_inputs_key(base, builder)}"
     args = ["bud", "--layers", "--force-rm", "--isolation", "chroot", "--pull=never",
-            "--build-arg", f"BASE_IMAGE={base}", "-t", ref, str(ROOT)]
+            "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"BUILDER_IMAGE={builder}",
+            "-t", ref, str(ROOT)]
     if HOST_CA.exists():
         # pip in RUN steps trusts what this machine trusts (e.g. a TLS-inspecting proxy's CA);
         # a RUN-time mount only, nothing of it lands in the image.
@@ -169,6 +187,7 @@ def test_image_config(image):
     assert cfg.get("WorkingDir", "/") == "/"
     env = dict(e.split("=", 1) for e in cfg["Env"])
     assert env["PYTHONDONTWRITEBYTECODE"] == "1" and env["PIP_NO_CACHE_DIR"] == "1"
+    assert env["PATH"].split(":")[0] == "/opt/gil-exporter/bin"    # kubectl exec … gil-exporter
 
 
 def test_readme_states_the_image_size(image):
@@ -420,3 +439,240 @@ def test_exporter_in_the_image_reads_the_gil_of_a_host_process(pod, workload, tm
     path = c["livenessProbe"]["httpGet"]["path"]
     with urllib.request.urlopen(f"http://127.0.0.1:{pod.port}{path}", timeout=10) as r:
         assert r.status == 200
+
+
+def test_image_has_the_c_loop_and_the_tools_on_path(pod):
+    """What `kubectl exec … -- gil-exporter …` finds in the image: the console script on PATH,
+    the sampler's C loop compiled in the builder stage, `rich` for `top`, no compiler, and the
+    OCI labels."""
+    script = ("command -v gil-exporter && gil-exporter --version && gil-exporter top --help >/dev/null "
+              "&& python3 -c 'import exporter._hotloop, rich; print(exporter._hotloop.__file__)' "
+              "&& for cc in gcc cc; do command -v $cc && exit 3; done; ls /wheels /src 2>&1; exit 0")
+    r = pod.run(["/bin/sh", "-c", script])
+    assert r.returncode == 0, r.stdout + r.stderr
+    import exporter
+    lines = r.stdout.splitlines()
+    assert lines[0] == "/opt/gil-exporter/bin/gil-exporter" and exporter.__version__ in lines[1], lines
+    assert lines[2].startswith("/opt/gil-exporter/lib/python3") and lines[2].endswith(".so"), lines
+    assert "No such file" in r.stdout.split("\n", 3)[-1], r.stdout      # no wheels, no sources
+    labels = pod.image_config.get("Labels", {})
+    assert labels["org.opencontainers.image.version"] == exporter.__version__
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+    assert labels["org.opencontainers.image.source"].startswith("https://")
+    assert labels["org.opencontainers.image.title"] == "gil-exporter"
+
+
+# --- non-root targets in pod-like namespaces ---------------------------------------------------
+
+UIDS = (1000, 65534, 1000680000)   # a user's, nobody's, an OpenShift namespace's random one
+POD_PYTHONS = ("3.12 pyenv", "3.14 Debian sid", "3.15 Debian sid")
+
+
+def start_in_pod(interp, uid: int, name: str = "cpu"):
+    """`name` (tests/workloads.py) under `interp` as a pod's container runs it: a mount and a
+    PID namespace of its own (the interpreter is PID 1 there), the Debian root filesystem as
+    its root (pivot_root, old root unmounted, /proc of its own PID namespace), run as `uid`
+    with no groups. Niced, so that nine of them take only the CPU the rest leaves."""
+    root = shlex.quote(str(interp.rootfs))
+    binds = ""
+    for b in interp.binds:
+        if b.startswith("/root/"):
+            # pyenv lives under /root (0700): a tmpfs over the root's /root, in this mount
+            # namespace only, lets a non-root uid reach it, as an image would install it.
+            binds += f"mount -t tmpfs -o mode=755,size=1m tmpfs {root}/root && "
+        binds += (f"mkdir -p {shlex.quote(str(interp.rootfs) + b)} && "
+                  f"mount --bind {shlex.quote(b)} {shlex.quote(str(interp.rootfs) + b)} && ")
+    inner = (f"mount -t proc proc /proc && umount -l /.oldroot && "
+             f"exec setpriv --reuid={uid} --regid={uid} --clear-groups nice -n 19 \"$@\"")
+    outer = (f"set -e; mount --make-rprivate /; mount --bind {root} {root}; {binds}"
+             f"cd {root}; pivot_root . .oldroot; exec /bin/sh -c {shlex.quote(inner)} sh \"$@\"")
+    cmd = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "sh", "-c", outer, "sh",
+           interp.path, "-u", "-c", script(name), "gil-workload", name]
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/nonexistent",
+           "WORKLOAD_THREADS": "3", "LC_ALL": "C.UTF-8"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    return placements.PlacedWorkload(name, proc, interp.path, placement="pod", target_pid=0)
+
+
+def wait_ready(w, timeout: float = 60.0) -> None:
+    ready, _, _ = select.select([w.proc.stdout], [], [], timeout)
+    line = w.proc.stdout.readline() if ready else ""
+    if line.strip() != "ready":
+        w.proc.kill()
+        raise RuntimeError(f"pod workload did not start: {line!r} {w.proc.stderr.read()[-500:]}")
+    w.target_pid = placements._child(w.proc.pid)
+
+
+def status_of(pid: int) -> dict:
+    return dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def pod_targets():
+    """Each of 3.12 (pyenv), 3.14 and 3.15 (Debian) under each of the three uids: nine
+    CPU-bound 3-thread CPythons, each in its own mount and PID namespace."""
+    found = {i.name: i for i in placements.interpreters()}
+    missing = [n for n in POD_PYTHONS if n not in found or not found[n].available()]
+    if missing:
+        pytest.skip(f"not available here: {missing} (pyenv 3.12, tests/setup/rootfs.sh)")
+    started = []
+    try:
+        for name in POD_PYTHONS:
+            for uid in UIDS:
+                w = start_in_pod(found[name], uid)
+                w.interp, w.uid = found[name], uid
+                started.append(w)
+        for w in started:
+            wait_ready(w)
+        yield started
+    finally:
+        for w in started:
+            w.stop()
+
+
+def render_pod(image, tmp: Path, targets, **values) -> Pod:
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    rendered = render(merge(with_repository({}), {
+        "listenAddress": f"127.0.0.1:{port}",
+        "config": {"targets": [{"name": f"u{w.uid}-py{w.interp.version}", "match": {"pid": w.pid}}
+                               for w in targets],
+                   "scan_interval_seconds": 1, "window_seconds": 3}, **values}))
+    p = Pod(image, rendered, tmp)
+    p.port, p.rendered = port, rendered
+    return p
+
+
+def families(text: str) -> dict:
+    out: dict = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def test_chart_capabilities_read_non_root_pods(image, pod_targets, tmp_path):
+    """The rendered chart's securityContext (uid 0, drop ALL, add SYS_PTRACE and
+    DAC_READ_SEARCH) reads the GIL of every non-root target in a pod-like mount and PID
+    namespace: gil_probe="ok", the node's PID as `pid` (the container's own is 1), the C loop.
+    Beside it, the same container with SYS_PTRACE alone (the chart before) gets
+    permission_denied for every one of them: the open of /proc/PID/mem (0600, the target's
+    uid) fails the file-permission check. Each score is compared with one measured at the same
+    time by a sampler in this test (root, every capability) over the same window."""
+    from exporter.gil import locate
+    from exporter.sampler import GilSampler
+
+    for w in pod_targets:                      # the targets are what a non-root pod is
+        st = status_of(w.pid)
+        assert st["Uid"].split() == [str(w.uid)] * 4 and st["Gid"].split()[0] == str(w.uid)
+        assert st["Groups"].strip() == ""
+        nspid = st["NSpid"].split()
+        assert nspid == [str(w.pid), "1"], nspid   # node's PID, then its own namespace's
+        for ns in ("mnt", "pid"):
+            assert os.readlink(f"/proc/{w.pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
+        mem = os.stat(f"/proc/{w.pid}/mem")
+        assert (mem.st_uid, mem.st_mode & 0o777) == (w.uid, 0o600)
+
+    chart = render_pod(image, tmp_path / "chart", pod_targets)
+    before = render_pod(image, tmp_path / "before", pod_targets,
+                        securityContext={"capabilities": {"drop": ["ALL"], "add": ["SYS_PTRACE"]}})
+    ref = GilSampler(rate_hz=100.0)
+    try:
+        caps = chart.container["securityContext"]["capabilities"]
+        assert caps == {"drop": ["ALL"], "add": ["SYS_PTRACE", "DAC_READ_SEARCH"]}, caps
+        logs = {p: tmp_path / f"{n}.log" for p, n in ((chart, "chart"), (before, "before"))}
+        procs = {p: p.start(log=logs[p]) for p in (chart, before)}
+        for i, w in enumerate(pod_targets):
+            ref.add(i, locate(w.pid))
+        ref.start()
+
+        def scrape_all(p):
+            if procs[p].poll() is not None:
+                pytest.fail(f"exporter exited {procs[p].returncode}:\n{logs[p].read_text()[-3000:]}")
+            try:
+                return families(scrape(p.port))
+            except OSError:
+                return {}
+
+        # every target scored from the GIL by the chart's exporter, and probed by the other
+        deadline, fams, old = time.monotonic() + 120, {}, {}
+        while time.monotonic() < deadline:
+            fams, old = scrape_all(chart), scrape_all(before)
+            scored = [l for l, _ in fams.get("pygil_gil_contention_score", []) if l["method"] == "gil_state"]
+            probed = [l for l, _ in old.get("pygil_target_info", []) if l["gil_probe"] != "pending"]
+            if len(scored) == len(pod_targets) and len(probed) == len(pod_targets):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"not every target scored in 120 s:\n{fams.get('pygil_target_info')}\n"
+                        f"{logs[chart].read_text()[-3000:]}")
+
+        # the capabilities the two containers run with, as the kernel gives them
+        pod_status = {p: status_of(procs[p].pid) for p in (chart, before)}
+        # one full window of the exporter's and of the reference's samples, then both read
+        time.sleep(3.5)
+        r0 = {i: ref.totals(i) for i in range(len(pod_targets))}
+        cpu0 = {w.pid: sum(int(x) for x in Path(f"/proc/{w.pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+                for w in pod_targets}
+        time.sleep(3.0)
+        fams, old = scrape_all(chart), scrape_all(before)
+        r1 = {i: ref.totals(i) for i in range(len(pod_targets))}
+        cpu1 = {w.pid: sum(int(x) for x in Path(f"/proc/{w.pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+                for w in pod_targets}
+    finally:
+        ref.stop()
+        chart.close()
+        before.close()
+
+    info = {l["target"]: l for l, _ in fams["pygil_target_info"]}
+    scores = {l["target"]: v for l, v in fams["pygil_gil_contention_score"] if l["method"] == "gil_state"}
+    waiting = {l["target"]: v for l, v in fams["pygil_gil_waiting_threads"]}
+    threshold = defaults()["prometheusRule"]["thresholds"]["contentionScore"]
+    rows = []
+    for i, w in enumerate(pod_targets):
+        t = f"u{w.uid}-py{w.interp.version}"
+        a, b = r0[i], r1[i]
+        sampled = b.sampled_seconds - a.sampled_seconds
+        assert sampled > 1.0 and b.samples > a.samples, (t, a, b)
+        ref_score = (b.contended_seconds - a.contended_seconds) / sampled
+        ref_wait = (b.wait_seconds - a.wait_seconds) / sampled
+        ran = (cpu1[w.pid] - cpu0[w.pid]) / os.sysconf("SC_CLK_TCK")
+        rows.append(f"  {t:22} pid {w.pid:>7} (1 inside)  probe {info[t]['gil_probe']:4} "
+                    f"score {scores.get(t, float('nan')):.3f} (this test's sampler: {ref_score:.3f})  "
+                    f"waiting {waiting.get(t, float('nan')):.2f} ({ref_wait:.2f})  CPU {ran:.2f} s in 3 s")
+    print("\n" + "\n".join(rows))
+    print(f"chart's container (add {caps['add']}): CapEff {pod_status[chart]['CapEff'].strip()}; "
+          f"with SYS_PTRACE alone: CapEff {pod_status[before]['CapEff'].strip()}")
+    want = sum(1 << CAPS[c] for c in ("SYS_PTRACE", "DAC_READ_SEARCH"))
+    assert int(pod_status[chart]["CapEff"], 16) == want == 0x80004
+    assert int(pod_status[before]["CapEff"], 16) == 1 << CAPS["SYS_PTRACE"] == 0x80000
+
+    for i, w in enumerate(pod_targets):
+        t = f"u{w.uid}-py{w.interp.version}"
+        assert info[t]["gil_probe"] == "ok", info[t]
+        assert info[t]["pid"] == str(w.pid)                       # the node's PID, not 1
+        assert info[t]["python_version"].startswith(w.interp.version + "."), info[t]
+        a, b = r0[i], r1[i]
+        sampled = b.sampled_seconds - a.sampled_seconds
+        ref_score = (b.contended_seconds - a.contended_seconds) / sampled
+        # What this host gave the target, as root read it over the same window: the exporter
+        # in the image says the same within sampling noise (a starved target's score sinks as
+        # its woken waiters wait for a CPU: 0.79 at 0.05 CPU-s in 3 s at load 36, so no
+        # constant is asserted), and both see the contention of three CPU-bound threads: while
+        # one holds the GIL the other two wait for it.
+        assert abs(scores[t] - ref_score) < 0.15, (t, scores[t], ref_score)
+        ref_wait = (b.wait_seconds - a.wait_seconds) / sampled
+        assert abs(waiting[t] - ref_wait) < 0.6, (t, waiting[t], ref_wait)
+        assert ref_wait > 1.0 and waiting[t] > 1.0, (t, waiting[t], ref_wait)
+        if ref_score > threshold + 0.15:       # contended as the chart's alert judges it
+            assert scores[t] > threshold, (t, scores[t], ref_score)
+
+    # without DAC_READ_SEARCH: every one permission_denied, and its score from /proc only
+    old_info = {l["target"]: l["gil_probe"] for l, _ in old["pygil_target_info"]}
+    assert set(old_info.values()) == {"permission_denied"}, old_info
+    assert not [l for l, _ in old.get("pygil_gil_contention_score", []) if l["method"] == "gil_state"]
+
+    # the C loop runs: the build_info label and the start-up log line
+    (build,) = fams["pygil_exporter_build_info"]
+    assert build[0]["sampler_loop"] == "c", build
+    assert 'msg="sampler loop: c"' in logs[chart].read_text()
