@@ -410,7 +410,8 @@ def test_web_config_and_certificate_rotate_without_restart(exporter, tmp_path, p
     assert status("second") == 200
 
     web.write_text("basic_auth_users: [\n")  # a broken rewrite: logged, the running one kept
-    exp.wait_for(lambda: "web config re-read failed" in exp.log_text(), timeout=15)
+    exp.wait_for(lambda: status("second") == 200 and "web config re-read failed" in exp.log_text(),
+                 timeout=15)  # (the file is looked at when a request comes)
     assert status("second") == 200 and exp.proc.poll() is None
 
 
