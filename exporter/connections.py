@@ -39,8 +39,8 @@ class ServerLimits:
     head_timeout: float = 10.0  # whole request (head and body), from its first byte
     idle_timeout: float = 60.0  # a kept-alive connection between requests
     write_timeout: float = 10.0  # a whole response
-    max_head_bytes: int = 65536
-    max_body_bytes: int = 65536
+    max_head_bytes: int = 32768  # a scrape's head is well under 1 KiB
+    max_body_bytes: int = 8192  # a GET has none; at most this much is read and dropped
     queue: int = 256  # complete requests waiting for a worker
 
 
@@ -188,12 +188,17 @@ class ConnectionServer:
             except OSError:
                 continue
             for key, _ in events:
-                if key.data == "listen":
-                    self._accept()
-                elif key.data == "wake":
-                    self._take_back()
-                else:
-                    self._progress(key.data)
+                try:
+                    if key.data == "listen":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._take_back()
+                    else:
+                        self._progress(key.data)
+                except Exception:  # noqa: BLE001 (the acceptor serves everyone: it must not end)
+                    log.exception("connection handling")
+                    if isinstance(key.data, _Conn):
+                        self._close(key.data)
             self._expire(time.monotonic())
 
     def _accept(self) -> None:
