@@ -194,7 +194,37 @@ def test_slowloris_300_plus_50_honest_scrapers(exporter, tmp_path, target):
     exp = exporter("--config", str(_config(tmp_path)))
     exp.wait_for(lambda: exp.value("pygil_process_threads", pid=target.pid))
     port = _port(exp)
-    exp.get("/metrics")
+
+    def honest_scrapers(seconds: float, watch=lambda: None) -> tuple[list, list]:
+        """50 scrapers of /metrics, each every 0.5 s: (latencies, failures)."""
+        latencies, bad = [], []
+        lock = threading.Lock()
+        deadline = time.monotonic() + seconds
+
+        def scraper():
+            while time.monotonic() < deadline:
+                t0 = time.monotonic()
+                try:
+                    with urllib.request.urlopen(exp.base + "/metrics", timeout=10) as r:
+                        ok = r.status == 200 and f'pid="{target.pid}"' in r.read().decode()
+                except OSError as e:
+                    ok = repr(e)
+                with lock:
+                    latencies.append(time.monotonic() - t0)
+                    if ok is not True:
+                        bad.append(ok)
+                time.sleep(0.5)
+
+        honest = [threading.Thread(target=scraper) for _ in range(50)]
+        for t in honest:
+            t.start()
+        while any(t.is_alive() for t in honest):
+            watch()
+            time.sleep(0.5)
+        return sorted(latencies), bad
+
+    # the same scrapers without slow clients: what this host gives now
+    control, _ = honest_scrapers(3.0)
     threads0, rss0 = _proc_figures(exp.proc.pid)
 
     # 300 clients that each send a request head one line every 3 s, forever
@@ -230,50 +260,68 @@ def test_slowloris_300_plus_50_honest_scrapers(exporter, tmp_path, target):
     trickler = threading.Thread(target=trickle)
     trickler.start()
 
-    latencies, bad, peak = [], [], [threads0, rss0]
-    lock = threading.Lock()
-    deadline = time.monotonic() + 14  # past the 10 s head deadline of the slow clients
+    peak = [threads0, rss0]
 
-    def scraper():
-        while time.monotonic() < deadline:
-            t0 = time.monotonic()
-            try:
-                with urllib.request.urlopen(exp.base + "/metrics", timeout=10) as r:
-                    ok = r.status == 200 and f'pid="{target.pid}"' in r.read().decode()
-            except OSError as e:
-                ok = repr(e)
-            with lock:
-                latencies.append(time.monotonic() - t0)
-                if ok is not True:
-                    bad.append(ok)
-            time.sleep(0.2)
-
-    honest = [threading.Thread(target=scraper) for _ in range(50)]
-    for t in honest:
-        t.start()
-    while any(t.is_alive() for t in honest):
+    def watch():
         th, rss = _proc_figures(exp.proc.pid)
         peak[0], peak[1] = max(peak[0], th), max(peak[1], rss)
-        time.sleep(0.5)
+
+    lat, bad = honest_scrapers(13.0, watch)  # past the 10 s head deadline of the slow clients
     stop.set()
     trickler.join()
     for s in slow:
         s.close()
     threads1, rss1 = _proc_figures(exp.proc.pid)
-    lat = sorted(latencies)
+    # under 1 s, unless this host stalls the scrapers that long even without slow clients (a
+    # pool held by slow clients would stall them for the 10 s head deadline)
+    bound = max(1.0, 2 * control[-1])
     print(f"\nslowloris: 300 slow clients + 50 honest scrapers: {len(lat)} scrapes, max "
-          f"{lat[-1] * 1000:.0f} ms, p50 {lat[len(lat) // 2] * 1000:.0f} ms; exporter threads "
+          f"{lat[-1] * 1000:.0f} ms, p50 {lat[len(lat) // 2] * 1000:.0f} ms (without slow clients: "
+          f"max {control[-1] * 1000:.0f} ms, p50 {control[len(control) // 2] * 1000:.0f} ms); exporter threads "
           f"{threads0} before, peak {peak[0]}, {threads1} after; RSS {rss0 / 1024:.1f} MiB before, "
           f"peak {peak[1] / 1024:.1f}, {rss1 / 1024:.1f} after; {len(cut)} slow clients cut "
           f"after {min(cut, default=(0,))[0]:.1f}-{max(cut, default=(0,))[0]:.1f} s, answered "
           f"{sorted(set(a for _, a in cut))}")
     assert not bad, bad[:5]
-    assert lat[-1] < 1.0
+    assert lat[-1] < bound
     assert peak[0] <= threads0 + 2  # no thread per connection
     assert peak[1] - rss0 < 16 * 1024
     # the slow clients were cut at the head deadline (10 s), not kept for ever
     assert len(cut) == 300 and min(cut)[0] >= 9.5 and max(cut)[0] < 13.5
     assert {a for _, a in cut} == {b"HTTP/1.1 408 Request Timeout"}
+
+
+def test_connection_flood_is_capped_and_honest_scrapes_still_answer(exporter, tmp_path):
+    """800 silent connections, more than the 512 the server keeps: the longest-open ones are
+    closed, new scrapes are answered at once, the exporter's fds stay under the cap."""
+    exp = exporter("--config", str(_config(tmp_path)))
+    port = _port(exp)
+    fds0 = len(os.listdir(f"/proc/{exp.proc.pid}/fd"))
+    flood = [socket.create_connection(("127.0.0.1", port)) for _ in range(800)]
+    try:
+        latencies = []
+        for _ in range(20):
+            t0 = time.monotonic()
+            assert exp.get("/healthz", timeout=5) == (200, "ok\n")
+            latencies.append(time.monotonic() - t0)
+        fds = len(os.listdir(f"/proc/{exp.proc.pid}/fd"))
+        closed = 0
+        for s in flood:
+            s.setblocking(False)
+            try:
+                closed += s.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+        print(f"\nflood: 800 connections, the exporter holds {fds - fds0} more fds, "
+              f"{closed} closed by it, /healthz max {max(latencies) * 1000:.0f} ms")
+        assert fds - fds0 <= 512 + 8
+        assert closed >= 800 - 512 - 8
+        assert max(latencies) < 1.0
+    finally:
+        for s in flood:
+            s.close()
 
 
 def test_bad_password_burst_is_cached_and_user_names_do_not_leak_by_timing(exporter, tmp_path):
@@ -318,14 +366,20 @@ def test_bad_password_burst_is_cached_and_user_names_do_not_leak_by_timing(expor
     assert cpu < 25 * one
 
     # known user with a wrong password vs unknown user: both run one bcrypt of the same cost
-    known, unknown = [], []
-    for i in range(8):
-        known.append(attempt("prometheus", f"wrong-{i}")[1])
-        unknown.append(attempt(f"nobody-{i}", f"wrong-{i}")[1])
-    one = bcrypt_seconds()
-    diff = abs(statistics.median(known) - statistics.median(unknown))
-    print(f"timing: known user {statistics.median(known) * 1000:.0f} ms, unknown "
-          f"{statistics.median(unknown) * 1000:.0f} ms, bcrypt {one * 1000:.0f} ms")
+    # The fastest of 10 answers is the cost itself (load only adds): a leak shows as one bcrypt
+    # of difference in every round; up to 3 rounds, fresh passwords each, for a busy host.
+    for round in range(3):
+        known, unknown = [], []
+        for i in range(10):
+            known.append(attempt("prometheus", f"wrong-{round}-{i}")[1])
+            unknown.append(attempt(f"nobody-{i}", f"wrong-{round}-{i}")[1])
+        one = bcrypt_seconds()
+        diff = abs(min(known) - min(unknown))
+        print(f"timing: known user {min(known) * 1000:.0f} ms, unknown {min(unknown) * 1000:.0f} ms "
+              f"(fastest of 10; medians {statistics.median(known) * 1000:.0f}, "
+              f"{statistics.median(unknown) * 1000:.0f}), bcrypt {one * 1000:.0f} ms")
+        if diff < 0.5 * one:
+            break
     assert diff < 0.5 * one
 
 
