@@ -505,3 +505,32 @@ def test_max_version_and_headers_applied(exporter, tmp_path, pki):  # noqa: F811
     with pytest.raises((ssl.SSLError, OSError)):
         with socket.create_connection(("127.0.0.1", _port(exp)), timeout=5) as s:
             only13.wrap_socket(s, server_hostname="127.0.0.1").close()
+
+
+# ---------------------------------------------------------------- the two parsers, directly
+
+@pytest.mark.parametrize("head,expected", [
+    (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 0),
+    (b"GET / HTTP/1.1\r\nContent-Length: 12\r\n\r\n", 12),
+    (b"GET / HTTP/1.1\r\ncontent-length:  7 \r\nContent-Length: 7\r\n\r\n", 7),
+    (b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", (400, "Bad Request")),
+    (b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", (400, "Bad Request")),
+    (b"GET / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n", (400, "Bad Request")),
+    (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", (501, "Not Implemented")),
+])
+def test_framing(head, expected):
+    from exporter.connections import framing
+    assert framing(head) == expected
+
+
+def test_allowed_hosts():
+    from exporter.http import AllowedHosts
+    loopback = AllowedHosts((), "127.0.0.1")
+    assert all(loopback.allows(h) for h in ("127.0.0.1:1", "10.0.0.1", "[::1]:9", "::1", "localhost:1",
+                                            "LocalHost.", socket.gethostname(), None))
+    assert not any(loopback.allows(h) for h in ("evil.example", "evil.example:1", "127.0.0.1.nip.io",
+                                                "localhost.evil.example", "[evil]:1", ""))
+    assert not AllowedHosts((), "10.0.0.5").allows("localhost")  # not a loopback listener
+    assert AllowedHosts((), "0.0.0.0").allows("localhost")  # takes loopback connections too
+    assert AllowedHosts(("gil.example",), "10.0.0.5").allows("GIL.example:10057")
+    assert AllowedHosts(None, "127.0.0.1").allows("evil.example")  # the check off
