@@ -46,7 +46,7 @@ def _listen_address(text: str) -> tuple[str, int]:
 def _daemon_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gil-exporter",
-        usage="%(prog)s [options]\n       %(prog)s diagnose PID [--seconds N] [--rate-hz HZ] [--json] [--stacks]"
+        usage="%(prog)s [options]\n       %(prog)s diagnose PID [--seconds N] [--rate-hz HZ] [--json] [--stacks] [--show-cmdline]"
               "\n       %(prog)s diagnose --pod NAMESPACE/POD[/CONTAINER] [--seconds N] [--json] [--stacks]"
               "\n       %(prog)s top [--config FILE] [--refresh SECONDS] [--namespace NS]",
         description="Prometheus exporter for CPython GIL contention, read from outside the target processes.",
@@ -64,6 +64,14 @@ def _daemon_parser() -> argparse.ArgumentParser:
                    help="path of the metrics endpoint (default /metrics)")
     p.add_argument("--web.config.file", dest="web_config", metavar="FILE",
                    help="TLS and basic auth, in the Prometheus exporter-toolkit format")
+    p.add_argument("--web.show-cmdline", dest="show_cmdline", action="store_true",
+                   help="show full command lines on the pages (default: the values of secret-looking "
+                        "options and variables, and URL passwords, masked)")
+    p.add_argument("--web.disable-pages", dest="disable_pages", action="store_true",
+                   help="serve no HTML pages (/ and /process/PID answer 404); /metrics and /healthz stay")
+    p.add_argument("--web.allowed-hosts", dest="allowed_hosts", action="append", metavar="NAMES",
+                   help="host names accepted in the Host header besides IP literals, this host's "
+                        "name and localhost (comma-separated, repeatable); '*' turns the check off")
     p.add_argument("--log.level", dest="log_level", default="info",
                    choices=["debug", "info", "warn", "warning", "error"], help="log level (default info)")
     p.add_argument("--config.check", dest="check", action="store_true",
@@ -84,6 +92,8 @@ def _diagnose_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=5.0, help="how long to measure (default 5)")
     p.add_argument("--rate-hz", type=float, default=100.0, help="GIL samples per second (default 100)")
     p.add_argument("--json", action="store_true", help="print the figures and verdict as JSON")
+    p.add_argument("--show-cmdline", action="store_true",
+                   help="print the full command line (default: secret-looking values masked)")
     p.add_argument("--stacks", action="store_true",
                    help="also sample the Python stack of the thread holding the GIL while others wait, "
                         "and print the top functions by share of that time (CPython 3.11+)")
@@ -135,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(args.log_level)
         from exporter.diagnose import run_diagnose, run_diagnose_pod
         if args.pod is not None:
-            return run_diagnose_pod(args.pod, args.seconds, args.rate_hz, args.json, args.stacks)
-        return run_diagnose(args.pid, args.seconds, args.rate_hz, args.json, args.stacks)
+            return run_diagnose_pod(args.pod, args.seconds, args.rate_hz, args.json, args.stacks,
+                                    show_cmdline=args.show_cmdline)
+        return run_diagnose(args.pid, args.seconds, args.rate_hz, args.json, args.stacks,
+                            show_cmdline=args.show_cmdline)
     args = _daemon_parser().parse_args(argv)
     _setup_logging(args.log_level)
     return run_daemon(args)
@@ -155,11 +167,11 @@ def run_daemon(args) -> int:
     from exporter.http import ExporterServer
     from exporter.monitor import Monitor
 
-    from exporter.webconfig import WebConfigError, load_web_config
+    from exporter.webconfig import WebConfigError, WebConfigFile
 
     try:
         config = _load(args.config)
-        web = load_web_config(args.web_config) if args.web_config else None
+        web = WebConfigFile(args.web_config) if args.web_config else None
     except (ConfigError, WebConfigError) as e:
         print(str(e), file=sys.stderr)
         return 2
@@ -172,7 +184,8 @@ def run_daemon(args) -> int:
     collector = GilCollector(monitor)
     registry.register(collector)
     try:
-        server = ExporterServer(args.listen, registry, monitor, args.metrics_path, web, collector)
+        server = ExporterServer(args.listen, registry, monitor, args.metrics_path, web, collector,
+                                _web_options(args))
     except OSError as e:
         print(f"gil-exporter: cannot listen on {args.listen[0]}:{args.listen[1]}: {e.strerror or e}",
               file=sys.stderr)
@@ -221,6 +234,13 @@ def run_daemon(args) -> int:
     server.stop()
     monitor.stop()
     return 0
+
+
+def _web_options(args):
+    from exporter.http import WebOptions
+    hosts = [h.strip() for arg in (args.allowed_hosts or ()) for h in arg.split(",") if h.strip()]
+    return WebOptions(show_cmdline=args.show_cmdline, pages=not args.disable_pages,
+                      allowed_hosts=None if "*" in hosts else tuple(hosts))
 
 
 def _pod_resolver():

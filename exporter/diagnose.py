@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from exporter import attribution, discover, pods, procfs, score
 from exporter import stacks as holder_stacks
 from exporter.config import Config, Limits, Match, Sampling, Target
+from exporter.redact import shown_cmdline
 from exporter.monitor import Monitor, ProcessView
 
 EXIT_OK, EXIT_CONTENDED, EXIT_ERROR = 0, 1, 2
@@ -142,7 +143,7 @@ def _check_python(view: ProcessView, info: procfs.ProcessInfo) -> None:
         raise DiagnoseError(f"process {view.pid} exited during the measurement")
 
 
-def report(m: Measurement) -> tuple[dict, score.Verdict]:
+def report(m: Measurement, show_cmdline: bool = False) -> tuple[dict, score.Verdict]:
     view = m.view
     f = view.figures
     v = score.verdict(f, cmdline=view.cmdline, probe=view.gil_probe,
@@ -150,7 +151,7 @@ def report(m: Measurement) -> tuple[dict, score.Verdict]:
     figures = {
         "pid": view.pid,
         "exe": view.exe,
-        "cmdline": view.cmdline,
+        "cmdline": shown_cmdline(view.cmdline, show_cmdline),
         "python_version": view.python_version,
         "gil_probe": view.gil_probe,
         "gil_probe_detail": view.probe_detail,
@@ -172,8 +173,8 @@ def render(figures: dict, v: score.Verdict) -> str:
                                     if figures.get("gil_probe_detail") else "")
     score_text = figures["score"]
     lines = [
-        f"gil-exporter diagnose: pid {figures['pid']} ({figures['exe'] or '?'}), "
-        f"Python {figures['python_version'] or 'unknown'}",
+        f"gil-exporter diagnose: pid {figures['pid']} ({_printable(figures['exe'] or '?')}), "
+        f"Python {_printable(figures['python_version'] or 'unknown')}",
         _line("threads", figures["threads"]),
         _line("CPU cores used", figures["cpu_cores"], ".2f", f" of {figures['host_cpus']}"),
         _line("threads sharing the CPU", figures.get("busy_threads"), ".1f"),
@@ -181,7 +182,7 @@ def render(figures: dict, v: score.Verdict) -> str:
         _line("time runnable, not running", figures.get("run_delay_cores"), ".2f", " cores"),
         _line("voluntary switches/s", figures["voluntary_per_second"], ".0f"),
         _line("involuntary switches/s", figures["involuntary_per_second"], ".0f"),
-        _line("GIL probe", probe),
+        _line("GIL probe", _printable(probe)),
         _line("switch interval", None if interval is None else interval * 1000, ".2f", " ms"),
         _line("GIL held", figures.get("held_ratio"), ".0%"),
         _line("mean threads waiting", figures.get("waiting_threads"), ".2f"),
@@ -194,11 +195,29 @@ def render(figures: dict, v: score.Verdict) -> str:
         ("CONTENDED: " if v.contended else "UNKNOWN: " if v.kind == "unknown" else "OK: ")
         + v.headline,
     ]
-    lines += [f"  - {a}" for a in v.advice]
+    lines += [f"  - {_printable(a)}" for a in v.advice]
     return "\n".join(lines)
 
 
-def run_diagnose(pid: int, seconds: float, rate_hz: float, as_json: bool, stacks: bool = False) -> int:
+def _printable_table(table: attribution.ThreadTable) -> attribution.ThreadTable:
+    """The thread table with each thread's name (the target names its threads) escaped."""
+    return dataclasses.replace(table, rows=tuple(dataclasses.replace(r, name=_printable(r.name))
+                                                 for r in table.rows))
+
+
+def _printable_profile(profile: holder_stacks.StackProfile) -> holder_stacks.StackProfile:
+    """The stack profile with function and file names (the target's code objects) escaped."""
+    stacks: dict = {}
+    for frames, count in profile.stacks.items():
+        key = tuple(dataclasses.replace(f, qualname=_printable(f.qualname),
+                                        filename=_printable(f.filename)) for f in frames)
+        stacks[key] = stacks.get(key, 0) + count
+    return dataclasses.replace(profile, stacks=stacks,
+                               python_version=_printable(profile.python_version))
+
+
+def run_diagnose(pid: int, seconds: float, rate_hz: float, as_json: bool, stacks: bool = False,
+                 show_cmdline: bool = False) -> int:
     if seconds <= 0 or rate_hz <= 0:
         print("gil-exporter diagnose: --seconds and --rate-hz must be positive", file=sys.stderr)
         return EXIT_ERROR
@@ -209,24 +228,25 @@ def run_diagnose(pid: int, seconds: float, rate_hz: float, as_json: bool, stacks
     try:
         m = measure(pid, seconds, rate_hz)
     except DiagnoseError as e:
-        print(f"gil-exporter diagnose: {e}", file=sys.stderr)
+        print(f"gil-exporter diagnose: {_printable(str(e))}", file=sys.stderr)
         if as_json:
             print(json.dumps({"pid": pid, "error": str(e)}))
         return EXIT_ERROR
     finally:
         table = threads.stop(THREAD_ROWS)
         profile = sampler.stop() if sampler else None
-    figures, v = report(m)
+    figures, v = report(m, show_cmdline)
     if as_json:
         out = {"figures": figures, "verdict": dataclasses.asdict(v), "threads": table.as_dict()}
         if profile is not None:
             out["stacks"] = profile.as_dict()
         print(json.dumps(out, indent=2))
     else:
+        # JSON escapes by itself; the text is escaped wherever a target named something
         print(render(figures, v))
-        print("\n" + attribution.render(table))
+        print("\n" + attribution.render(_printable_table(table)))
         if profile is not None:
-            print("\n" + holder_stacks.render(profile))
+            print("\n" + holder_stacks.render(_printable_profile(profile)))
     if v.kind == "unknown":
         return EXIT_ERROR
     return EXIT_CONTENDED if v.contended else EXIT_OK
@@ -247,7 +267,8 @@ def _no_python(found: pods.PodProcesses, name: pods.PodName) -> str:
 
 
 def run_diagnose_pod(pod: str, seconds: float, rate_hz: float, as_json: bool,
-                     stacks: bool = False, environ: dict | None = None) -> int:
+                     stacks: bool = False, environ: dict | None = None,
+                     show_cmdline: bool = False) -> int:
     """`diagnose --pod NAMESPACE/POD[/CONTAINER]`: `diagnose PID` on each Python process of
     the pod, one after the other, each with its container's PID beside the node's. Exit code:
     the worst of theirs; 2 when the pod has no Python process here."""
@@ -268,17 +289,17 @@ def run_diagnose_pod(pod: str, seconds: float, rate_hz: float, as_json: bool,
               f"{'es' if len(found.python) > 1 else ''} on node {found.node}\n"
               f"  {'PID':>8}  {'container PID':>13}  {'container':<20} command")
         for p in found.python:
-            print(f"  {p.pid:>8}  {p.container_pid:>13}  {p.container or '?':<20} "
+            print(f"  {p.pid:>8}  {p.container_pid:>13}  {_printable(p.container or '?'):<20} "
                   f"{_printable(p.comm)}")
     worst, measured = EXIT_OK, []
     for p in found.python:
         if not as_json:
             print(f"\n=== pid {p.pid} (pid {p.container_pid} in container "
                   f"{p.container or '?'}) ===", flush=True)
-            code = run_diagnose(p.pid, seconds, rate_hz, False, stacks)
+            code = run_diagnose(p.pid, seconds, rate_hz, False, stacks, show_cmdline)
         else:  # diagnose PID's own JSON document, one per process
             with contextlib.redirect_stdout(io.StringIO()) as out:
-                code = run_diagnose(p.pid, seconds, rate_hz, True, stacks)
+                code = run_diagnose(p.pid, seconds, rate_hz, True, stacks, show_cmdline)
             measured.append({"pid": p.pid, "container_pid": p.container_pid,
                              "container": p.container, "exit_code": code,
                              "diagnose": json.loads(out.getvalue())})

@@ -4,12 +4,15 @@ from __future__ import annotations
 import base64
 import binascii
 import html
+import io
+import ipaddress
 import logging
+import re
 import socket
-import ssl
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
@@ -18,8 +21,10 @@ from prometheus_client.exposition import choose_encoder
 from exporter import __version__, procfs, score
 from exporter.attribution import SamplerPool, ThreadTable
 from exporter.collector import exposition
+from exporter.connections import ConnectionServer, Request, ResponseWriter, ServerLimits
 from exporter.monitor import Monitor
-from exporter.webconfig import BasicAuth, WebConfig
+from exporter.redact import shown_cmdline
+from exporter.webconfig import WebConfig, WebConfigFile
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +93,7 @@ def _page(title: str, body: str) -> str:
 """
 
 
-def landing_page(monitor: Monitor, metrics_path: str) -> str:
+def landing_page(monitor: Monitor, metrics_path: str, show_cmdline: bool = False) -> str:
     can_ptrace = procfs.has_cap_sys_ptrace()
     views = monitor.snapshot()
     judged = [(v, *process_verdict(v, can_ptrace)) for v in views]
@@ -97,7 +102,7 @@ def landing_page(monitor: Monitor, metrics_path: str) -> str:
     rows = []
     for v, status, verdict in judged:
         f = v.figures
-        cmd = v.cmdline or v.exe or "?"
+        cmd = shown_cmdline(v.cmdline, show_cmdline) or v.exe or "?"
         shown = _truncate(cmd, CMDLINE_SHOWN)
         headline = verdict.headline if verdict else (
             "locating the GIL" if v.gil_probe == "pending" else "collecting a first window")
@@ -217,7 +222,7 @@ def thread_section(table: ThreadTable | None) -> str:
 
 
 def process_page(monitor: Monitor, pid: int, metrics_path: str,
-                 threads: SamplerPool | None = None) -> str | None:
+                 threads: SamplerPool | None = None, show_cmdline: bool = False) -> str | None:
     view = next((v for v in monitor.snapshot() if v.pid == pid), None)
     if view is None:
         return None
@@ -263,7 +268,7 @@ def process_page(monitor: Monitor, pid: int, metrics_path: str,
     now = time.time()
     return _page(f"gil-exporter: pid {pid}", f"""<p><a href="/">← all processes</a></p>
 <h1 class="{status}">pid {pid} {_badge(status)}</h1>
-<p class="cmd">{html.escape(view.cmdline or view.exe or "?")}</p>
+<p class="cmd">{html.escape(shown_cmdline(view.cmdline, show_cmdline) or view.exe or "?")}</p>
 <section id="verdict"><h2>Verdict</h2>{said}
 <p>Same as <code>gil-exporter diagnose {pid}</code>. Runbook:
 <a href="{RUNBOOK_BASE}{runbook}">{runbook}</a> ·
@@ -348,34 +353,63 @@ def _openmetrics(content_type: str) -> bool | None:
     return None
 
 
-class _Server(ThreadingHTTPServer):
-    """ThreadingHTTPServer that does the TLS handshake in the connection's own thread,
-    so a slow or plain-HTTP client can never hold up accept() for everyone else."""
+class AllowedHosts:
+    """The Host header check against DNS rebinding: a page on evil.example that resolves its
+    own name to 127.0.0.1 reaches this server with `Host: evil.example`. Accepted: an IP
+    literal (what Prometheus and the kubelet send: Host: POD_IP:PORT), a name given with
+    --web.allowed-hosts, this host's own name, and `localhost` when the listener takes
+    loopback connections; a request without Host (not a browser) too. `names` None: no check."""
 
-    daemon_threads = True
-    request_queue_size = 128
-    ssl_context: ssl.SSLContext | None = None
-    handshake_timeout = 10.0
+    def __init__(self, names, listen_host: str):
+        self.names = None if names is None else {n.lower().rstrip(".") for n in names}
+        if self.names is not None:
+            self.names.add(socket.gethostname().lower())
+            if _takes_loopback(listen_host):
+                self.names.add("localhost")
 
-    def finish_request(self, request, client_address):
-        if self.ssl_context is not None:
-            request.settimeout(self.handshake_timeout)
-            try:
-                request = self.ssl_context.wrap_socket(request, server_side=True)
-            except (ssl.SSLError, OSError) as e:
-                log.debug("TLS handshake with %s failed: %s", client_address[0], e)
-                return
-        super().finish_request(request, client_address)
+    def allows(self, host: str | None) -> bool:
+        if self.names is None or host is None:
+            return True
+        host = host.strip().lower()
+        if host.startswith("["):  # [v6]:port
+            name = host[1:host.find("]")] if "]" in host else host
+        else:
+            name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name.rstrip(".") in self.names
 
-    def handle_error(self, request, client_address):
-        log.debug("connection from %s ended with an error", client_address[0], exc_info=True)
+
+def _takes_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower() == "localhost"
+    return ip.is_loopback or ip.is_unspecified
+
+
+#: /process/PID: a PID is at most 10 ASCII digits (pid_max is at most 2^22); anything else
+#: is not a page (`²` passes str.isdigit, and int() of 5,000 digits raises).
+_PROCESS_PATH = re.compile(r"/process/([0-9]{1,10})")
+
+
+@dataclass(frozen=True)
+class WebOptions:
+    """The --web.* flags that shape what is served."""
+    show_cmdline: bool = False  # full command lines on the pages (default: secrets masked)
+    pages: bool = True  # False: / and /process/PID answer 404; /metrics and /healthz stay
+    allowed_hosts: tuple | None = ()  # names accepted in Host besides IP literals; None: no check
 
 
 class ExporterServer:
     """Serves one registry and the landing page; stops cleanly on request."""
 
     def __init__(self, address: tuple[str, int], registry: CollectorRegistry, monitor: Monitor,
-                 metrics_path: str = "/metrics", web: WebConfig | None = None, collector=None):
+                 metrics_path: str = "/metrics", web: WebConfig | WebConfigFile | None = None,
+                 collector=None, options: WebOptions = WebOptions(),
+                 limits: ServerLimits = ServerLimits()):
         self.registry = registry
         self.monitor = monitor
         self.rendered = RenderedMetrics(registry, monitor, collector) if collector is not None else None
@@ -383,23 +417,33 @@ class ExporterServer:
         # per-process pages sample their process's threads while they are looked at
         self.threads = SamplerPool(sampling.rate_hz, read_gil=sampling.enabled)
         self.metrics_path = metrics_path
-        self.web = web or WebConfig()
-        self.auth = BasicAuth(self.web.users) if self.web.users else None
-        handler = self._handler()
-        server_class = _Server
-        if ":" in address[0]:
-            server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
-        self.httpd = server_class(address, handler)
-        self.httpd.ssl_context = self.web.ssl_context
-        self._thread: threading.Thread | None = None
+        self.options = options
+        self.hosts = AllowedHosts(options.allowed_hosts, address[0])
+        # a WebConfigFile is re-read when it or a file it names changes (at most once a second)
+        self.web = web if isinstance(web, WebConfigFile) else WebConfigFile.fixed(web or WebConfig())
+        self.limits = limits
+        self.handler = self._handler()
+        self.httpd = ConnectionServer(address, self._serve, tls=lambda: self.web.current().ssl_context,
+                                      limits=limits)
 
     @property
     def scheme(self) -> str:
-        return "https" if self.web.ssl_context is not None else "http"
+        return "https" if self.web.current().ssl_context is not None else "http"
 
     @property
     def address(self) -> tuple[str, int]:
         return self.httpd.server_address[:2]
+
+    def _serve(self, req: Request) -> bool:
+        """One complete request, in a worker: the standard library's request handler run on
+        the head the acceptor read; True keeps the connection open."""
+        h = self.handler.__new__(self.handler)
+        h.request, h.client_address, h.server = req.sock, req.address, self
+        h.rfile = io.BytesIO(req.head)
+        h.wfile = ResponseWriter(req.sock, self.limits.write_timeout)
+        h.close_connection = True
+        h.handle_one_request()
+        return not h.close_connection
 
     def _handler(self):
         server = self
@@ -407,10 +451,10 @@ class ExporterServer:
         class Handler(BaseHTTPRequestHandler):
             server_version = f"gil-exporter/{__version__}"
             protocol_version = "HTTP/1.1"
-            timeout = 30  # a slow client cannot hold a worker thread forever
 
             def _authorized(self) -> bool:
-                if server.auth is None:
+                auth = server.web.current().auth
+                if auth is None:
                     return True
                 header = self.headers.get("Authorization", "")
                 scheme, _, value = header.partition(" ")
@@ -419,22 +463,34 @@ class ExporterServer:
                         user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
                     except (binascii.Error, UnicodeDecodeError):
                         user = password = None
-                    if user is not None and server.auth.check(user, password):
+                    if user is not None and auth.check(user, password):
                         return True
-                self.send_response(401)
-                self.send_header("WWW-Authenticate", 'Basic realm="gil-exporter"')
-                self.send_header("Content-Length", "13")
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(b"unauthorized\n")
+                self._send(401, "text/plain; charset=utf-8", b"unauthorized\n",
+                           (("WWW-Authenticate", 'Basic realm="gil-exporter"'),))
                 return False
 
             def do_GET(self):  # noqa: N802 (http.server's naming)
+                self._sent = False
+                try:
+                    self._dispatch()
+                except Exception as e:  # noqa: BLE001 (one page's failure, not the connection's)
+                    log.error("%s failed: %s: %s", self.path[:200], type(e).__name__, e)
+                    if not self._sent:
+                        self._send(500, "text/plain; charset=utf-8", b"internal error\n")
+                    self.close_connection = True
+
+            def _dispatch(self):
+                if not server.hosts.allows(self.headers.get("Host")):
+                    self._send(421, "text/plain; charset=utf-8",
+                               b"host not allowed: use an IP address, or a name given with "
+                               b"--web.allowed-hosts\n")
+                    return
                 path = urlsplit(self.path).path
                 # /healthz says "ok" and nothing else: open, so that the kubelet's probes (which
                 # carry no credentials) keep working with basic auth on.
                 if path != "/healthz" and not self._authorized():
                     return
+                process = _PROCESS_PATH.fullmatch(path)
                 if path == server.metrics_path:
                     accept = self.headers.get("Accept", "")
                     try:
@@ -448,30 +504,37 @@ class ExporterServer:
                         self._send(500, "text/plain; charset=utf-8", b"scrape failed\n")
                         return
                     self._send(200, content_type, body)
+                elif path == "/healthz":
+                    self._send(200, "text/plain; charset=utf-8", b"ok\n")
+                elif not server.options.pages and (path == "/" or process):
+                    self._send(404, "text/plain; charset=utf-8",
+                               b"pages are switched off (--web.disable-pages)\n")
                 elif path == "/":
                     server.monitor.refresh()  # figures at most a tick old, as for a scrape
-                    page = landing_page(server.monitor, server.metrics_path).encode()
+                    page = landing_page(server.monitor, server.metrics_path,
+                                        server.options.show_cmdline).encode()
                     self._send(200, "text/html; charset=utf-8", page)
-                elif path.startswith("/process/") and path[len("/process/"):].isdigit():
+                elif process:
                     server.monitor.refresh()
-                    page = process_page(server.monitor, int(path[len("/process/"):]),
-                                        server.metrics_path, server.threads)
+                    page = process_page(server.monitor, int(process.group(1)), server.metrics_path,
+                                        server.threads, server.options.show_cmdline)
                     if page is None:
                         self._send(404, "text/plain; charset=utf-8", b"no such process\n")
                     else:
                         self._send(200, "text/html; charset=utf-8", page.encode())
-                elif path == "/healthz":
-                    self._send(200, "text/plain; charset=utf-8", b"ok\n")
                 else:
                     self._send(404, "text/plain; charset=utf-8", b"not found\n")
 
             def do_HEAD(self):  # noqa: N802
                 self.do_GET()
 
-            def _send(self, code: int, content_type: str, body: bytes) -> None:
+            def _send(self, code: int, content_type: str, body: bytes, extra=()) -> None:
+                self._sent = True
                 self.send_response(code)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
+                for name, value in (*extra, *server.web.current().headers):
+                    self.send_header(name, value)
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
@@ -482,10 +545,8 @@ class ExporterServer:
         return Handler
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
-        self._thread.start()
+        self.httpd.start()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.httpd.stop()
         self.threads.close()
