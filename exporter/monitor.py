@@ -40,10 +40,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from exporter import gil, procfs, score
+from exporter import gil, passes, procfs, score
 from exporter.attribution import ThreadLabels
 from exporter.config import Config
 from exporter.discover import Candidate, Discoverer
+from exporter.passes import LEAD, ScrapeRhythm
 from exporter.sampler import GilSampler, GilTotals
 
 log = logging.getLogger(__name__)
@@ -60,34 +61,6 @@ SCORE_HISTORY = 120
 # An idle process is sampled once per this many ticks of the GIL sampler (2 Hz at the default
 # 100 Hz), a process that showed a waiter in the last 0.25 s at every tick (sampler.py).
 IDLE_TICKS = 50
-_LEAD = 0.5               # a pass this long before an expected scrape
-_ANCHOR_LATE = 0.3        # the window's first pass: this much less than a window before the last
-
-
-class ScrapeRhythm:
-    """The scrape times seen lately, and the next scrape they predict.
-
-    Prometheus scrapes a target at a fixed interval and phase: the median gap between the
-    last scrapes is the interval, and the last scrape plus that interval the next one.
-    Scrapes closer than 50 ms to the previous one (concurrent scrapers) count as one.
-    """
-
-    def __init__(self, keep: int = 9):
-        self.times: deque = deque(maxlen=keep)
-
-    def record(self, t: float) -> None:
-        if not self.times or t - self.times[-1] >= 0.05:
-            self.times.append(t)
-
-    def last(self) -> float | None:
-        return self.times[-1] if self.times else None
-
-    def period(self) -> float | None:
-        times = list(self.times)
-        if len(times) < 2:
-            return None
-        gaps = sorted(b - a for a, b in zip(times, times[1:]))
-        return gaps[len(gaps) // 2]
 
 
 @dataclass(frozen=True)
@@ -254,7 +227,7 @@ class Monitor:
         if config.sampling.enabled:
             self.sampler = GilSampler(rate_hz=config.sampling.rate_hz, idle_ticks=idle_ticks)
         self.ready = threading.Event()  # set after the first pass
-        self.lead = _LEAD  # how long before an expected scrape its pass happens
+        self.lead = LEAD  # how long before an expected scrape its pass happens
         self.generation = 0  # passes done: what /metrics shows changes only when this does
         self.tick_listeners: list[Callable[[], None]] = []
 
@@ -323,38 +296,11 @@ class Monitor:
             self._passed.wait_for(lambda: self.generation != generation or self._stop.is_set(), timeout)
 
     def _plan(self, now: float) -> float:
-        """When the next pass is due."""
-        last = self._passes[-1] if self._passes else -1e9
-        floor = last + self.tick_seconds
-        rhythm = self._rhythm
-        if rhythm is None:
-            return floor
-        window = self.config.window_seconds
-        period, scraped = rhythm.period(), rhythm.last()
-        if period is None or now - scraped > 3 * period + window:
-            self.scrape_expected = None
-            return max(floor, last + window / 2)  # nobody scrapes regularly
-        period = max(period, self.tick_seconds)
-        expected = scraped + period
-        while expected < now:
-            expected += period
-        self.scrape_expected = expected
-        # Passes just before the expected scrapes, and each one's window start (unless
-        # another pass already falls less than a window, and more than window - 1 s, earlier).
-        pres = [expected - _LEAD + k * period for k in range(-int(window // period) - 2, int(window // period) + 3)]
-        wanted = []
-        for pre in pres:
-            if pre < now - self.tick_seconds:
-                continue
-            if pre >= now or last < pre - 0.05:
-                wanted.append(max(pre, now))
-            lo, hi = pre - window + _ANCHOR_LATE - 0.1, pre - window + _ANCHOR_LATE + 0.9
-            if hi < now:
-                continue
-            if any(lo <= t <= hi for t in self._passes) or any(lo <= p <= hi for p in pres):
-                continue
-            wanted.append(max(pre - window + _ANCHOR_LATE, now))
-        return max(floor, min(wanted)) if wanted else max(floor, last + window / 2)
+        """When the next pass is due (passes.plan), noting the scrape it prepares for."""
+        planned = passes.plan(now, self._passes, self.tick_seconds, self.config.window_seconds, self._rhythm)
+        if self._rhythm is not None:
+            self.scrape_expected = planned.scrape_expected
+        return planned.due
 
     def _run(self) -> None:
         while not self._stop.is_set():
