@@ -16,7 +16,8 @@ from prometheus_client.core import Metric
 from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
-from exporter.monitor import Monitor, ProcessView
+from exporter.monitor import Monitor
+from exporter.views import ProcessView
 
 
 ERROR_STAGES = ("scan", "tick", "host", "gil_locate", "procfs_permission", "kube")
