@@ -20,7 +20,7 @@ from exporter.monitor import Monitor
 from exporter.views import ProcessView
 
 
-ERROR_STAGES = ("scan", "tick", "host", "gil_locate", "procfs_permission", "kube")
+ERROR_STAGES = ("scan", "tick", "host", "gil_locate", "procfs_permission", "kube", "process")
 
 
 def _family(name: str, doc: str, kind: str, unit: str = "") -> Metric:

@@ -182,7 +182,7 @@ class Monitor:
             self._passes.append(now)
             self._read_host(now)
             for key, state in list(self._states.items()):
-                self._read_process(key, state)
+                self._read_guarded(key, state)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("pass: %d processes in %.1f ms; next scrape expected in %s s", len(self._states),
                           (time.monotonic() - now) * 1000,
@@ -241,7 +241,7 @@ class Monitor:
         if added and self.generation:
             # A first reading now, so that the next pass makes a window.
             for key, state in added:
-                self._read_process(key, state)
+                self._read_guarded(key, state)
             self.tracker.due(self._states)
 
     def _kube_labels(self, pid: int) -> tuple:
@@ -279,6 +279,22 @@ class Monitor:
         horizon = now - self.config.window_seconds - 2 * self.tick_seconds
         while len(history) > 2 and history[1].t < horizon:
             history.popleft()
+
+    def _read_guarded(self, key, state: ProcessState) -> None:
+        """One process's part of a pass: whatever it raises costs that process's figures only
+        (errors_total{reason="process"}); the other processes are read as ever."""
+        try:
+            self._read_process(key, state)
+            state.failing = ""
+        except Exception as e:
+            self.errors["process"] += 1
+            # Nothing stale is published: the process is back with its next good readings.
+            state.history = deque()
+            what = f"{type(e).__name__}: {e}"
+            if what != state.failing:  # once per kind of failure, not once per pass
+                log.error("pid=%d reading the process failed, its figures are left out: %s", key[0], what)
+                log.debug("process failure", exc_info=True)
+            state.failing = what
 
     def _read_process(self, key, state: ProcessState) -> None:
         pid = key[0]

@@ -75,6 +75,7 @@ class ProcessState:
     next_interps: float = 0.0  # when the locator looks for new interpreters' GILs again
     per_thread: bool = False  # its GILs are sampled with per-thread held time
     labels: ThreadLabels | None = None  # per_thread: the thread label values, under the cap
+    failing: str = ""  # the last pass's failure reading it ("" when it was read)
 
     def ctx_totals(self, per_thread: dict[int, tuple[int, int]]) -> tuple[int, int]:
         ended_v, ended_i = self.ended

@@ -584,3 +584,92 @@ def test_config_fifo(exporter, tmp_path, bystander):
                  and "not a regular file (a FIFO)" in exp.log_text(), timeout=20)
     _assert_daemon_healthy(exp, bystander.pid)
     _assert_sigterm_exits(exp)
+
+
+# --------------------------------------------------------------------------- one process's failure
+#
+# A target can make reading it raise: here a thread whose /proc/PID/task/TID/status is cut,
+# at the 4096 bytes the exporter reads, just after "voluntary_ctxt_switches:" (a root process
+# sets supplementary groups until the Groups line puts the key there; the count then parses as
+# nothing). Before the per-process guard that failed every pass for every process
+# (errors_total{reason="tick"}); now it costs that process its figures only.
+
+STATUS_CUT_TARGET = r"""
+import os, sys, threading, time
+KEY, CUT = b"\nvoluntary_ctxt_switches:", 4096
+tid = []
+def sleeper():
+    tid.append(threading.get_native_id())
+    time.sleep(3600)
+threading.Thread(target=sleeper, daemon=True).start()
+while not tid:
+    time.sleep(0.01)
+path = f"/proc/self/task/{tid[0]}/status"
+def key_end():
+    with open(path, "rb") as f:
+        data = f.read()
+    return data.find(KEY) + len(KEY)
+groups, n = [], 0
+def place():
+    # set groups until the key ends at the cut (again whenever the status shifts)
+    global n
+    for _ in range(2000):
+        d = CUT - key_end()
+        if d == 0:
+            return True
+        n += 1
+        if d < 0:
+            groups.pop()
+        elif d == 1:  # one more digit on the last group
+            groups[-1] = 1000000000 + n
+        else:
+            digits = min(9, d - 1)
+            groups.append(10 ** (digits - 1) + n % (9 * 10 ** (digits - 1)) if digits > 1 else 1 + n % 9)
+        os.setgroups(groups)
+    return False
+print(tid[0], "cut" if place() else "missed", flush=True)
+while True:  # keep the attack in place: a queued signal or a grown fd table shifts the status
+    time.sleep(0.1)
+    place()
+time.sleep(3600)
+"""
+
+
+def test_one_process_failing_to_read_costs_only_its_own_figures(exporter, tmp_path):
+    """Beside the hostile target, a spinning bystander keeps cpu_cores and a score in the
+    same passes; the failure is counted under reason="process" (never "tick"), logged once."""
+    if os.geteuid() != 0:
+        pytest.skip("setgroups needs root")
+    hostile = subprocess.Popen([sys.executable, "-c", STATUS_CUT_TARGET, "hostile-status-cut"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        tid, outcome = hostile.stdout.readline().split()
+        assert outcome == "cut", "the target could not place its status cut"
+        with start_workload("cpu", threads=2, argv_tag="hostile-bystander") as bystander:
+            cfg = _two_targets(tmp_path, "cmdline: 'hostile-status-cut'")
+            exp = exporter("--config", str(cfg))
+            # the attack is real: a read of that thread's status as the exporter reads it ends at the key
+            fd = os.open(f"/proc/{hostile.pid}/task/{tid}/status", os.O_RDONLY)
+            try:
+                exp.wait_for(lambda: os.pread(fd, 4096, 0).endswith(b"\nvoluntary_ctxt_switches:"), timeout=10)
+            finally:
+                os.close(fd)
+            failed = exp.wait_for(lambda: exp.value("pygil_exporter_errors_total", reason="process"), timeout=30)
+            exp.wait_for(lambda: exp.value("pygil_process_cpu_cores", pid=bystander.pid) is not None
+                         and exp.series("pygil_gil_contention_score", pid=bystander.pid), timeout=30)
+            for _ in range(4):  # pass after pass: the bystander's figures, none of the hostile's
+                samples = exp.scrape()
+                mine = [s for s in samples if s.labels.get("pid") == str(bystander.pid)]
+                assert {"pygil_process_cpu_cores", "pygil_gil_contention_score"} <= {s.name for s in mine}
+                assert not [s for s in samples if s.labels.get("pid") == str(hostile.pid)]
+                time.sleep(1.0)
+            assert exp.value("pygil_exporter_errors_total", reason="process") > failed  # every pass
+            assert exp.value("pygil_exporter_errors_total", reason="tick") == 0
+            log = exp.log_text()
+            assert log.count(f"pid={hostile.pid} reading the process failed") == 1, log[-2000:]
+            assert "Traceback" not in log
+            _assert_sigterm_exits(exp)
+    finally:
+        hostile.kill()
+        hostile.wait()
+        hostile.stdout.close()
