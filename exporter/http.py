@@ -213,8 +213,9 @@ def process_page(monitor: Monitor, pid: int, metrics_path: str,
     if threads is not None:
         threads.configure(monitor.config.sampling.rate_hz, monitor.config.sampling.enabled)
         try:
+            # a process whose locate blocked: the page's own sampler must not block too
             table = threads.table(pid, procfs.start_time(pid), monitor.config.window_seconds,
-                                  limit=THREAD_ROWS)
+                                  limit=THREAD_ROWS, read_gil=view.gil_probe != "locate_timeout")
         except (procfs.ProcessGone, PermissionError):
             return None
     status, verdict = process_verdict(view, procfs.has_cap_sys_ptrace())
