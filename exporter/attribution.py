@@ -463,10 +463,12 @@ class ThreadSampler:
         self._thread.start()
         return self
 
-    def stop(self, limit: int = 0) -> ThreadTable:
+    def stop(self, limit: int = 0, timeout: float = 5.0) -> ThreadTable:
+        """Stop sampling; waits up to `timeout` for the thread (0: not at all: a daemon
+        thread ends by itself, even one that waited long in a read from the target)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._thread is not None and timeout > 0:
+            self._thread.join(timeout=timeout)
         return self.table(limit)
 
     def running(self) -> bool:
@@ -635,20 +637,23 @@ class SamplerPool:
         self._samplers: Dict[Tuple[int, int], Tuple[ThreadSampler, float]] = {}  # (pid, start) -> (sampler, last look)
 
     def table(self, pid: int, start_time: int, window: float, limit: int = 0,
-              wait: float = 2.0) -> ThreadTable:
+              wait: float = 2.0, read_gil: bool = True) -> ThreadTable:
         """The table of the process over about its last `window` seconds. The first look
-        starts sampling and waits up to `wait` seconds for a first second of samples."""
+        starts sampling and waits up to `wait` seconds for a first second of samples;
+        `read_gil` False: that sampler reads names and CPU only (the caller knows that
+        locating its GIL blocks)."""
         key = (pid, start_time)
         now = time.monotonic()
         with self._lock:
             self._reap(now)
             hit = self._samplers.get(key)
             fresh = hit is None
-            sampler = ThreadSampler(pid, self.rate_hz, read_gil=self.read_gil).start() if fresh else hit[0]
+            sampler = (ThreadSampler(pid, self.rate_hz, read_gil=self.read_gil and read_gil).start()
+                       if fresh else hit[0])
             self._samplers[key] = (sampler, now)
             while len(self._samplers) > self.max_samplers:
                 oldest = min(self._samplers, key=lambda k: self._samplers[k][1])
-                self._samplers.pop(oldest)[0].stop()
+                self._samplers.pop(oldest)[0].stop(timeout=0)  # never wait under the lock
         if fresh:
             deadline = now + wait
             while time.monotonic() < deadline and sampler.running():
@@ -666,17 +671,22 @@ class SamplerPool:
             if self.read_gil and not read_gil:
                 samplers, self._samplers = list(self._samplers.values()), {}
                 for sampler, _last in samplers:
-                    sampler.stop()
+                    sampler.stop(timeout=0)
             self.read_gil = read_gil
 
     def _reap(self, now: float) -> None:
         for key, (sampler, last) in list(self._samplers.items()):
             if now - last > self.idle or not sampler.running():
                 del self._samplers[key]
-                sampler.stop()
+                sampler.stop(timeout=0)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop every sampler, waiting `timeout` in all for their threads (shutdown must not
+        wait for one stuck in a read from its target)."""
         with self._lock:
             samplers, self._samplers = list(self._samplers.values()), {}
         for sampler, _last in samplers:
-            sampler.stop()
+            sampler.stop(timeout=0)
+        deadline = time.monotonic() + timeout
+        for sampler, _last in samplers:
+            sampler.stop(timeout=max(0.0, deadline - time.monotonic()) or 1e-3)

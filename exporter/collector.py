@@ -17,10 +17,11 @@ from prometheus_client.core import Metric
 from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
-from exporter.monitor import Monitor, ProcessView
+from exporter.monitor import Monitor
+from exporter.views import ProcessView
 
 
-ERROR_STAGES = ("scan", "tick", "host", "gil_locate", "procfs_permission", "kube")
+ERROR_STAGES = ("scan", "tick", "host", "gil_locate", "procfs_permission", "kube", "process")
 
 
 def _family(name: str, doc: str, kind: str, unit: str = "") -> Metric:

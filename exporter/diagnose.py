@@ -15,11 +15,12 @@ import sys
 import time
 from dataclasses import dataclass
 
-from exporter import attribution, discover, pods, procfs, score
+from exporter import attribution, discover, pods, procfs, score, views
 from exporter import stacks as holder_stacks
 from exporter.config import Config, Limits, Match, Sampling, Target
+from exporter.monitor import Monitor
 from exporter.redact import shown_cmdline
-from exporter.monitor import Monitor, ProcessView
+from exporter.views import ProcessView
 
 EXIT_OK, EXIT_CONTENDED, EXIT_ERROR = 0, 1, 2
 
@@ -146,8 +147,7 @@ def _check_python(view: ProcessView, info: procfs.ProcessInfo) -> None:
 def report(m: Measurement, show_cmdline: bool = False) -> tuple[dict, score.Verdict]:
     view = m.view
     f = view.figures
-    v = score.verdict(f, cmdline=view.cmdline, probe=view.gil_probe,
-                      probe_detail=view.probe_detail, can_ptrace=m.can_ptrace)
+    v = views.verdict(view, can_ptrace=m.can_ptrace)
     figures = {
         "pid": view.pid,
         "exe": view.exe,

@@ -18,12 +18,13 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from exporter import __version__, procfs, score
+from exporter import __version__, procfs
 from exporter.attribution import SamplerPool, ThreadTable
 from exporter.collector import exposition
 from exporter.connections import ConnectionServer, Request, ResponseWriter, ServerLimits
 from exporter.monitor import Monitor
 from exporter.redact import shown_cmdline
+from exporter.views import status as process_verdict  # the verdict as diagnose gives it
 from exporter.webconfig import WebConfig, WebConfigFile
 
 log = logging.getLogger(__name__)
@@ -48,19 +49,6 @@ tr.contended td{background:#fde0dc}tr.unknown td{background:#f4f4f4;color:#555}
 .b-unknown,.b-measuring{background:#757575;color:#fff}
 code{background:#f3f3f3;padding:1px 3px}.cmd{font-family:monospace;font-size:90%}
 section{margin-top:1.5em}"""
-
-
-def process_verdict(view, can_ptrace: bool | None = None):
-    """(status, Verdict or None) for a view: status is "contended", "ok", "unknown" or
-    "measuring" (no score yet: the GIL is being located or not yet sampled over a window)."""
-    f = view.figures
-    if f is None or (view.score is None and view.score_method == "none"
-                     and view.gil_enabled is not False):
-        return "measuring", None
-    v = score.verdict(f, cmdline=view.cmdline, probe=view.gil_probe,
-                      probe_detail=view.probe_detail, can_ptrace=can_ptrace)
-    status = "contended" if v.contended else "unknown" if v.kind == "unknown" else "ok"
-    return status, v
 
 
 def _badge(status: str) -> str:
@@ -230,8 +218,9 @@ def process_page(monitor: Monitor, pid: int, metrics_path: str,
     if threads is not None:
         threads.configure(monitor.config.sampling.rate_hz, monitor.config.sampling.enabled)
         try:
+            # a process whose locate blocked: the page's own sampler must not block too
             table = threads.table(pid, procfs.start_time(pid), monitor.config.window_seconds,
-                                  limit=THREAD_ROWS)
+                                  limit=THREAD_ROWS, read_gil=view.gil_probe != "locate_timeout")
         except (procfs.ProcessGone, PermissionError):
             return None
     status, verdict = process_verdict(view, procfs.has_cap_sys_ptrace())

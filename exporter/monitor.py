@@ -1,29 +1,17 @@
-"""Monitor: the running state behind /metrics.
+"""Monitor: the running state behind /metrics: the loop and the table of tracked processes.
 
-A background thread reads every tracked process's /proc figures in passes, and keeps the
-history of passes from which the window gauges are derived. It rescans for processes every
-`scan_interval_seconds`. A second background thread (the GilSampler) reads each target's GIL
-at ~100 Hz. Scrapes never read target memory: they read the last pass, after one liveness
-read per process.
+A background thread rescans for processes every `scan_interval_seconds` (discover.py) and
+reads every tracked process's /proc figures in passes, keeping the history of readings from
+which the window gauges are derived (state.py, views.py). A second background thread (the
+GilSampler) reads each target's GIL at ~100 Hz; the GilTracker (giltracker.py) locates the
+GILs on a worker with a deadline and hands each pass their totals. Scrapes never read target
+memory: they read the last pass, after one liveness read per process.
 
-When passes happen. Without a scraper to follow (`diagnose`, tests), every `tick_seconds`.
-Behind the HTTP server (follow_scrapes()), the passes follow the scrapes: Prometheus scrapes
-at a fixed interval and phase, so the monitor predicts the next scrape from the last ones
-and makes one pass just before it (the scrape finds it ready) and one a window earlier (the
-window's first reading); a scrape that finds the last pass older than `tick_seconds` waits
-for a fresh one. Nobody scraping: a pass every window_seconds / 2. So a window gauge spans
-just under `window_seconds` for a regular scraper, at least half of it for any other, and a
-scrape never gets figures older than `tick_seconds`. Reading every thread of every process
-every second, whatever the scrape interval, was most of the exporter's cost.
-
-Counters are made monotonic here: context switches are summed over every thread,
-with the last value of each ended thread kept, so a thread that exits never makes
-the sum go down.
-
-Several GILs (3.12+ subinterpreters with a GIL of their own): the main GIL is sampled under
-the process's key, each other one under key + (interpreter id,); the locator looks for new
-ones every scan. From the first time a process shows more than one GIL, its GIL series are
-published per interpreter (ProcessView.interpreters); an ordinary process never gets them.
+When passes happen (passes.py). Without a scraper to follow (`diagnose`, tests), every
+`tick_seconds`. Behind the HTTP server (follow_scrapes()), just before each expected scrape
+and a window earlier; a scrape that finds the last pass older than `tick_seconds` waits for a
+fresh one (refresh()). Nobody scraping: a pass every window_seconds / 2. Reading every thread
+of every process every second, whatever the scrape interval, was most of the exporter's cost.
 
 Per thread (sampling.per_thread): each pass drains the held time per TID from the sampler
 and credits it to the process's `attribution.ThreadLabels` (the cap on thread label values),
@@ -36,205 +24,39 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from exporter import gil, procfs, score
-from exporter.attribution import ThreadLabels
+from exporter import passes, procfs, views
 from exporter.config import Config
-from exporter.discover import Candidate, Discoverer
-from exporter.sampler import GilSampler, GilTotals
+from exporter.discover import Discoverer
+from exporter.giltracker import LOCATE_DEADLINE, GilTracker
+from exporter.passes import LEAD, ScrapeRhythm
+from exporter.sampler import GilSampler
+from exporter.state import SCORE_HISTORY_STEP, HostTick, ProcessState, Tick, add_totals
+from exporter.views import HostView, InterpreterGil, ProcessView  # noqa: F401 (importers' old home)
+# the helpers' former names here (tests import them from this module)
+from exporter.state import add_totals as _add_totals, window as _window  # noqa: F401
+from exporter.views import gil_figures as _gil_figures, thread_figures as _thread_figures  # noqa: F401
+from exporter.views import utf8 as _utf8  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-# Probe outcomes that no retry can change.
-_PERMANENT = {"free_threaded", "musl", "not_cpython", "not_elf", "unsupported_arch", "disabled",
-              "unsupported_version", "binary_replaced"}
-_RELOCATE_AFTER = 30.0  # seconds between attempts to locate a GIL that was not found
-#: Score history per process, for the landing page's sparkline: a point every
-#: SCORE_HISTORY_STEP seconds (the score is a window average already), 10 minutes of them
-#: (about 13 KiB per process).
-SCORE_HISTORY_STEP = 5.0
-SCORE_HISTORY = 120
 # An idle process is sampled once per this many ticks of the GIL sampler (2 Hz at the default
 # 100 Hz), a process that showed a waiter in the last 0.25 s at every tick (sampler.py).
 IDLE_TICKS = 50
-_LEAD = 0.5               # a pass this long before an expected scrape
-_ANCHOR_LATE = 0.3        # the window's first pass: this much less than a window before the last
-
-
-class ScrapeRhythm:
-    """The scrape times seen lately, and the next scrape they predict.
-
-    Prometheus scrapes a target at a fixed interval and phase: the median gap between the
-    last scrapes is the interval, and the last scrape plus that interval the next one.
-    Scrapes closer than 50 ms to the previous one (concurrent scrapers) count as one.
-    """
-
-    def __init__(self, keep: int = 9):
-        self.times: deque = deque(maxlen=keep)
-
-    def record(self, t: float) -> None:
-        if not self.times or t - self.times[-1] >= 0.05:
-            self.times.append(t)
-
-    def last(self) -> float | None:
-        return self.times[-1] if self.times else None
-
-    def period(self) -> float | None:
-        times = list(self.times)
-        if len(times) < 2:
-            return None
-        gaps = sorted(b - a for a, b in zip(times, times[1:]))
-        return gaps[len(gaps) // 2]
-
-
-@dataclass(frozen=True)
-class Tick:
-    """One reading of one process."""
-
-    t: float  # time.monotonic()
-    threads: int
-    cpu_user: float
-    cpu_system: float
-    voluntary: int  # monotonic totals over every thread
-    involuntary: int
-    gil: GilTotals | None
-    # tid -> (ns on a CPU, ns runnable but waiting for one), /proc/PID/task/TID/schedstat;
-    # empty when the kernel has none
-    sched: dict = field(default_factory=dict)
-    # the other interpreters' GILs: interpreter id -> GilTotals (empty: the main GIL only)
-    gils: dict = field(default_factory=dict)
-    # per_thread: ((thread label, interpreter id, held seconds), ...), or None when off
-    thread_held: tuple | None = None
-
-
-@dataclass(frozen=True)
-class InterpreterGil:
-    """One GIL of a process with several (an interpreter with a GIL of its own)."""
-
-    interpreter: int  # PyInterpreterState.id; 0: the main interpreter
-    gil: GilTotals | None
-    waiting_threads: float | None  # over the window
-    score: float | None
-    score_method: str
-
-
-@dataclass(frozen=True)
-class HostTick:
-    t: float
-    cpus: tuple  # per CPU (busy seconds, total seconds)
-
-
-@dataclass(frozen=True)
-class ProcessView:
-    """Everything published about one process, as of the last tick."""
-
-    target: str
-    pid: int
-    exe: str
-    python_version: str
-    implementation: str
-    gil_probe: str  # "ok" or why the memory probe is unavailable
-    kube: tuple[tuple[str, str], ...]  # (("namespace", ..), ("pod", ..), ("container", ..)) or ()
-    threads: int
-    cpu_user_seconds: float
-    cpu_system_seconds: float
-    voluntary_total: int
-    involuntary_total: int
-    figures: score.Figures | None  # window figures; None until two ticks exist
-    gil: GilTotals | None
-    gil_enabled: bool | None
-    score: float | None
-    score_method: str
-    cmdline: str = ""  # argv joined by spaces, as matched by the config
-    probe_detail: str = ""  # why the GIL probe is unavailable, in words ("" when ok)
-    score_history: tuple = ()  # ((unix time, score or None), ...) every 5 s, oldest first
-
-    free_threaded: bool | None = None  # a Py_GIL_DISABLED build (None: not known)
-    # processes that have shown several GILs: each one (the GIL fields above are then the
-    # most contended one's); () for every other process
-    interpreters: tuple[InterpreterGil, ...] = ()
-    # sampling.per_thread: ((thread label, interpreter id, held seconds), ...); None when off
-    thread_held: tuple | None = None
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return {"target": self.target, "pid": str(self.pid), **dict(self.kube)}
-
-
-@dataclass(frozen=True)
-class HostView:
-    cpus: int
-    utilization: tuple[float, ...] | None  # per CPU over the window
-
-
-def _window(history: deque, window: float):
-    """(first, last) ticks spanning about `window` seconds, or None with under two ticks."""
-    if len(history) < 2:
-        return None
-    last = history[-1]
-    first = history[0]
-    for tick in history:
-        if last.t - tick.t <= window + 1e-6:
-            first = tick
-            break
-    if first is last:
-        first = history[-2]
-    return first, last
-
-
-@dataclass
-class _ProcessState:
-    candidate: Candidate
-    identity: gil.PythonIdentity | None = None
-    probe: str = "pending"
-    probe_detail: str = ""
-    location: gil.GilLocation | None = None
-    next_locate: float = 0.0
-    locating: bool = False
-    kube: tuple = ()
-    gil_base: GilTotals | None = None  # totals of earlier sampler sessions (probe lost, then re-located)
-    threads: dict = field(default_factory=dict)  # tid -> (voluntary, involuntary), last seen
-    ended: tuple = (0, 0)  # sums of threads that ended
-    history: deque = field(default_factory=deque)
-    scores: deque = field(default_factory=lambda: deque(maxlen=SCORE_HISTORY))
-    stat: procfs.StatFile | None = None  # kept /proc/PID/stat (closed under Monitor._lock)
-    tasks: procfs.ThreadFiles | None = None  # kept task status and schedstat (monitor thread only)
-    # the other interpreters' GILs being sampled: id -> location (replaced whole, never changed)
-    gils: dict = field(default_factory=dict)
-    gils_base: dict = field(default_factory=dict)  # id -> totals of earlier sampler sessions
-    multi: bool = False  # has shown several GILs: series per interpreter from then on
-    next_interps: float = 0.0  # when the locator looks for new interpreters' GILs again
-    per_thread: bool = False  # its GILs are sampled with per-thread held time
-    labels: ThreadLabels | None = None  # per_thread: the thread label values, under the cap
-
-    def ctx_totals(self, per_thread: dict[int, tuple[int, int]]) -> tuple[int, int]:
-        ended_v, ended_i = self.ended
-        for tid, (v, i) in self.threads.items():
-            now = per_thread.get(tid)
-            # An ended thread, or a reused TID whose counts restarted: keep the old figures.
-            if now is None or now[0] < v or now[1] < i:
-                ended_v += v
-                ended_i += i
-        self.ended = (ended_v, ended_i)
-        self.threads = per_thread
-        return (ended_v + sum(v for v, _ in per_thread.values()),
-                ended_i + sum(i for _, i in per_thread.values()))
 
 
 class Monitor:
     def __init__(self, config: Config, tick_seconds: float = 1.0,
-                 pod_resolver: Callable | None = None, idle_ticks: int = IDLE_TICKS):
+                 pod_resolver: Callable | None = None, idle_ticks: int = IDLE_TICKS,
+                 locate_deadline: float = LOCATE_DEADLINE):
         self.config = config
         self.tick_seconds = tick_seconds
         self.errors: Counter = Counter()
         self.dropped: dict[str, int] = {}
         self._discoverer = Discoverer(config)
         self._pod_resolver = pod_resolver
-        self._states: dict[tuple, _ProcessState] = {}
-        self._gils_lock = threading.Lock()  # replacing a _ProcessState.gils (monitor and locator)
+        self._states: dict[tuple, ProcessState] = {}
         self._host: deque = deque()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -247,14 +69,14 @@ class Monitor:
         self._passes: deque = deque(maxlen=64)   # start times of the last passes
         self._rhythm: ScrapeRhythm | None = None  # None: a pass every tick_seconds
         self.scrape_expected: float | None = None  # monotonic time of the next expected scrape
-        # One locator: more in parallel would finish sooner but cost more CPU in GIL handoffs
-        # (100 processes: 2.9 s and 0.52 CPU-s to every probe ok with one, 1.4 s and 0.67 with 4).
-        self._locator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gil-locate")
         self.sampler: GilSampler | None = None
         if config.sampling.enabled:
             self.sampler = GilSampler(rate_hz=config.sampling.rate_hz, idle_ticks=idle_ticks)
+        # locating the GILs (a worker with a deadline) and taking their totals for a pass
+        self.tracker = GilTracker(config, self.sampler, self.errors, lambda key: key in self._states,
+                               deadline=locate_deadline)
         self.ready = threading.Event()  # set after the first pass
-        self.lead = _LEAD  # how long before an expected scrape its pass happens
+        self.lead = LEAD  # how long before an expected scrape its pass happens
         self.generation = 0  # passes done: what /metrics shows changes only when this does
         self.tick_listeners: list[Callable[[], None]] = []
 
@@ -279,7 +101,7 @@ class Monitor:
             self._thread.join(timeout=3)
         if self.sampler:
             self.sampler.stop()
-        self._locator.shutdown(wait=False, cancel_futures=True)
+        self.tracker.stop()  # joins no locator worker: one may be stuck in a target
         with self._lock:
             for state in self._states.values():
                 if state.stat is not None:
@@ -291,6 +113,7 @@ class Monitor:
         """Apply a new, already validated config: the next tick rescans with it."""
         with self._lock:
             self.config = config
+            self.tracker.config = config
             self._discoverer = Discoverer(config)
             self._next_scan = 0.0
         self._wake.set()
@@ -323,38 +146,11 @@ class Monitor:
             self._passed.wait_for(lambda: self.generation != generation or self._stop.is_set(), timeout)
 
     def _plan(self, now: float) -> float:
-        """When the next pass is due."""
-        last = self._passes[-1] if self._passes else -1e9
-        floor = last + self.tick_seconds
-        rhythm = self._rhythm
-        if rhythm is None:
-            return floor
-        window = self.config.window_seconds
-        period, scraped = rhythm.period(), rhythm.last()
-        if period is None or now - scraped > 3 * period + window:
-            self.scrape_expected = None
-            return max(floor, last + window / 2)  # nobody scrapes regularly
-        period = max(period, self.tick_seconds)
-        expected = scraped + period
-        while expected < now:
-            expected += period
-        self.scrape_expected = expected
-        # Passes just before the expected scrapes, and each one's window start (unless
-        # another pass already falls less than a window, and more than window - 1 s, earlier).
-        pres = [expected - _LEAD + k * period for k in range(-int(window // period) - 2, int(window // period) + 3)]
-        wanted = []
-        for pre in pres:
-            if pre < now - self.tick_seconds:
-                continue
-            if pre >= now or last < pre - 0.05:
-                wanted.append(max(pre, now))
-            lo, hi = pre - window + _ANCHOR_LATE - 0.1, pre - window + _ANCHOR_LATE + 0.9
-            if hi < now:
-                continue
-            if any(lo <= t <= hi for t in self._passes) or any(lo <= p <= hi for p in pres):
-                continue
-            wanted.append(max(pre - window + _ANCHOR_LATE, now))
-        return max(floor, min(wanted)) if wanted else max(floor, last + window / 2)
+        """When the next pass is due (passes.plan), noting the scrape it prepares for."""
+        planned = passes.plan(now, self._passes, self.tick_seconds, self.config.window_seconds, self._rhythm)
+        if self._rhythm is not None:
+            self.scrape_expected = planned.scrape_expected
+        return planned.due
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -366,14 +162,15 @@ class Monitor:
                 if self._refresh_wanted or now >= self._next_pass:
                     self._refresh_wanted = False
                     self._pass()
-                self._locate_due()
+                self.tracker.due(self._states)
                 self._next_pass = self._plan(time.monotonic())
             except Exception as e:  # keep serving whatever happens in one tick
                 self.errors["tick"] += 1
                 log.error("tick failed: %s: %s", type(e).__name__, e)
                 log.debug("tick failure", exc_info=True)
                 self._next_pass = time.monotonic() + self.tick_seconds
-            wait = min(self._next_pass, self._next_scan) - time.monotonic()
+            check = self.tracker.next_check()  # a locate's deadline, to abandon it on time
+            wait = min(self._next_pass, self._next_scan, check if check is not None else float("inf")) - time.monotonic()
             if wait > 0:
                 self._wake.wait(wait)
             self._wake.clear()
@@ -385,7 +182,7 @@ class Monitor:
             self._passes.append(now)
             self._read_host(now)
             for key, state in list(self._states.items()):
-                self._read_process(key, state)
+                self._read_guarded(key, state)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("pass: %d processes in %.1f ms; next scrape expected in %s s", len(self._states),
                           (time.monotonic() - now) * 1000,
@@ -410,7 +207,7 @@ class Monitor:
             self._scan()
             self._next_scan = now + self.config.scan_interval_seconds
         self._pass()
-        self._locate_due()
+        self.tracker.due(self._states)
 
     def _scan(self) -> None:
         try:
@@ -435,7 +232,7 @@ class Monitor:
                 stat = procfs.StatFile(key[0], key[1])
             except (procfs.ProcessGone, OSError):
                 continue  # gone since the scan
-            state = _ProcessState(cand, kube=self._kube_labels(cand.info.pid), stat=stat,
+            state = ProcessState(cand, kube=self._kube_labels(cand.info.pid), stat=stat,
                                   tasks=procfs.ThreadFiles(key[0]))
             with self._lock:
                 self._states[key] = state
@@ -444,8 +241,8 @@ class Monitor:
         if added and self.generation:
             # A first reading now, so that the next pass makes a window.
             for key, state in added:
-                self._read_process(key, state)
-            self._locate_due()
+                self._read_guarded(key, state)
+            self.tracker.due(self._states)
 
     def _kube_labels(self, pid: int) -> tuple:
         if self._pod_resolver is None:
@@ -466,11 +263,7 @@ class Monitor:
                 state.stat.close()
             if state.tasks is not None:
                 state.tasks.close()
-        if self.sampler:
-            self.sampler.remove(key)
-            if state is not None:
-                for iid in state.gils:
-                    self.sampler.remove(key + (iid,))
+        self.tracker.forget(key, state)
 
     def _read_host(self, now: float) -> None:
         try:
@@ -487,7 +280,23 @@ class Monitor:
         while len(history) > 2 and history[1].t < horizon:
             history.popleft()
 
-    def _read_process(self, key, state: _ProcessState) -> None:
+    def _read_guarded(self, key, state: ProcessState) -> None:
+        """One process's part of a pass: whatever it raises costs that process's figures only
+        (errors_total{reason="process"}); the other processes are read as ever."""
+        try:
+            self._read_process(key, state)
+            state.failing = ""
+        except Exception as e:
+            self.errors["process"] += 1
+            # Nothing stale is published: the process is back with its next good readings.
+            state.history = deque()
+            what = f"{type(e).__name__}: {e}"
+            if what != state.failing:  # once per kind of failure, not once per pass
+                log.error("pid=%d reading the process failed, its figures are left out: %s", key[0], what)
+                log.debug("process failure", exc_info=True)
+            state.failing = what
+
+    def _read_process(self, key, state: ProcessState) -> None:
         pid = key[0]
         try:
             stat = state.stat.read()
@@ -500,35 +309,8 @@ class Monitor:
             self.errors["procfs_permission"] += 1
             return
         voluntary, involuntary = state.ctx_totals(per_thread)
-        totals = None
-        gils: dict = {}
-        held: dict = {}  # per_thread: (interpreter id, TID) -> held seconds since the last pass
-        if self.sampler and state.location is not None:
-            alive = set(per_thread) if state.per_thread else None
-            failure = self.sampler.failure(key)
-            now_totals = self._take(key, 0, alive, held)
-            failed = []
-            for iid in state.gils:
-                sub = key + (iid,)
-                gone = self.sampler.failure(sub)
-                raw = self._take(sub, iid, alive, held)
-                t = _add_totals(state.gils_base.get(iid), raw)
-                if gone or failure or raw is None:  # the locator may find it again
-                    if t is not None:
-                        state.gils_base[iid] = t
-                    failed.append(iid)
-                else:
-                    gils[iid] = t
-            if failed:
-                self._drop_gils(key, state, failed)
-            if failure:
-                state.gil_base = _add_totals(state.gil_base, now_totals)
-                state.probe, state.location = failure, None
-                state.probe_detail = "the GIL could no longer be read where it was found"
-                state.next_locate = time.monotonic() + _RELOCATE_AFTER
-                self.sampler.remove(key)
-            else:
-                totals = _add_totals(state.gil_base, now_totals)
+        alive = set(per_thread) if state.per_thread else None
+        totals, gils, held = self.tracker.take(key, state, alive)
         thread_held = None
         if state.per_thread and state.labels is not None:
             pid_names = key[0]
@@ -542,142 +324,11 @@ class Monitor:
         wall = time.time()
         if not state.scores or wall - state.scores[-1][0] >= min(SCORE_HISTORY_STEP,
                                                                   self.config.window_seconds / 2):
-            host_cpus = len(self._host[-1].cpus) if self._host else 0
-            state.scores.append((wall, self._derive(state, host_cpus)[2]))
-
-    def _take(self, key, iid: int, alive, held: dict) -> GilTotals | None:
-        """A GIL's totals; per thread, its held time per TID since the last pass goes to
-        `held` (under (iid, TID)), drained together with those totals."""
-        if alive is None:
-            return self.sampler.totals(key)
-        got = self.sampler.drain(key, alive)
-        if got is None:
-            return None
-        totals, inc = got
-        for tid, seconds in inc.items():
-            held[(iid, tid)] = held.get((iid, tid), 0.0) + seconds
-        return totals
-
-    def _drop_gils(self, key, state: _ProcessState, iids) -> None:
-        """Stop sampling these interpreters' GILs (the locator may find them again)."""
-        with self._gils_lock:
-            state.gils = {i: loc for i, loc in state.gils.items() if i not in iids}
-        for iid in iids:
-            self.sampler.remove(key + (iid,))
-
-    # -- locating the GIL (in a worker: ELF parsing and validation take a while) ----
-    def _locate_due(self) -> None:
-        now = time.monotonic()
-        for key, state in list(self._states.items()):
-            if (state.location is not None and not state.locating and now >= state.next_interps
-                    and _may_have_other_gils(state.location)):
-                state.locating = True
-                state.next_interps = now + self.config.scan_interval_seconds
-                self._locator.submit(self._find_other_gils, key, state)
-                continue
-            if state.locating or state.location is not None or now < state.next_locate:
-                continue
-            if state.probe in _PERMANENT:
-                continue
-            state.locating = True
-            self._locator.submit(self._locate, key, state)
-
-    def _locate(self, key, state: _ProcessState) -> None:
-        pid = key[0]
-        try:
-            if not self.config.sampling.enabled or self.sampler is None:
-                if state.identity is None:
-                    state.identity = gil.identify(pid)
-                state.probe, state.probe_detail = "disabled", "sampling.enabled is false in the config"
-                return
-            try:
-                location = gil.locate(pid)  # identifies the target too: one identify per process
-            except gil.ProbeUnavailable:
-                if state.identity is None:  # the labels still want the version
-                    try:
-                        state.identity = gil.identify(pid)
-                    except gil.ProbeUnavailable:
-                        pass
-                raise
-            state.identity = location.identity
-            if key not in self._states:
-                return
-            per_thread = self.config.sampling.per_thread
-            if per_thread and state.labels is None:
-                state.labels = ThreadLabels(self.config.limits.max_threads_per_process,
-                                            self.config.window_seconds)
-            state.per_thread = per_thread and state.labels is not None
-            self.sampler.add(key, location, per_thread=state.per_thread)
-            state.location, state.probe, state.probe_detail = location, "ok", ""
-            log.info("pid=%d GIL at 0x%x (%s, Python %s)", pid, location.address,
-                     location.method, state.identity.version)
-            if _may_have_other_gils(location):
-                state.next_interps = time.monotonic() + self.config.scan_interval_seconds
-                self._add_other_gils(key, state, location)
-        except gil.ProbeUnavailable as e:
-            state.probe, state.probe_detail = e.reason, e.detail
-            log.info("pid=%d GIL probe unavailable: %s %s", pid, e.reason, getattr(e, "detail", ""))
-        except Exception as e:
-            state.probe, state.probe_detail = "error", f"{type(e).__name__}: {e}"
-            self.errors["gil_locate"] += 1
-            log.error("pid=%d locating the GIL failed: %s: %s", pid, type(e).__name__, e)
-            log.debug("locate failure", exc_info=True)
-        finally:
-            state.next_locate = time.monotonic() + _RELOCATE_AFTER
-            state.locating = False
-
-    def _find_other_gils(self, key, state: _ProcessState) -> None:
-        try:
-            location = state.location
-            if location is not None and key in self._states:
-                self._add_other_gils(key, state, location)
-        except Exception as e:
-            self.errors["gil_locate"] += 1
-            log.error("pid=%d looking for subinterpreters' GILs failed: %s: %s", key[0], type(e).__name__, e)
-        finally:
-            state.locating = False
-
-    def _add_other_gils(self, key, state: _ProcessState, main: gil.GilLocation) -> None:
-        """Sample the GILs of subinterpreters that have their own (locator thread); stop
-        sampling those of interpreters that are gone."""
-        try:
-            found = gil.other_gils(main, {loc.address: loc for loc in state.gils.values()})
-        except (gil.ProbeUnavailable, OSError) as e:
-            log.debug("pid=%d subinterpreters' GILs: %s", key[0], e)
-            return
-        now = {loc.interpreter_id: loc for loc in found}
-        old = state.gils
-        gone = [i for i in old if i not in now]
-        for iid, loc in now.items():
-            if iid not in old or old[iid].address != loc.address:
-                self.sampler.add(key + (iid,), loc, per_thread=state.per_thread)
-        with self._gils_lock:
-            state.gils = now
-            if now:
-                state.multi = True
-        for iid in gone:
-            self.sampler.remove(key + (iid,))
-        if key not in self._states:  # forgotten meanwhile: nothing of it stays in the sampler
-            for iid in now:
-                self.sampler.remove(key + (iid,))
-        elif now.keys() != old.keys():
-            log.info("pid=%d GILs of subinterpreters: %s", key[0], sorted(now) or "none")
+            state.scores.append((wall, views.derive(state, self._host, self.config.window_seconds)[2]))
 
     # -- views for export ------------------------------------------------------
     def host(self) -> HostView:
-        items = deque(self._host)
-        if not items:
-            return HostView(0, None)
-        cpus = len(items[-1].cpus)
-        span = _window(items, self.config.window_seconds)
-        if span is None:
-            return HostView(cpus, None)
-        a, b = span
-        util = []
-        for (busy0, total0), (busy1, total1) in zip(a.cpus, b.cpus):
-            dt = total1 - total0
-            util.append(min(1.0, max(0.0, (busy1 - busy0) / dt)) if dt > 0 else 0.0)
-        return HostView(cpus, tuple(util))
+        return views.host_view(self._host, self.config.window_seconds)
 
     def alive_keys(self) -> frozenset:
         """Keys of the tracked processes that are still running now (one pread each)."""
@@ -691,139 +342,15 @@ class Monitor:
             alive = self.alive_keys()  # gone since the last pass: never publish a dead process
         with self._lock:
             states = list(self._states.items())
-        host_cpus = len(self._host[-1].cpus) if self._host else 0
-        views = []
+        out = []
         for key, state in states:
             if not state.history:
                 continue
             if alive is not None and key not in alive:
                 continue
-            views.append(self._view(state, host_cpus))
-        views.sort(key=lambda v: (v.target, v.pid))
-        return views
-
-    def _derive(self, state: _ProcessState, host_cpus: int):
-        """(figures, gil_enabled, score, method) over the window ending at the last tick."""
-        last: Tick = state.history[-1]
-        ident = state.identity
-        figures = None
-        span = _window(state.history, self.config.window_seconds)
-        gil_enabled = None
-        if state.location is not None and last.gil is not None and last.gil.samples:
-            # free-threaded builds: what the last sample saw; a GIL build always has its GIL
-            gil_enabled = True if last.gil.enabled is None else last.gil.enabled
-        per_gil: dict = {}  # processes with several GILs: interpreter id -> GIL figures
-        if span is not None:
-            a, b = span
-            dt = b.t - a.t
-            kw = _gil_figures(state.history, a, b)
-            if state.multi:
-                per_gil[0] = kw
-                for iid in last.gils:
-                    per_gil[iid] = _gil_figures(state.history, a, b, iid)
-            kw = dict(kw)
-            kw.update(_thread_figures(a.sched, b.sched, dt))
-            kw["host_idle_cpus"] = _host_idle(self._host, a.t, b.t)
-            figures = score.Figures(
-                threads=b.threads,
-                cpu_cores=((b.cpu_user + b.cpu_system) - (a.cpu_user + a.cpu_system)) / dt,
-                voluntary_per_second=(b.voluntary - a.voluntary) / dt,
-                involuntary_per_second=(b.involuntary - a.involuntary) / dt,
-                host_cpus=host_cpus,
-                gil_enabled=gil_enabled,
-                **kw,
-            )
-        value, method = (None, "none")
-        # While the GIL is being located, or is located but not yet sampled over a window,
-        # publish no score rather than a procfs score that flips to gil_state moments later.
-        settling = state.probe == "pending" or (state.locating and state.location is None) or (
-            state.location is not None and (figures is None or figures.contended_ratio is None))
-        interps: dict = {}  # interpreter id -> (GIL figures, score, method)
-        if figures is not None and not settling:
-            for iid, gkw in per_gil.items():
-                fi = replace(figures, **gkw) if gkw.get("contended_ratio") is not None else None
-                interps[iid] = (gkw, *(score.score(fi) if fi is not None else (None, "none")))
-            measured = {i: x for i, x in interps.items() if x[1] is not None}
-            if len(measured) > 1:
-                # the process: its most contended GIL, and how many GILs were held at once
-                worst = max(measured, key=lambda i: (measured[i][1], -i))
-                figures = replace(figures, **measured[worst][0], gils=len(measured), interpreter=worst,
-                                  gils_held=sum(x[0]["held_ratio"] for x in measured.values()))
-            value, method = score.score(figures)
-        return figures, gil_enabled, value, method, interps
-
-    def _view(self, state: _ProcessState, host_cpus: int) -> ProcessView:
-        last: Tick = state.history[-1]
-        ident = state.identity
-        figures, gil_enabled, value, method, interps = self._derive(state, host_cpus)
-        info = state.candidate.info
-        interpreters = ()
-        if state.multi:
-            gils = {0: last.gil, **last.gils}
-            interpreters = tuple(
-                InterpreterGil(iid, gils.get(iid),
-                               interps[iid][0].get("waiting_threads") if iid in interps else None,
-                               *(interps[iid][1:] if iid in interps else (None, "none")))
-                for iid in sorted(set(gils) | set(interps)))
-        return ProcessView(
-            target=state.candidate.target,
-            pid=info.pid,
-            exe=_utf8(info.exe),
-            python_version=ident.version if ident else "",
-            implementation=ident.implementation if ident else "unknown",
-            gil_probe=state.probe,
-            kube=tuple((k, _utf8(v)) for k, v in state.kube),
-            threads=last.threads,
-            cpu_user_seconds=last.cpu_user,
-            cpu_system_seconds=last.cpu_system,
-            voluntary_total=last.voluntary,
-            involuntary_total=last.involuntary,
-            figures=figures,
-            gil=last.gil,
-            gil_enabled=gil_enabled,
-            free_threaded=ident.free_threaded if ident else None,
-            score=value,
-            score_method=method,
-            cmdline=_utf8(" ".join(info.cmdline)),
-            probe_detail=_utf8(state.probe_detail),
-            score_history=tuple(state.scores),
-            interpreters=interpreters,
-            thread_held=last.thread_held,
-        )
-
-
-def _gil_figures(history: deque, a: Tick, b: Tick, interpreter: int = 0) -> dict:
-    """GIL fields of Figures over [a, b] (of one interpreter's GIL: 0 the main one). When the
-    GIL was located during the window, its figures start at the first tick that has GIL
-    totals, not at `a`: a window whose first tick predates the first GIL sample must not lose
-    the GIL figures (it used to, and diagnose then fell back to /proc although the probe was
-    fine)."""
-    def totals(t: Tick) -> GilTotals | None:
-        return t.gil if not interpreter else t.gils.get(interpreter)
-    g = totals(b)
-    if g is None:
-        return {}
-    first = a
-    g0 = totals(a)
-    if g0 is None:
-        first = next((t for t in history if t.t >= a.t and totals(t) is not None), b)
-        g0 = totals(first)
-    if first is b or g.sampled_seconds <= g0.sampled_seconds:
-        return {}
-    ds = g.sampled_seconds - g0.sampled_seconds
-    return dict(
-        interval_seconds=g.interval_seconds,
-        held_ratio=(g.held_seconds - g0.held_seconds) / ds,
-        waiting_threads=(g.wait_seconds - g0.wait_seconds) / ds,
-        switches_per_second=(g.switches - g0.switches) / (b.t - first.t),
-        contended_ratio=(g.contended_seconds - g0.contended_seconds) / ds,
-        gil_sampled_seconds=ds,
-    )
-
-
-def _may_have_other_gils(location: gil.GilLocation) -> bool:
-    """Subinterpreters with a GIL of their own exist from 3.12 on."""
-    return gil.supports(location.identity.minor, "own_gils")
+            out.append(views.build(state, self._host, self.config.window_seconds))
+        out.sort(key=lambda v: (v.target, v.pid))
+        return out
 
 
 def _thread_names(pid: int) -> dict[int, str]:
@@ -833,66 +360,4 @@ def _thread_names(pid: int) -> dict[int, str]:
     except (procfs.ProcessGone, OSError):
         return {}
 
-
-def _host_idle(host: deque, t0: float, t1: float) -> float | None:
-    """CPUs the host left idle between the ticks at t0 and t1 (its ticks are read just before
-    the processes' in the same tick)."""
-    ticks = list(host)
-    h0 = next((h for h in reversed(ticks) if h.t <= t0), None)
-    h1 = next((h for h in reversed(ticks) if h.t <= t1), None)
-    if h0 is None or h1 is None or h1.t <= h0.t:
-        return None
-    idle = 0.0
-    for (busy0, total0), (busy1, total1) in zip(h0.cpus, h1.cpus):
-        dt = total1 - total0
-        if dt > 0:
-            idle += min(1.0, max(0.0, 1.0 - (busy1 - busy0) / dt))
-    return idle
-
-
-def _thread_figures(a: dict, b: dict, dt: float) -> dict:
-    """Per-thread CPU over the window, from schedstat: how many threads share the CPU the
-    process used, the busiest thread's share, and the time threads sat runnable (preempted)."""
-    if not a or not b or dt <= 0:
-        return {}
-    runs = []
-    delay = 0
-    for tid, (run, wait) in b.items():
-        run0, wait0 = a.get(tid, (0, 0))  # a thread born in the window starts at 0
-        if run < run0 or wait < wait0:  # a reused TID
-            run0 = wait0 = 0
-        runs.append(run - run0)
-        delay += wait - wait0
-    total = sum(runs)
-    if total <= 0:
-        return dict(run_delay_cores=delay / 1e9 / dt)
-    return dict(
-        run_delay_cores=delay / 1e9 / dt,
-        # participation ratio: 4 threads with equal CPU give 4.0, one thread doing it all 1.0
-        busy_threads=total * total / sum(r * r for r in runs),
-        top_thread_share=max(runs) / total,
-    )
-
-
-def _add_totals(base: GilTotals | None, now: GilTotals | None) -> GilTotals | None:
-    """Counters that continue across sampler sessions of one process: a GIL that was lost
-    (validation failed) and found again must not restart its *_total series at zero."""
-    if base is None or now is None:
-        return now if now is not None else base
-    return GilTotals(
-        sampled_seconds=base.sampled_seconds + now.sampled_seconds,
-        held_seconds=base.held_seconds + now.held_seconds,
-        wait_seconds=base.wait_seconds + now.wait_seconds,
-        contended_seconds=base.contended_seconds + now.contended_seconds,
-        switches=base.switches + now.switches,
-        interval_seconds=now.interval_seconds,
-        samples=base.samples + now.samples,
-        futex_waiters_checked=now.futex_waiters_checked,
-        enabled=now.enabled,
-    )
-
-
-def _utf8(text: str) -> str:
-    """Label-safe text: /proc gives undecodable bytes as surrogates, which UTF-8 output rejects."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 

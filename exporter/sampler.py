@@ -194,6 +194,151 @@ class _Target:
         return out
 
 
+class _TickRing:
+    """The Python loop's ticks, kept as the C loop keeps them (Core in _hotloop.c): the
+    sampled clock at each of the last ticks and the targets due at each of the next ones
+    (index & mask). A stratum starts at most idle-1 ticks before its sample, and the next
+    sample is at most 2*idle-1 ticks ahead."""
+
+    __slots__ = ("idle", "mask", "clock", "due", "j", "c", "last", "plan")
+
+    def __init__(self, idle: int, clock: float, now: float, first: float) -> None:
+        size = 4
+        while size < 2 * idle + 2:
+            size *= 2
+        self.idle = idle
+        self.mask = size - 1
+        self.clock = [0.0] * size
+        self.due: List[list] = [[] for _ in range(size)]
+        self.j = 0               # index of the last tick (woken at or slept through)
+        self.c = clock           # sampled clock at tick j (continued across restarts)
+        self.last = now          # time of tick j
+        self.plan = now + first  # planned time of tick j + 1, the next to wake at
+
+    def advance(self, now: float, max_gap: float) -> None:
+        """A tick woken at `now`: a starved gap counts at most max_gap on the sampled clock."""
+        self.j += 1
+        gap = now - self.last
+        self.c += gap if gap < max_gap else max_gap
+        self.clock[self.j & self.mask] = self.c
+        self.last = now
+
+    def take(self) -> list:
+        """The targets due at this tick."""
+        slot = self.j & self.mask
+        batch = self.due[slot]
+        self.due[slot] = []
+        return batch
+
+    def at(self, tick: int, st: "_Target") -> None:
+        self.due[tick & self.mask].append(st)
+
+    def clock_at(self, tick: int) -> float:
+        return self.clock[tick & self.mask]
+
+    def plan_next(self, now: float, lo: float, span: float, rand, new_waiting: bool) -> None:
+        """The next tick to wake at: the first with a target due, at most `idle` ahead. Ticks
+        before it are slept through, and go on the clock at their planned times."""
+        j, mask, due = self.j, self.mask, self.due
+        k = 1
+        while k < self.idle and not due[(j + k) & mask] and not new_waiting:
+            k += 1
+        t = self.plan
+        for i in range(k):
+            if i:
+                self.j += 1
+                self.c += t - self.last
+                self.clock[self.j & mask] = self.c
+                self.last = t
+            t += lo + span * rand()
+            if t < now:            # fell behind (starved): restart the schedule
+                t = now + lo + span * rand()
+        self.plan = t
+
+
+def _read_gil(st: "_Target", failed: list) -> Optional[tuple]:
+    """One sample of a target's GIL: (locked, waiters, switch, interval, enabled, holder), or
+    None with the failure appended (a read error, a short read, an implausible `locked`)."""
+    try:
+        vals = st.unpack(st.read())
+    except Exception as exc:      # OSError, or a short read (struct.error)
+        failed.append((st, exc))
+        return None
+    if st.free_threaded:
+        enabled, interval, holder, locked, switch, wrefs = vals
+    else:
+        interval, holder, locked, switch, wrefs = vals
+        enabled = -1
+    if locked & ~1:
+        failed.append((st, None))
+        return None
+    return locked, _waiters(st, wrefs >> 3), switch, interval, enabled, holder
+
+
+def _waiters(st: "_Target", count: int) -> int:
+    """The waiters: the condvar's count, unless the target has an exact source (3.15+:
+    each thread state's gil_requested, read from the target's thread list: hostile memory)."""
+    if st.waiting is None:
+        return count
+    try:
+        exact = st.waiting()
+    except Exception:
+        return count          # the condvar's count stands
+    return count if exact is None else exact
+
+
+def _account(st: "_Target", ring: _TickRing, hold: int, idle: int, rand, locked: int, waiters: int,
+             switch: int, interval: int, enabled: int, holder: int) -> None:
+    """The accounting of one sample, as account() in _hotloop.c: the previous stratum's state
+    until this stratum starts, then this one's; then the next stratum, from what was seen."""
+    j, c = ring.j, ring.c
+    lock = st.lock
+    if lock is not None:          # per thread: acc and state change together
+        lock.acquire()
+        acc, h0 = st.acc, st.holder
+    c0, l0, w0, s0, _, sampled, held, wait, contended, switches, n, _e = st.state
+    if n:
+        cs = ring.clock_at(st.start)
+        dt = cs - c0
+        sampled += dt
+        if l0:
+            held += dt
+            if lock is not None:
+                acc[h0] = acc.get(h0, 0.0) + dt
+            if w0:
+                contended += dt
+        if w0:
+            wait += dt * w0
+        dt = c - cs
+        if dt:
+            sampled += dt
+            if locked:
+                held += dt
+                if lock is not None:
+                    acc[holder] = acc.get(holder, 0.0) + dt
+                if waiters:
+                    contended += dt
+            if waiters:
+                wait += dt * waiters
+        if switch != s0:
+            switches += (switch - s0) & _MASK64
+    st.state = (c, locked, waiters, switch, interval, sampled, held, wait,
+                contended, switches, n + 1, enabled)
+    if lock is not None:
+        st.holder = holder
+        lock.release()
+    if waiters:
+        st.last_waiter = j
+    start = st.start + st.length
+    st.start = start
+    if j - st.last_waiter < hold or idle == 1:
+        st.length = 1
+        ring.at(start, st)
+    else:
+        st.length = idle
+        ring.at(start + int(rand() * idle), st)
+
+
 class GilSampler:
     """Samples the GIL of many targets from one daemon thread.
 
@@ -508,159 +653,63 @@ class GilSampler:
         del sampled[i]
 
     def _run_python(self) -> None:
-        params = self._params
-        lo, span, max_gap, hold = params
-        idle = self.idle_ticks
+        """The tick loop in Python, in the steps of _hotloop.c's Core.run: sleep to the planned
+        tick, advance the sampled clock, sample each target due (read, waiters, account and
+        plan its next stratum), then plan the next tick to wake at."""
+        lo, span, max_gap, hold = params = self._params
         rand = self._rng.random
         monotonic = time.monotonic
-        sleep = time.sleep
         recent = self._recent.append
         running = self._running          # a list, not Event.is_set(): no Python call per tick
-        # Ring of the last ticks (index & mask): the sampled clock at each tick, and the
-        # targets due at each of the next ticks. A stratum starts at most idle-1 ticks
-        # before its sample, and the next sample is at most 2*idle-1 ticks ahead.
-        size = 4
-        while size < 2 * idle + 2:
-            size *= 2
-        mask = size - 1
-        clock = [0.0] * size
-        due: List[list] = [[] for _ in range(size)]
-        ticks = reads = 0
-        j = 0                            # index of the last tick (woken at or slept through)
-        c = self._clock                  # sampled clock at tick j (continued across restarts)
-        last = monotonic()               # time of tick j
-        plan = last + self._period * rand()   # planned time of tick j + 1, the next to wake at
+        ring = _TickRing(self.idle_ticks, self._clock, monotonic(), self._period * rand())
+        self.ticks = self.reads = 0
         while running[0]:
             if self._params is not params:     # rate or jitter changed
-                params = self._params
-                lo, span, max_gap, hold = params
-                plan = min(plan, last + lo + span * rand())
-            delay = plan - monotonic()
+                lo, span, max_gap, hold = params = self._params
+                ring.plan = min(ring.plan, ring.last + lo + span * rand())
+            delay = ring.plan - monotonic()
             if delay > 0:
-                sleep(delay)
+                time.sleep(delay)
             if self._to_close:
                 self._close_pending()
             now = monotonic()
-            j += 1
-            gap = now - last
-            c += gap if gap < max_gap else max_gap
-            clock[j & mask] = c
-            last = now
+            ring.advance(now, max_gap)
             recent(now)
             if self._new:
-                with self._lock:
-                    new, self._new = self._new, []
-                for st in new:
-                    if st.failure is None and not st.removed:
-                        st.start, st.length = j, 1    # a first stratum of one tick, sampled now
-                        due[j & mask].append(st)
-            slot = j & mask
-            batch = due[slot]
-            due[slot] = []
-            failed = None
-            # Hot path: one pread per due target and time-weighted accounting; no lock.
-            for st in batch:
-                if st.removed or st.failure is not None:
-                    continue                  # its reader is closed, or about to be
-                try:
-                    vals = st.unpack(st.read())
-                except Exception as exc:      # OSError, or a short read (struct.error)
-                    if failed is None:
-                        failed = []
-                    failed.append((st, exc))
-                    continue
-                if st.free_threaded:
-                    enabled, interval, holder, locked, switch, wrefs = vals
-                else:
-                    interval, holder, locked, switch, wrefs = vals
-                    enabled = -1
-                if locked & ~1:
-                    if failed is None:
-                        failed = []
-                    failed.append((st, None))
-                    continue
-                waiters = wrefs >> 3
-                if st.waiting is not None:
-                    try:              # reads the target's thread list: hostile memory
-                        exact = st.waiting()
-                    except Exception:
-                        exact = None  # the condvar's count stands
-                    if exact is not None:
-                        waiters = exact
-                lock = st.lock
-                if lock is not None:          # per thread: acc and state change together
-                    lock.acquire()
-                    acc, h0 = st.acc, st.holder
-                c0, l0, w0, s0, _, sampled, held, wait, contended, switches, n, _e = st.state
-                if n:
-                    # The previous stratum's state until this stratum starts, then this one's.
-                    cs = clock[st.start & mask]
-                    dt = cs - c0
-                    sampled += dt
-                    if l0:
-                        held += dt
-                        if lock is not None:
-                            acc[h0] = acc.get(h0, 0.0) + dt
-                        if w0:
-                            contended += dt
-                    if w0:
-                        wait += dt * w0
-                    dt = c - cs
-                    if dt:
-                        sampled += dt
-                        if locked:
-                            held += dt
-                            if lock is not None:
-                                acc[holder] = acc.get(holder, 0.0) + dt
-                            if waiters:
-                                contended += dt
-                        if waiters:
-                            wait += dt * waiters
-                    if switch != s0:
-                        switches += (switch - s0) & _MASK64
-                st.state = (c, locked, waiters, switch, interval, sampled, held, wait,
-                            contended, switches, n + 1, enabled)
-                if lock is not None:
-                    st.holder = holder
-                    lock.release()
-                reads += 1
-                # The next stratum, decided from what was seen up to now.
-                if waiters:
-                    st.last_waiter = j
-                start = st.start + st.length
-                st.start = start
-                if j - st.last_waiter < hold or idle == 1:
-                    st.length = 1
-                    due[start & mask].append(st)
-                else:
-                    st.length = idle
-                    due[(start + int(rand() * idle)) & mask].append(st)
-            ticks += 1
-            self.ticks = ticks
-            self.reads = reads
-            if failed is not None or now >= self._next_check:
+                self._admit_new(ring)
+            failed = self._sample_due(ring, hold, rand)
+            self.ticks += 1
+            if failed or now >= self._next_check:
                 try:
                     self._housekeeping(now, failed)
                 except Exception:  # never let the thread die
                     pass
-            # The next tick to wake at: the first with a target due, at most `idle` ahead.
-            # Ticks before it are slept through, and go on the clock at their planned times.
-            k = 1
-            while k < idle and not due[(j + k) & mask] and not self._new:
-                k += 1
-            t = plan
-            for i in range(k):
-                if i:
-                    j += 1
-                    c += t - last
-                    clock[j & mask] = c
-                    last = t
-                t += lo + span * rand()
-                if t < now:            # fell behind (starved): restart the schedule
-                    t = now + lo + span * rand()
-            plan = t
-        self._clock = c
+            ring.plan_next(now, lo, span, rand, bool(self._new))
+        self._clock = ring.c
         self._close_pending()
+
+    def _admit_new(self, ring: "_TickRing") -> None:
+        """Targets added since the last tick: a first stratum of one tick, sampled now."""
+        with self._lock:
+            new, self._new = self._new, []
+        for st in new:
+            if st.failure is None and not st.removed:
+                st.start, st.length = ring.j, 1
+                ring.at(ring.j, st)
+
+    def _sample_due(self, ring: "_TickRing", hold: int, rand) -> list:
+        """Hot path: one pread per target due at this tick and time-weighted accounting; no
+        lock but a per-thread target's own. Returns [(target, exception or None)] failed."""
+        failed: list = []
+        idle = self.idle_ticks
+        for st in ring.take():
+            if st.removed or st.failure is not None:
+                continue                  # its reader is closed, or about to be
+            seen = _read_gil(st, failed)
+            if seen is not None:
+                _account(st, ring, hold, idle, rand, *seen)
+                self.reads += 1
+        return failed
 
     def _housekeeping(self, now: float, failed, ahead: float = 0.0) -> None:
         """Record failures from the hot path; re-validate the targets due (the Python loop:

@@ -22,7 +22,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 from exporter import gil, procfs
 from exporter.attribution import ThreadSampler
 from exporter.gil.frames import Frame, StackReader, TornStack
-from exporter.monitor import Monitor, ProcessView
+from exporter.monitor import Monitor
+from exporter.views import ProcessView
 
 EXIT_OK, EXIT_ERROR = 0, 2
 RICH_MISSING = ("gil-exporter top: needs the Python package `rich`: "

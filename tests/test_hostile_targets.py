@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -584,3 +585,239 @@ def test_config_fifo(exporter, tmp_path, bystander):
                  and "not a regular file (a FIFO)" in exp.log_text(), timeout=20)
     _assert_daemon_healthy(exp, bystander.pid)
     _assert_sigterm_exits(exp)
+
+
+# --------------------------------------------------------------------------- one process's failure
+#
+# A target can make reading it raise: here a thread whose /proc/PID/task/TID/status is cut,
+# at the 4096 bytes the exporter reads, just after "voluntary_ctxt_switches:" (a root process
+# sets supplementary groups until the Groups line puts the key there; the count then parses as
+# nothing). Before the per-process guard that failed every pass for every process
+# (errors_total{reason="tick"}); now it costs that process its figures only.
+
+STATUS_CUT_TARGET = r"""
+import os, sys, threading, time
+KEY, CUT = b"\nvoluntary_ctxt_switches:", 4096
+tid = []
+def sleeper():
+    tid.append(threading.get_native_id())
+    time.sleep(3600)
+threading.Thread(target=sleeper, daemon=True).start()
+while not tid:
+    time.sleep(0.01)
+path = f"/proc/self/task/{tid[0]}/status"
+def key_end():
+    with open(path, "rb") as f:
+        data = f.read()
+    return data.find(KEY) + len(KEY)
+groups, n = [], 0
+def place():
+    # set groups until the key ends at the cut (again whenever the status shifts)
+    global n
+    for _ in range(2000):
+        d = CUT - key_end()
+        if d == 0:
+            return True
+        n += 1
+        if d < 0:
+            groups.pop()
+        elif d == 1:  # one more digit on the last group
+            groups[-1] = 1000000000 + n
+        else:
+            digits = min(9, d - 1)
+            groups.append(10 ** (digits - 1) + n % (9 * 10 ** (digits - 1)) if digits > 1 else 1 + n % 9)
+        os.setgroups(groups)
+    return False
+print(tid[0], "cut" if place() else "missed", flush=True)
+while True:  # keep the attack in place: a queued signal or a grown fd table shifts the status
+    time.sleep(0.1)
+    place()
+time.sleep(3600)
+"""
+
+
+def test_one_process_failing_to_read_costs_only_its_own_figures(exporter, tmp_path):
+    """Beside the hostile target, a spinning bystander keeps cpu_cores and a score in the
+    same passes; the failure is counted under reason="process" (never "tick"), logged once."""
+    if os.geteuid() != 0:
+        pytest.skip("setgroups needs root")
+    hostile = subprocess.Popen([sys.executable, "-c", STATUS_CUT_TARGET, "hostile-status-cut"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        tid, outcome = hostile.stdout.readline().split()
+        assert outcome == "cut", "the target could not place its status cut"
+        with start_workload("cpu", threads=2, argv_tag="hostile-bystander") as bystander:
+            cfg = _two_targets(tmp_path, "cmdline: 'hostile-status-cut'")
+            exp = exporter("--config", str(cfg))
+            # the attack is real: a read of that thread's status as the exporter reads it ends at the key
+            fd = os.open(f"/proc/{hostile.pid}/task/{tid}/status", os.O_RDONLY)
+            try:
+                exp.wait_for(lambda: os.pread(fd, 4096, 0).endswith(b"\nvoluntary_ctxt_switches:"), timeout=10)
+            finally:
+                os.close(fd)
+            failed = exp.wait_for(lambda: exp.value("pygil_exporter_errors_total", reason="process"), timeout=30)
+            exp.wait_for(lambda: exp.value("pygil_process_cpu_cores", pid=bystander.pid) is not None
+                         and exp.series("pygil_gil_contention_score", pid=bystander.pid), timeout=30)
+            for _ in range(4):  # pass after pass: the bystander's figures, none of the hostile's
+                samples = exp.scrape()
+                mine = [s for s in samples if s.labels.get("pid") == str(bystander.pid)]
+                assert {"pygil_process_cpu_cores", "pygil_gil_contention_score"} <= {s.name for s in mine}
+                assert not [s for s in samples if s.labels.get("pid") == str(hostile.pid)]
+                time.sleep(1.0)
+            assert exp.value("pygil_exporter_errors_total", reason="process") > failed  # every pass
+            assert exp.value("pygil_exporter_errors_total", reason="tick") == 0
+            log = exp.log_text()
+            assert log.count(f"pid={hostile.pid} reading the process failed") == 1, log[-2000:]
+            assert "Traceback" not in log
+            _assert_sigterm_exits(exp)
+    finally:
+        hostile.kill()
+        hostile.wait()
+        hostile.stdout.close()
+
+
+# --------------------------------------------------------------------------- a locate that blocks
+#
+# A file whose reads never return: a FUSE filesystem served from this test (raw /dev/fuse
+# protocol, no library), one regular file named libpython3.12.so whose READ requests are left
+# unanswered. O_NONBLOCK does not help against it (a regular file), which is what a hung NFS or
+# FUSE mount does too. A target maps it; the exporter's locate blocks in its first read. Like
+# a hung mount that honours interrupts (NFS "intr", sshfs), a read ends with EINTR when its
+# thread gets a signal, here the SIGKILL of the exporter's exit: a FUSE server that ignores
+# even that keeps any process that read from it in the kernel (state D) until it answers.
+
+_FUSE_IN = struct.Struct("<IIQQIIIHH")          # fuse_in_header
+_FUSE_OUT = struct.Struct("<IiQ")               # fuse_out_header
+_FUSE_ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # fuse_attr (protocol 7.9+)
+_LOOKUP, _GETATTR, _OPEN, _READ, _RELEASE, _FLUSH, _INIT, _OPENDIR, _RELEASEDIR = 1, 3, 14, 15, 18, 25, 26, 27, 29
+_INTERRUPT = 36
+_NO_REPLY = (2, 42)                             # FORGET, BATCH_FORGET
+
+
+class StallFS:
+    """A FUSE mount with one regular file, `name`, whose reads stay unanswered until close()."""
+
+    def __init__(self, mountpoint: Path, name: bytes = b"libpython3.12.so", size: int = 1 << 20):
+        import ctypes
+        import threading
+        self.mountpoint, self.name, self.size = mountpoint, name, size
+        self.reads = 0          # READ requests left hanging
+        self._pending: list[int] = []
+        self._closing = False
+        self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        opts = f"fd={self.fd},rootmode=40000,user_id=0,group_id=0,allow_other".encode()
+        if self._libc.mount(b"stallfs", str(mountpoint).encode(), b"fuse", 6, opts) != 0:  # nosuid, nodev
+            err = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(err, os.strerror(err))
+        # served only once mounted: /dev/fuse refuses reads (EPERM) before
+        threading.Thread(target=self._serve, name="stallfs", daemon=True).start()
+
+    def _attr(self, node: int) -> bytes:
+        if node == 1:
+            return _FUSE_ATTR.pack(1, 0, 0, 0, 0, 0, 0, 0, 0, 0o40755, 2, 0, 0, 0, 4096, 0)
+        return _FUSE_ATTR.pack(2, self.size, self.size // 512, 0, 0, 0, 0, 0, 0, 0o100644, 1, 0, 0, 0, 4096, 0)
+
+    def _reply(self, unique: int, payload: bytes = b"", error: int = 0) -> None:
+        os.write(self.fd, _FUSE_OUT.pack(_FUSE_OUT.size + len(payload), error, unique) + payload)
+
+    def _serve(self) -> None:
+        import errno
+        while True:
+            try:
+                req = os.read(self.fd, (1 << 17) + 4096)
+            except OSError:
+                return  # unmounted
+            if len(req) < _FUSE_IN.size:
+                continue
+            length, op, unique, node, *_ = _FUSE_IN.unpack_from(req)
+            body = req[_FUSE_IN.size:length]
+            try:
+                if op == _INIT:  # protocol 7.31, no optional features
+                    self._reply(unique, struct.pack("<IIIIHHIIHHII", 7, 31, 0, 0, 0, 0, 1 << 17, 1, 0, 0, 0, 0)
+                                + bytes(24))
+                elif op == _LOOKUP:
+                    if node == 1 and body.rstrip(b"\0") == self.name:
+                        self._reply(unique, struct.pack("<QQQQII", 2, 0, 3600, 3600, 0, 0) + self._attr(2))
+                    else:
+                        self._reply(unique, error=-errno.ENOENT)
+                elif op == _GETATTR:
+                    self._reply(unique, struct.pack("<QII", 3600, 0, 0) + self._attr(node))
+                elif op in (_OPEN, _OPENDIR):
+                    self._reply(unique, struct.pack("<QII", 0, 0, 0))
+                elif op == _READ and not self._closing:
+                    self.reads += 1
+                    self._pending.append(unique)  # never answered: the reader blocks
+                elif op == _READ:
+                    self._reply(unique, error=-errno.EIO)
+                elif op == _INTERRUPT:  # a signal for the reader (its process exits): EINTR
+                    interrupted, = struct.unpack_from("<Q", body)
+                    if interrupted in self._pending:
+                        self._pending.remove(interrupted)
+                        self._reply(interrupted, error=-errno.EINTR)
+                elif op in (_RELEASE, _RELEASEDIR, _FLUSH):
+                    self._reply(unique)
+                elif op not in _NO_REPLY:
+                    self._reply(unique, error=-errno.ENOSYS)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Fail the blocked reads (EIO) and unmount."""
+        import errno
+        self._closing = True
+        for unique in self._pending:
+            try:
+                self._reply(unique, error=-errno.EIO)
+            except OSError:
+                pass
+        self._libc.umount2(str(self.mountpoint).encode(), 2)  # MNT_DETACH
+        os.close(self.fd)
+
+
+@pytest.fixture
+def stallfs(tmp_path):
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("mounting a FUSE filesystem needs root and /dev/fuse")
+    mnt = tmp_path / "stall"
+    mnt.mkdir()
+    try:
+        fs = StallFS(mnt)
+    except OSError as e:
+        pytest.skip(f"cannot mount FUSE here: {e}")
+    try:
+        yield fs
+    finally:
+        fs.close()
+
+
+def test_a_locate_blocked_in_a_target_file_times_out(exporter, tmp_path, mapper, stallfs, bystander):
+    """The hostile target's locate blocks in a read for good: after the locator's deadline it
+    says gil_probe="locate_timeout", a fresh worker locates the others (a CPython started after
+    the stall gets ok), the stuck read is not retried (one stuck thread, not one per retry),
+    threads, fds and RSS stay flat, and SIGTERM still ends the daemon within seconds."""
+    from exporter.giltracker import LOCATE_DEADLINE
+    mapped = stallfs.mountpoint / "libpython3.12.so"
+    hostile = _start([str(mapper), "hostile-stall", str(mapped)])
+    try:
+        assert str(mapped) in Path(f"/proc/{hostile.pid}/maps").read_text()
+        exp = exporter("--config", str(_two_targets(tmp_path, "cmdline: 'hostile-stall'")))
+        started = time.monotonic()
+        exp.wait_for(lambda: stallfs.reads, timeout=20)  # the locate is in the read now
+        info = exp.wait_for(lambda: [s for s in exp.series("pygil_target_info", pid=hostile.pid)
+                                     if s.labels["gil_probe"] == "locate_timeout"], timeout=LOCATE_DEADLINE + 20)[0]
+        took = time.monotonic() - started
+        assert took >= LOCATE_DEADLINE - 1.0, took  # abandoned at the deadline, not before
+        assert exp.value("pygil_exporter_errors_total", reason="gil_locate") >= 1
+        assert _info(exp, bystander.pid).labels["gil_probe"] == "ok"
+        with start_workload("sleep", threads=1, argv_tag="hostile-bystander") as late:
+            t = time.monotonic()
+            assert _info(exp, late.pid).labels["gil_probe"] == "ok"
+            print(f"locate_timeout after {took:.1f} s; a CPython started after it located in "
+                  f"{time.monotonic() - t:.1f} s; hostile: {info.labels['gil_probe']}")
+        _assert_daemon_healthy(exp, bystander.pid, views=(f"/process/{hostile.pid}",))
+        assert stallfs.reads <= 2, stallfs.reads  # the stuck locate is not tried again meanwhile
+        _assert_sigterm_exits(exp)
+    finally:
+        _stop(hostile)
