@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from exporter import attribution, discover, pods, procfs, score
 from exporter import stacks as holder_stacks
+from exporter import syscalls
 from exporter.config import Config, Limits, Match, Sampling, Target
 from exporter.monitor import Monitor, ProcessView
 
@@ -142,11 +143,35 @@ def _check_python(view: ProcessView, info: procfs.ProcessInfo) -> None:
         raise DiagnoseError(f"process {view.pid} exited during the measurement")
 
 
-def report(m: Measurement) -> tuple[dict, score.Verdict]:
+def blocked_holder(pid: int, table: attribution.ThreadTable,
+                   profile: holder_stacks.StackProfile | None = None) -> score.Holder | None:
+    """The thread that held the GIL most while on no CPU, from the per-thread table (its share
+    of the held time beyond its own CPU); what it sits in now, read from /proc; with --stacks,
+    the Python function the holder was in most. None when no thread held it that way."""
+    rows = [r for r in table.rows if r.tid > 0 and r.held is not None and r.threads == 1]
+    if not rows or not table.sampled_seconds:
+        return None
+    top = max(rows, key=lambda r: r.held - (r.cpu or 0.0))
+    off = top.held - (top.cpu or 0.0)
+    if top.held <= 0 or off < score.BLOCKED_HELD_SHARE * top.held:
+        return None
+    number, wchan = procfs.thread_blocked_in(pid, top.tid) if top.alive else (None, "")
+    blocked_in = (f"{syscalls.name(number)}()" if number is not None
+                  else f"kernel wait {wchan}" if wchan else "")
+    frame = ""
+    if profile is not None:
+        best = profile.top_functions(1)
+        if best and best[0].filename:
+            frame = f"{best[0].qualname} ({best[0].filename}:{best[0].line})"
+    return score.Holder(top.tid, _printable(top.name), blocked_in, _printable(frame))
+
+
+def report(m: Measurement, holder: score.Holder | None = None) -> tuple[dict, score.Verdict]:
     view = m.view
     f = view.figures
     v = score.verdict(f, cmdline=view.cmdline, probe=view.gil_probe,
-                      probe_detail=view.probe_detail, can_ptrace=m.can_ptrace)
+                      probe_detail=view.probe_detail, can_ptrace=m.can_ptrace, holder=holder)
+    g = score.gain(f) if view.score_method == "gil_state" else None
     figures = {
         "pid": view.pid,
         "exe": view.exe,
@@ -157,6 +182,11 @@ def report(m: Measurement) -> tuple[dict, score.Verdict]:
         **dataclasses.asdict(f),
         "score": view.score,
         "score_method": view.score_method,
+        "held_off_cpu_ratio": score.held_off_cpu(f) if view.score_method == "gil_state" else None,
+        "demand_threads": g.demand_threads if g else None,
+        "spare_cores": g.spare_cores if g else None,
+        "gain_ratio": g.ratio if g else None,
+        "holder": dataclasses.asdict(holder) if holder else None,
     }
     return figures, v
 
@@ -187,6 +217,8 @@ def render(figures: dict, v: score.Verdict) -> str:
         _line("mean threads waiting", figures.get("waiting_threads"), ".2f"),
         _line("GIL handoffs/s", figures.get("switches_per_second"), ".0f"),
         _line("GIL sampled", figures.get("gil_sampled_seconds"), ".1f", " s"),
+        _line("GIL held off the CPU", figures.get("held_off_cpu_ratio"), ".0%", " (at least)"),
+        _line("threads wanting the GIL", figures.get("demand_threads"), ".2f"),
         (_line(f"contention score ({figures['score_method']})", score_text, ".2f")
          if score_text is not None or figures["score_method"] != "procfs"
          else _line("contention score (procfs)", "unknown")),
@@ -216,7 +248,7 @@ def run_diagnose(pid: int, seconds: float, rate_hz: float, as_json: bool, stacks
     finally:
         table = threads.stop(THREAD_ROWS)
         profile = sampler.stop() if sampler else None
-    figures, v = report(m)
+    figures, v = report(m, blocked_holder(pid, table, profile))
     if as_json:
         out = {"figures": figures, "verdict": dataclasses.asdict(v), "threads": table.as_dict()}
         if profile is not None:
