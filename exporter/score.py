@@ -342,7 +342,7 @@ def _blocked(f: Figures, holder: Holder | None, amount: str, threads: str, cores
         frame = f", called from {holder.frame}" if holder.frame else ""
         named = f"{who} held it while blocked{where}{frame}"
     else:
-        named = "the holding thread could not be named (it ended, or its TID was not read)"
+        named = "which thread held it was not read here (`gil-exporter diagnose PID` names it)"
     return Verdict(
         True, "gil_held_while_blocked",
         f"GIL held while its holder was off the CPU: {off:.0%} of the time at least; {named}; "
