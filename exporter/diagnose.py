@@ -13,11 +13,13 @@ import io
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from exporter import attribution, discover, pods, procfs, score
 from exporter import stacks as holder_stacks
-from exporter import syscalls
+from exporter import gil, syscalls
+from exporter.gil.threads import GilThreads
 from exporter.config import Config, Limits, Match, Sampling, Target
 from exporter.monitor import Monitor, ProcessView
 
@@ -143,27 +145,56 @@ def _check_python(view: ProcessView, info: procfs.ProcessInfo) -> None:
         raise DiagnoseError(f"process {view.pid} exited during the measurement")
 
 
+def _holders_blocked(pid: int, tries: int = 40, pause: float = 0.01) -> Counter:
+    """(TID, what it sits in) of the GIL's holder at `tries` moments when the holder was off the
+    CPU: a fresh GIL reading, then that thread's /proc syscall and wchan, read from outside."""
+    seen: Counter = Counter()
+    try:
+        location = gil.locate(pid)
+        reader = gil.GilReader(location)
+    except (gil.ProbeUnavailable, OSError):
+        return seen
+    try:
+        threads = GilThreads(reader.fd, location, reader.threads)
+        for _ in range(tries):
+            tid = threads.holder(reader.read())
+            if tid:
+                number, wchan = procfs.thread_blocked_in(pid, tid)
+                if number is not None or wchan:
+                    where = (f"{syscalls.name(number)}()" if number is not None
+                             else f"kernel wait {wchan}")
+                    seen[(tid, where)] += 1
+            time.sleep(pause)
+    except (gil.ProbeUnavailable, OSError):
+        pass
+    finally:
+        reader.close()
+    return seen
+
+
 def blocked_holder(pid: int, table: attribution.ThreadTable,
                    profile: holder_stacks.StackProfile | None = None) -> score.Holder | None:
-    """The thread that held the GIL most while on no CPU, from the per-thread table (its share
-    of the held time beyond its own CPU); what it sits in now, read from /proc; with --stacks,
-    the Python function the holder was in most. None when no thread held it that way."""
-    rows = [r for r in table.rows if r.tid > 0 and r.held is not None and r.threads == 1]
-    if not rows or not table.sampled_seconds:
+    """The thread found holding the GIL while off the CPU most often, read right after the
+    measurement (the GIL's holder, then what it sits in); the per-thread table gives its name,
+    and with --stacks the Python function the holder was in most. None when no holder was
+    caught off the CPU."""
+    seen = _holders_blocked(pid)
+    if not seen:
         return None
-    top = max(rows, key=lambda r: r.held - (r.cpu or 0.0))
-    off = top.held - (top.cpu or 0.0)
-    if top.held <= 0 or off < score.BLOCKED_HELD_SHARE * top.held:
-        return None
-    number, wchan = procfs.thread_blocked_in(pid, top.tid) if top.alive else (None, "")
-    blocked_in = (f"{syscalls.name(number)}()" if number is not None
-                  else f"kernel wait {wchan}" if wchan else "")
+    (tid, blocked_in), _ = seen.most_common(1)[0]
+    name = next((r.name for r in table.rows if r.tid == tid), "")
+    if not name:
+        try:
+            task = procfs.task_stats(pid).get(tid)
+        except (procfs.ProcessGone, OSError):
+            task = None
+        name = task.name if task else ""
     frame = ""
     if profile is not None:
         best = profile.top_functions(1)
         if best and best[0].filename:
             frame = f"{best[0].qualname} ({best[0].filename}:{best[0].line})"
-    return score.Holder(top.tid, _printable(top.name), blocked_in, _printable(frame))
+    return score.Holder(tid, _printable(name), blocked_in, _printable(frame))
 
 
 def report(m: Measurement, holder: score.Holder | None = None) -> tuple[dict, score.Verdict]:

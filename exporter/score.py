@@ -334,6 +334,25 @@ def _gain_advice(g: Gain | None) -> tuple[str, ...]:
             f"{g.ratio:.1f}x the throughput.",)
 
 
+def _one_core_advice(f: Figures, cmdline: str, method: str) -> tuple[str, ...]:
+    """Not contended, but one thread runs Python at about a full core with the GIL held: more
+    threads would only take turns on it; processes would add throughput if the host has room."""
+    if (method != "gil_state" or f.held_ratio is None or f.held_ratio < CAPPED_CORES
+            or f.cpu_cores < CAPPED_CORES or (f.top_thread_share or 0.0) < STARVED_TOP_SHARE):
+        return ()
+    server = _server(cmdline)
+    how = server[1] if server else "run the work in more processes (ProcessPoolExecutor, workers)"
+    if f.host_idle_cpus is not None:
+        room = (f"the host had {f.host_idle_cpus:.1f} idle cores beside it, so processes could "
+                f"give up to {1.0 + min(f.host_idle_cpus, f.host_cpus - 1.0):.1f}x the throughput "
+                f"if the load is there")
+    else:
+        room = "how many cores sat idle was not measured"
+    return (f"One thread runs Python at {f.cpu_cores:.2f} cores with the GIL held "
+            f"{f.held_ratio:.0%} of the time: more threads would only take turns on the GIL. "
+            f"To serve more, {how}; {room}.",)
+
+
 def _blocked(f: Figures, holder: Holder | None, amount: str, threads: str, cores: str,
              off: float) -> Verdict:
     if holder is not None:
@@ -457,4 +476,4 @@ def verdict(f: Figures, threshold: float = THRESHOLD, cmdline: str = "", probe: 
                         "Look elsewhere for slowness (I/O, locks, CPU quota, the host).",)
                        + probe_why)
     return Verdict(False, "no_contention", f"no GIL contention: {amount}, {threads}, {cores}",
-                   probe_why)
+                   _one_core_advice(f, cmdline, method) + probe_why)

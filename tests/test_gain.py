@@ -85,3 +85,14 @@ def test_syscall_names():
     assert syscalls.name(202, "x86_64") == "futex" and syscalls.name(98, "aarch64") == "futex"
     assert syscalls.name(9999, "x86_64") == "syscall 9999"
     assert syscalls.name(0, "riscv64") == "syscall 0"
+
+
+def test_one_busy_thread_gets_processes_advice_not_threads():
+    one = fig(threads=2, cpu_cores=1.0, held_ratio=0.99, waiting_threads=0.01, contended_ratio=0.01,
+              run_delay_cores=0.01, busy_threads=1.0, top_thread_share=0.99, host_idle_cpus=1.0,
+              voluntary_per_second=20)
+    v = score.verdict(one, cmdline="python -m waitress --threads=1 app")
+    assert (v.contended, v.kind) == (False, "no_contention")
+    assert any("more threads would only take turns" in a and "waitress processes" in a
+               and "up to 2.0x" in a for a in v.advice), v.advice
+    assert not score.verdict(CPU.__class__(**{**one.__dict__, "cpu_cores": 0.3})).advice
