@@ -309,6 +309,12 @@ def held_off_cpu(f: Figures) -> float | None:
     return _clamp(f.held_ratio - _wanted_cores(f))
 
 
+def thread_held_blocked(held: float | None, cpu: float | None) -> bool:
+    """One thread's shares over a window (of the sampled time, of one core): it held the GIL for
+    at least half that time while on no CPU, the same rule as the process's verdict."""
+    return bool(held) and cpu is not None and held - cpu >= BLOCKED_HELD_SHARE * held
+
+
 def gain(f: Figures) -> Gain | None:
     """Up to how many times the throughput processes (or a free-threaded build) would give:
     min(threads that wanted the GIL, cores the host can spare) over the one core's worth of

@@ -96,3 +96,10 @@ def test_one_busy_thread_gets_processes_advice_not_threads():
     assert any("more threads would only take turns" in a and "waitress processes" in a
                and "up to 2.0x" in a for a in v.advice), v.advice
     assert not score.verdict(CPU.__class__(**{**one.__dict__, "cpu_cores": 0.3})).advice
+
+
+def test_a_thread_held_blocked_by_its_own_shares():
+    assert score.thread_held_blocked(1.0, 0.0) and score.thread_held_blocked(0.3, 0.1)
+    assert not score.thread_held_blocked(0.34, 0.30)   # a CPU-bound worker taking turns
+    assert not score.thread_held_blocked(0.0, 0.0) and not score.thread_held_blocked(None, 0.0)
+    assert not score.thread_held_blocked(0.9, None)    # CPU not measured: no claim
