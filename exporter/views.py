@@ -182,10 +182,12 @@ def host_view(host: deque, window_seconds: float) -> HostView:
     return HostView(cpus, tuple(util))
 
 
-def verdict(view: ProcessView, can_ptrace: bool | None = None) -> score.Verdict:
-    """The verdict on a view's figures (which must exist), as diagnose words it."""
+def verdict(view: ProcessView, can_ptrace: bool | None = None,
+            holder: score.Holder | None = None) -> score.Verdict:
+    """The verdict on a view's figures (which must exist), as diagnose words it; `holder` the
+    thread diagnose found holding the GIL while blocked, if it looked."""
     return score.verdict(view.figures, cmdline=view.cmdline, probe=view.gil_probe,
-                         probe_detail=view.probe_detail, can_ptrace=can_ptrace)
+                         probe_detail=view.probe_detail, can_ptrace=can_ptrace, holder=holder)
 
 
 def status(view: ProcessView, can_ptrace: bool | None = None) -> tuple[str, score.Verdict | None]:
