@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -66,3 +67,40 @@ def test_same_call_through_cdll_is_idle():
     out = json.loads(r.stdout)
     assert out["verdict"]["kind"] == "idle", out["verdict"]
     assert out["figures"]["held_ratio"] < 0.2
+
+
+def test_daemon_counts_the_time_held_off_the_cpu(exporter, tmp_path):
+    """pygil_gil_held_off_cpu_seconds_total: on the frozen service it grows with the held time;
+    on CPU-bound threads, whose CPU and run delay cover the time held, it stays a small part of
+    it. Judged on the increments the exporter itself published over the same stretch."""
+    from harness import write_config
+    cfg = write_config(tmp_path, """
+targets:
+  - name: frozen
+    match:
+      cmdline: 'gil-workload frozen'
+  - name: cpu
+    match:
+      cmdline: 'gil-workload cpu'
+scan_interval_seconds: 1
+window_seconds: 3
+""")
+    with start_workload("frozen", threads=3) as frozen, start_workload("cpu", threads=3) as cpu:
+        exp = exporter("--config", str(cfg))
+
+        def both():
+            got = {t: (exp.value("pygil_gil_held_off_cpu_seconds_total", target=t),
+                       exp.value("pygil_gil_held_seconds_total", target=t)) for t in ("frozen", "cpu")}
+            return got if all(a is not None and b is not None for a, b in got.values()) else None
+
+        first = exp.wait_for(both, timeout=40)
+        time.sleep(4)
+        last = both()
+    d = {t: (last[t][0] - first[t][0], last[t][1] - first[t][1]) for t in first}
+    print("held off the CPU / held, seconds:", d)
+    off, held = d["frozen"]
+    assert held >= 2.0, d                      # the GIL was held nearly all of the ~4 s
+    assert off >= 0.5 * held, d
+    off, held = d["cpu"]
+    assert held >= 1.0 and off <= 0.25 * held, d
+    assert last["frozen"][0] >= first["frozen"][0] and last["cpu"][0] >= first["cpu"][0]  # counters
