@@ -238,7 +238,7 @@ def _pod_resolver():
         meta = resolver.resolve(ref)
         if meta is None:
             return ()
-        return (("namespace", meta.namespace), ("pod", meta.pod), ("container", meta.container))
+        return meta.labels()
 
     return labels
 

@@ -1,7 +1,8 @@
 """Export: a prometheus_client custom collector that yields families at scrape time.
 
-Per-process series carry `target` and `pid`, plus `namespace`, `pod` and
-`container` on Kubernetes (absent, not empty, elsewhere), so families are built
+Per-process series carry `target` and `pid`, plus `namespace`, `pod`,
+`container`, `workload` and `workload_kind` on Kubernetes (absent, not empty, elsewhere;
+kube.PodMeta.labels), so families are built
 from samples with per-sample label sets. The GIL series (and the per-thread ones) of a
 process that has shown several GILs carry `interpreter` too, one per GIL; those of every
 other process never do.

@@ -419,9 +419,11 @@ class ExporterServer:
                 return False
 
             def do_GET(self):  # noqa: N802 (http.server's naming)
-                if not self._authorized():
-                    return
                 path = urlsplit(self.path).path
+                # /healthz says "ok" and nothing else: open, so that the kubelet's probes (which
+                # carry no credentials) keep working with basic auth on.
+                if path != "/healthz" and not self._authorized():
+                    return
                 if path == server.metrics_path:
                     accept = self.headers.get("Accept", "")
                     try:

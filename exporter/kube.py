@@ -5,8 +5,9 @@ Two halves:
 * ``parse_cgroup(text)`` reads the text of ``/proc/PID/cgroup`` (cgroup v1 or v2;
   systemd or cgroupfs cgroup driver; containerd, CRI-O or Docker runtime) and
   extracts the pod UID and the container ID.  No I/O.
-* ``PodResolver`` maps a ``ContainerRef`` to namespace / pod / container names
-  through the Kubernetes API: it lists the pods of this node
+* ``PodResolver`` maps a ``ContainerRef`` to namespace / pod / container names,
+  and the workload that owns the pod (``workload_of``), through the Kubernetes
+  API: it lists the pods of this node
   (``fieldSelector=spec.nodeName=<NODE_NAME>``), caches the result and lists
   again (rate-limited) when it meets a UID or container it does not know.
 
@@ -57,11 +58,71 @@ class ContainerRef:
     container_id: str
 
 
+# A CronJob names its Jobs <cronjob>-<scheduled time in minutes since the epoch>: 8 digits
+# from 1973 to 2160.
+_CRONJOB_JOB = re.compile(r"(?P<cronjob>.+)-[0-9]{8,}")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What owns a pod, as alerts and dashboards group replicas: a Deployment, StatefulSet,
+    DaemonSet or CronJob by name; a bare pod is its own workload."""
+    name: str
+    kind: str
+
+
+def _mapping(value) -> dict:
+    """A JSON object, or {} for anything else (a malformed list must not stop the labelling)."""
+    return value if isinstance(value, dict) else {}
+
+
+def workload_of(pod: dict) -> Workload:
+    """The workload of a pod, from the pod's own JSON (no further API call):
+
+    * ReplicaSet: the Deployment, the ReplicaSet's name minus the pod's `pod-template-hash`
+      label; a ReplicaSet without that label is a workload of its own;
+    * Job: the CronJob when the Job's name ends in a CronJob's schedule suffix, else the Job;
+    * StatefulSet, DaemonSet, any other controller: the owner as named;
+    * Node (a static pod's mirror): the pod name minus `-<node>`, kind StaticPod;
+    * no owner: the pod itself, kind Pod.
+    """
+    meta = _mapping(pod.get("metadata"))
+    name = str(meta.get("name") or "")
+    refs = meta.get("ownerReferences")
+    owners = [o for o in (refs if isinstance(refs, list) else []) if isinstance(o, dict)]
+    owner = next((o for o in owners if o.get("controller")), owners[0] if owners else None)
+    if owner is None or not owner.get("name") or not owner.get("kind"):
+        return Workload(name, "Pod")
+    kind, owner_name = str(owner["kind"]), str(owner["name"])
+    if kind == "ReplicaSet":
+        template_hash = str(_mapping(meta.get("labels")).get("pod-template-hash") or "")
+        if template_hash and owner_name.endswith("-" + template_hash):
+            return Workload(owner_name[:-len(template_hash) - 1], "Deployment")
+        return Workload(owner_name, "ReplicaSet")
+    if kind == "Job":
+        m = _CRONJOB_JOB.fullmatch(owner_name)
+        return Workload(m.group("cronjob"), "CronJob") if m else Workload(owner_name, "Job")
+    if kind == "Node":
+        suffix = "-" + owner_name
+        return Workload(name[:-len(suffix)] if name.endswith(suffix) and name != suffix else name,
+                        "StaticPod")
+    return Workload(owner_name, kind)
+
+
 @dataclass(frozen=True)
 class PodMeta:
     namespace: str
     pod: str
     container: str
+    workload: str = ""       # "" only when the pod list did not say (see workload_of)
+    workload_kind: str = ""
+
+    def labels(self) -> tuple[tuple[str, str], ...]:
+        """The per-process labels on Kubernetes, in exposition order (added, never renamed)."""
+        out = (("namespace", self.namespace), ("pod", self.pod), ("container", self.container))
+        if self.workload:
+            out += (("workload", self.workload), ("workload_kind", self.workload_kind))
+        return out
 
 
 @dataclass(frozen=True)
@@ -162,7 +223,8 @@ class PodResolver:
         self._min_refresh = min_refresh_interval
         self._clock = clock
         self._lock = threading.Lock()
-        self._pods: dict[str, tuple[str, str, dict[str, str]]] = {}  # uid -> (ns, name, {cid: container})
+        # uid -> (ns, name, {cid: container}, workload)
+        self._pods: dict[str, tuple[str, str, dict[str, str], Workload]] = {}
         self._last_list: float | None = None
         self.requests = 0  # API list calls made (for tests and debugging)
         self._ssl: ssl.SSLContext | None = None
@@ -224,8 +286,8 @@ class PodResolver:
         return items
 
     @staticmethod
-    def _index(items: list[dict]) -> dict[str, tuple[str, str, dict[str, str]]]:
-        pods: dict[str, tuple[str, str, dict[str, str]]] = {}
+    def _index(items: list[dict]) -> dict[str, tuple[str, str, dict[str, str], Workload]]:
+        pods: dict[str, tuple[str, str, dict[str, str], Workload]] = {}
         for pod in items:
             meta = pod.get("metadata") or {}
             status = pod.get("status") or {}
@@ -235,7 +297,7 @@ class PodResolver:
                     cid = cs.get("containerID")
                     if cid and cs.get("name"):
                         containers[_strip_runtime(cid)] = cs["name"]
-            entry = (meta.get("namespace", ""), meta.get("name", ""), containers)
+            entry = (meta.get("namespace", ""), meta.get("name", ""), containers, workload_of(pod))
             uid = meta.get("uid")
             if uid:
                 pods[uid.lower()] = entry
@@ -270,7 +332,7 @@ class PodResolver:
             self._last_list = self._clock()
             self._pods = self._index(self._list_pods())
             pods = self._pods
-        uids = frozenset(uid for uid, (ns, pod, _) in pods.items() if (ns, pod) == (namespace, name))
+        uids = frozenset(uid for uid, (ns, pod, *_) in pods.items() if (ns, pod) == (namespace, name))
         if not uids:
             return None
         containers = pods[next(iter(uids))][2]
@@ -280,9 +342,9 @@ class PodResolver:
         entry = self._pods.get(ref.pod_uid.lower())
         if entry is None:
             return None
-        ns, name, containers = entry
+        ns, name, containers, workload = entry
         container = containers.get(ref.container_id.lower(), "") if ref.container_id else ""
-        return PodMeta(ns, name, container)
+        return PodMeta(ns, name, container, workload.name, workload.kind)
 
     def resolve(self, ref: ContainerRef) -> PodMeta | None:
         """PodMeta for ref; lists pods again (at most once per min_refresh_interval) when

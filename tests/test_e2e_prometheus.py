@@ -9,6 +9,7 @@ Needs the `prometheus` server (Debian package, tests/setup/prometheus.sh) and th
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -111,9 +112,10 @@ class Prom:
 def substitute(expr: str, rate_interval: str = "1m") -> str:
     """Grafana's variables as the dashboard's "All" would send them (allValue .*)."""
     out = expr.replace("$__rate_interval", rate_interval).replace("${__rate_interval}", rate_interval)
-    for var in ("namespace", "pod", "target", "instance"):
+    for var in ("cluster", "namespace", "workload", "pod", "target", "node"):
         out = out.replace("${%s}" % var, ".*").replace("$" + var, ".*")
-    assert "$" not in out, out
+    # `$1` is label_replace's group reference (Grafana leaves it: no variable is named so)
+    assert not re.search(r"\$\{?[A-Za-z_]", out), out
     return out
 
 
@@ -134,8 +136,17 @@ def dashboard_queries() -> list[tuple[str, str, bool]]:
     return out
 
 
-@pytest.fixture
-def stack(tmp_path):
+def dashboard_target(title: str, ref: str) -> str:
+    dash = json.loads(DASHBOARD.read_text())
+    (panel,) = [p for p in dash["panels"] if p["title"] == title]
+    (t,) = [t for t in panel["targets"] if t["refId"] == ref]
+    return t["expr"]
+
+
+@contextlib.contextmanager
+def running_stack(tmp_path: Path, targets: list[dict], rules_text: str):
+    """The real exporter watching `targets` and a real Prometheus scraping it every second and
+    evaluating `rules_text` every second; both stopped at the end."""
     prometheus = find_prometheus()
     if not prometheus:
         msg = "prometheus server not found: run tests/setup/prometheus.sh (Debian package 'prometheus')"
@@ -143,18 +154,10 @@ def stack(tmp_path):
             pytest.fail(msg)
         pytest.skip(msg)
     procs: list = []
-    workloads: list = []
     try:
-        t0 = time.monotonic()
-        workloads.append(start_workload("cpu", argv_tag="e2e-contended"))
-        workloads.append(start_workload("hashlib", argv_tag="e2e-released"))
-
         config = tmp_path / "gil-exporter.yaml"
         config.write_text(yaml.safe_dump({
-            "targets": [
-                {"name": "e2e-contended", "match": {"cmdline": "gil-workload cpu e2e-contended$"}},
-                {"name": "e2e-released", "match": {"cmdline": "gil-workload hashlib e2e-released$"}},
-            ],
+            "targets": targets,
             "scan_interval_seconds": 1,
             # The default window. The daemon samples a process without waiters at 2 Hz, one tick
             # drawn per half second and credited for it: unbiased, but over a 2 s window a
@@ -171,9 +174,8 @@ def stack(tmp_path):
         procs.append(exp)
         wait_http(f"http://127.0.0.1:{exp_port}/healthz", 30, exp, exp_log)
 
-        # The test copy of the one rules file: same thresholds and expressions, short `for:`.
         rules = tmp_path / "rules.yaml"
-        rules.write_text(rulesfile.derive(for_={a: SHORT_FOR for a in rulesfile.alerts()}))
+        rules.write_text(rules_text)
         prom_cfg = tmp_path / "prometheus.yml"
         prom_cfg.write_text(yaml.safe_dump({
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -191,11 +193,29 @@ def stack(tmp_path):
                                 stdout=subprocess.DEVNULL, stderr=open(prom_log, "w"))
         procs.append(prom)
         wait_http(f"http://127.0.0.1:{prom_port}/-/ready", 60, prom, prom_log)
-        yield {"prom": Prom(f"http://127.0.0.1:{prom_port}"), "t0": t0, "exp_log": exp_log,
+        yield {"prom": Prom(f"http://127.0.0.1:{prom_port}"), "exp_log": exp_log,
                "prom_log": prom_log, "exporter": f"127.0.0.1:{exp_port}"}
     finally:
         for p in reversed(procs):
             stop(p)
+
+
+@pytest.fixture
+def stack(tmp_path):
+    workloads: list = []
+    try:
+        t0 = time.monotonic()
+        workloads.append(start_workload("cpu", argv_tag="e2e-contended"))
+        workloads.append(start_workload("hashlib", argv_tag="e2e-released"))
+        targets = [
+            {"name": "e2e-contended", "match": {"cmdline": "gil-workload cpu e2e-contended$"}},
+            {"name": "e2e-released", "match": {"cmdline": "gil-workload hashlib e2e-released$"}},
+        ]
+        # The test copy of the one rules file: same thresholds and expressions, short `for:`.
+        rules = rulesfile.derive(for_={a: SHORT_FOR for a in rulesfile.alerts()})
+        with running_stack(tmp_path, targets, rules) as st:
+            yield dict(st, t0=t0)
+    finally:
         for w in workloads:
             w.stop()
 
@@ -252,8 +272,18 @@ def test_contention_alert_fires_and_dashboard_queries_return_data(stack, capsys)
         if not result:
             empty.append(f"{title}: {q}")
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+    # Host panels are keyed by node; a static scrape config sets no node label, so the
+    # instance stands in. The workload ranking (the alerts' recording rules) puts the contended
+    # target first.
+    by_title = {t.split(" [")[0]: e for t, e, _ in queries}
+    host = prom.query(substitute(by_title["Host cores"]))
+    assert {r["metric"].get("node") for r in host} == {stack["exporter"]}, host
+    assert all("instance" not in r["metric"] for r in host), host
+    ranked = prom.query(substitute(dashboard_target("Workloads by contention", "A")))
+    assert [r["metric"]["target"] for r in ranked] == ["e2e-contended", "e2e-released"], ranked
 
-    # Template variables: target and instance have values (namespace/pod exist only on Kubernetes).
+    # Template variables: target has values (cluster, namespace, workload, pod and node exist
+    # only on Kubernetes or with a cluster label; their "All" matches the series without them).
     dash = json.loads(DASHBOARD.read_text())
     checked_vars = []
     for var in dash["templating"]["list"]:
@@ -262,7 +292,7 @@ def test_contention_alert_fires_and_dashboard_queries_return_data(stack, capsys)
         m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", var["query"]["query"])
         assert m, var["query"]
         values = prom.label_values(m.group(2), substitute(m.group(1)))
-        if var["name"] in ("target", "instance"):
+        if var["name"] == "target":
             assert values, var["name"]
         checked_vars.append(f'{var["name"]}={values}')
     # The dashboard's annotation query (firing GIL alerts) finds the alert.
@@ -276,3 +306,107 @@ def test_contention_alert_fires_and_dashboard_queries_return_data(stack, capsys)
               f"scores {scores}; scrapes up {up_ratio:.0%}; {len(queries)} dashboard queries in "
               f"{len({t.split(' [')[0] for t, _, _ in queries})} panels returned data; "
               f"variables {', '.join(checked_vars)}")
+
+
+# --- recycled workers: one alert per workload ---------------------------------------------------
+
+RECYCLE_FOR = "30s"      # PythonGILContention's test `for:`: longer than any worker lives
+WORKER_LIFE = 8.0        # seconds between generations of workers
+WORKERS = 2
+
+
+def test_recycled_workers_keep_one_alert_per_workload(tmp_path, capsys):
+    """Real CPU-bound CPython workers of one target, every one killed and replaced by a new
+    process (new PIDs) every 8 s while a real Prometheus scrapes the real exporter: no PID lives
+    as long as the alert's `for:` (30 s here), yet PythonGILContention fires, once, for the
+    target (outside Kubernetes the workload is the target), and stays firing across further
+    generations with its activeAt unchanged; the recorded per-target series has a sample at
+    every rule evaluation while the per-process series come and go."""
+    targets = [{"name": "e2e-recycled", "match": {"cmdline": "gil-workload cpu e2e-recycled$"}}]
+    rules = rulesfile.derive(for_={a: (RECYCLE_FOR if a == "PythonGILContention" else SHORT_FOR)
+                                   for a in rulesfile.alerts()})
+    record = 'namespace_workload_target:pygil_gil_contention_score:max{target="e2e-recycled"}'
+    workers: list = []
+    lives: list[tuple[int, float, float]] = []   # (pid, started, killed), monotonic
+
+    def replace_all() -> None:
+        now = time.monotonic()
+        for w in workers:
+            w.stop()
+            lives.append((w.pid, started[w.pid], now))
+        workers.clear()
+        for _ in range(WORKERS):
+            w = start_workload("cpu", threads=2, argv_tag="e2e-recycled")
+            started[w.pid] = time.monotonic()
+            workers.append(w)
+
+    started: dict[int, float] = {}
+    try:
+        with running_stack(tmp_path, targets, rules) as st:
+            prom: Prom = st["prom"]
+            t0 = time.monotonic()
+            replace_all()
+            generation_at = time.monotonic()
+            fired: dict | None = None
+            seen: set[tuple] = set()          # (labels, activeAt) of every PythonGILContention alert
+            after = 0                         # generations replaced since it fired
+            deadline = time.monotonic() + FIRE_TIMEOUT
+            while time.monotonic() < deadline and after < 3:
+                if time.monotonic() - generation_at >= WORKER_LIFE:
+                    replace_all()
+                    generation_at = time.monotonic()
+                    if fired:
+                        after += 1
+                for a in prom.alerts():
+                    if a["labels"]["alertname"] != "PythonGILContention":
+                        continue
+                    seen.add((tuple(sorted(a["labels"].items())), a["activeAt"]))
+                    if a["state"] == "firing" and fired is None:
+                        fired = a
+                        fired_after = time.monotonic() - t0
+                    if fired is not None and a["activeAt"] == fired["activeAt"]:
+                        assert a["state"] == "firing", a  # once firing, it stays firing
+                time.sleep(0.5)
+            assert fired is not None, (
+                f"PythonGILContention did not fire in {FIRE_TIMEOUT}s with workers replaced every "
+                f"{WORKER_LIFE}s; alerts {prom.alerts()}; recorded {prom.query(record)}\n"
+                f"exporter log:\n{st['exp_log'].read_text()[-2000:]}")
+            # one alert, for the target; no per-process labels; never restarted
+            assert fired["labels"] == {"alertname": "PythonGILContention", "severity": "warning",
+                                       "target": "e2e-recycled"}, fired
+            assert len(seen) == 1, seen
+            # no worker lived as long as the `for:`, so a per-PID alert could never have fired
+            for_seconds = float(RECYCLE_FOR.rstrip("s"))
+            assert lives and max(k - s for _, s, k in lives) < for_seconds, lives
+            pids = {r["metric"]["pid"] for r in prom.query(
+                'last_over_time(pygil_gil_contention_score{target="e2e-recycled"}[10m])')}
+            assert len(pids) >= 2 * WORKERS, pids
+            # The recorded series: a sample at every evaluation from its first to now. A gap
+            # would be a missing evaluation result; measured against the evaluations the host
+            # gave (the median step), not a constant.
+            window = int(time.monotonic() - t0) + 5
+            (series,) = prom.query(f"{record}[{window}s]")
+            stamps = [float(t) for t, _ in series["values"]]
+            steps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+            median = steps[len(steps) // 2]
+            # what the host gave: a stalled host delays the scrapes of `up` alike
+            (up,) = prom.query(f'up{{job="gil-exporter"}}[{window}s]')
+            up_stamps = [float(t) for t, _ in up["values"]]
+            up_gap = max(b - a for a, b in zip(up_stamps, up_stamps[1:]))
+            assert steps[-1] <= max(3 * median, 2.5, up_gap + 1), (steps[-5:], median, up_gap)
+            # the per-process max, for the report: its gaps are what the rule bridges
+            raw = prom.query_range('max(pygil_gil_contention_score{target="e2e-recycled"})',
+                                   seconds=window, step="1s")
+            raw_steps = len(raw[0]["values"]) if raw else 0
+            alerts = [a for a in prom.alerts() if a["labels"]["alertname"] == "PythonGILContention"]
+            assert [a["state"] for a in alerts] == ["firing"], alerts
+    finally:
+        for w in workers:
+            w.stop()
+    with capsys.disabled():
+        print(f"\n[e2e recycled] {len(pids)} worker PIDs over {len(lives)} kills, each living "
+              f"{min(k - s for _, s, k in lives):.1f}-{max(k - s for _, s, k in lives):.1f}s; "
+              f"PythonGILContention (for: {RECYCLE_FOR}) fired {fired_after:.1f}s after the first "
+              f"workers started and stayed firing over {after} more generations; recorded series "
+              f"{len(stamps)} samples, largest step {steps[-1]:.2f}s (median {median:.2f}s); the "
+              f"per-process max had {raw_steps} of {window} 1s steps")

@@ -329,7 +329,7 @@ def test_rendered_config_is_valid_for_the_exporter(rendered, name, tmp_path):
 
 
 def test_labels_and_selectors(rendered):
-    res = rendered["default"]
+    res = rendered["all-enabled"]
     ds = res.one("DaemonSet")
     sel = ds["spec"]["selector"]["matchLabels"]
     assert sel == {"app.kubernetes.io/name": "gil-exporter", "app.kubernetes.io/instance": RELEASE}
@@ -498,7 +498,7 @@ def test_options(rendered):
     for a in alerts.values():
         assert a["annotations"]["runbook_url"].startswith("https://wiki.example.com/runbooks/")
     records = [r for g in pr["spec"]["groups"] for r in g["rules"] if "record" in r]
-    assert len(records) == 4
+    assert len(records) == len([r for g in yaml.safe_load(rulesfile.rules_text())["groups"] for r in g["rules"] if "record" in r])
     dash = [c for c in res.kind("ConfigMap") if c["metadata"]["name"] == "gilx-dashboard"]
     assert dash[0]["metadata"]["labels"]["grafana_dashboard"] == "gil"
 
@@ -620,7 +620,9 @@ def test_readme_documents_every_value():
 
 def test_schema_covers_every_top_level_value():
     schema = json.loads((CHART / "values.schema.json").read_text())
-    assert set(defaults()) == set(schema["properties"])
+    # `global` is Helm's, passed down to a subchart (test_renders_as_a_subchart_with_global).
+    # and `enabled`, for a parent's `condition: gil-exporter.enabled`.
+    assert set(defaults()) == set(schema["properties"]) - {"global", "enabled"}
 
 
 def test_readme_sidecar_snippet():
@@ -641,3 +643,361 @@ def test_readme_sidecar_snippet():
     assert "--web.listen-address=:10057" in c["args"]
     assert c["resources"]["limits"]
     assert c["image"] == f"{REPOSITORY}:{CHART_META['appVersion']}"
+
+
+# --- installs that must keep working: alert names, subchart, names -------------------------
+
+def _schema() -> dict:
+    return json.loads((CHART / "values.schema.json").read_text())
+
+
+def _validate_objects(res: Rendered) -> None:
+    """Every object with a schema, strict, for the oldest and newest Kubernetes."""
+    import kubernetes_validate
+    for kube in kube_versions():
+        for obj in res.objects:
+            try:
+                kubernetes_validate.validate(obj, kube, strict=True)
+            except kubernetes_validate.SchemaNotFoundError:
+                assert obj["kind"] in OPERATOR_KINDS, obj["kind"]
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} invalid for Kubernetes {kube}: "
+                            f"{'.'.join(map(str, e.path))}: {e.message}")
+
+
+def test_schema_alert_names_are_the_rules_files():
+    """The schema's two alert-name lists are the rules file's alerts, so a new alert cannot be
+    left out again (PythonGILReenabled was, and `disabledAlerts: [PythonGILReenabled]` failed)."""
+    rule = _schema()["properties"]["prometheusRule"]["properties"]
+    names = set(rulesfile.alerts())
+    assert "PythonGILReenabled" in names
+    assert set(rule["disabledAlerts"]["items"]["enum"]) == names
+    assert set(rule["for"]["propertyNames"]["enum"]) == names
+
+
+def test_install_with_every_alert_disabled_by_name(tmp_path):
+    """Every alert of the rules file named in disabledAlerts and in `for:`: the values pass the
+    schema, the PrometheusRule keeps only the recording rules, and every object validates."""
+    helm = helm_sdk()
+    names = sorted(rulesfile.alerts())
+    values = with_repository(merge(ALL_ON, {"prometheusRule": {
+        "disabledAlerts": names, "for": {n: "7m" for n in names}}}))
+    report = helm.lint(str(CHART), values)
+    assert not [m for m in report["messages"] if m["severity"] >= 2] and not report["errors"], report
+    res = render(values)
+    rules = [r for g in res.one("PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    assert rules and not [r for r in rules if "alert" in r]
+    assert {r["record"] for r in rules} == {r["record"] for g in yaml.safe_load(rulesfile.rules_text())["groups"]
+                                             for r in g["rules"] if "record" in r}
+    _validate_objects(res)
+    promtool = find_promtool()
+    if promtool:  # what is left still loads in Prometheus
+        f = tmp_path / "rules.yaml"
+        f.write_text(yaml.safe_dump(res.one("PrometheusRule")["spec"]))
+        r = subprocess.run([promtool, "check", "rules", str(f)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
+    # One name at a time too, each leaving the others in place.
+    for name in names:
+        res = render(with_repository(merge(ALL_ON, {"prometheusRule": {"disabledAlerts": [name]}})))
+        alerts = {r["alert"] for g in res.one("PrometheusRule")["spec"]["groups"] for r in g["rules"] if "alert" in r}
+        assert alerts == set(names) - {name}
+    # The list is still checked: a name the rules file does not have is refused.
+    with pytest.raises(helm.HelmValuesError, match="disabledAlerts"):
+        render(with_repository({"prometheusRule": {"disabledAlerts": ["NoSuchAlert"]}}))
+
+
+def test_renders_as_a_subchart_with_global(tmp_path):
+    """A parent chart with gil-exporter as a dependency (the packaged archive in charts/, as
+    `helm dependency update` leaves it) and global values: Helm hands `global` to the subchart,
+    whose schema must accept it; the subchart's objects render with the parent's values."""
+    helm = helm_sdk()
+    parent = tmp_path / "platform"
+    (parent / "charts").mkdir(parents=True)
+    helm.package(str(CHART), destination=str(parent / "charts"))
+    (parent / "Chart.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "v2", "name": "platform", "version": "1.0.0",
+        "dependencies": [{"name": "gil-exporter", "version": CHART_META["version"],
+                          "condition": "gil-exporter.enabled"}]}))
+    (parent / "values.yaml").write_text(yaml.safe_dump({
+        "global": {"imageRegistry": "registry.example.com", "imagePullSecrets": [{"name": "pull"}]},
+        "gil-exporter": {"enabled": True}}))
+    values = {"gil-exporter": {"image": {"repository": REPOSITORY}, "serviceMonitor": {"enabled": True}}}
+    with helm.Chart.load(str(parent)) as c:
+        out = c.render(values, name="platform", namespace="platform", is_install=True)
+    prefix = "platform/charts/gil-exporter/templates/"
+    files = {k[len(prefix):]: v for k, v in out.items() if k.startswith(prefix)}
+    assert "daemonset.yaml" in files, sorted(out)
+    res = Rendered(files)
+    ds = res.one("DaemonSet")
+    assert ds["metadata"]["name"] == "platform-gil-exporter" and ds["metadata"]["namespace"] == "platform"
+    assert ds["spec"]["template"]["spec"]["containers"][0]["image"] == f"{REPOSITORY}:{CHART_META['appVersion']}"
+    assert res.one("ServiceMonitor") and res.one("Service")
+    _validate_objects(res)
+    # `global` is the one key let through: the root still refuses a misspelt value.
+    with helm.Chart.load(str(parent)) as c, pytest.raises(helm.HelmValuesError, match="serviceMonitr"):
+        c.render(merge(values, {"gil-exporter": {"serviceMonitr": {"enabled": True}}}),
+                 name="platform", namespace="platform", is_install=True)
+
+
+def test_name_overrides_validate():
+    """fullnameOverride and nameOverride name every object (and the DaemonSet's selector) and
+    pass the schema; a name Kubernetes would refuse fails the install with the value named."""
+    helm = helm_sdk()
+    res = render(with_repository(merge(ALL_ON, {"fullnameOverride": "gilx", "nameOverride": "gil"})))
+    for obj in res.objects:
+        assert obj["metadata"]["name"].startswith("gilx"), obj["metadata"]["name"]
+        assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == "gil"
+    assert res.one("ServiceMonitor")["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "gil"
+    _validate_objects(res)
+    res = render(with_repository({"nameOverride": "py-gil"}), name="prod")
+    assert res.one("DaemonSet")["metadata"]["name"] == "prod-py-gil"
+    for key, bad in [("fullnameOverride", "Gil_Exporter"), ("fullnameOverride", "9gil"),
+                     ("fullnameOverride", "g" * 64), ("nameOverride", "gil.exporter"),
+                     ("nameOverride", "-gil"), ("fullnameOverride", 5)]:
+        with pytest.raises(helm.HelmValuesError, match=f"/{key}"):
+            render(with_repository({key: bad}))
+
+
+def test_service_only_with_the_servicemonitor():
+    """The headless Service publishes every node's exporter by DNS: by default it exists only
+    for the ServiceMonitor, which needs it; service.enabled true/false still force it."""
+    names = lambda res: {o["kind"] for o in res.objects}  # noqa: E731
+    assert "Service" not in names(render(with_repository({})))
+    assert "Service" not in names(render(with_repository({"podMonitor": {"enabled": True}})))
+    assert "Service" in names(render(with_repository({"serviceMonitor": {"enabled": True}})))
+    assert "Service" in names(render(with_repository({"service": {"enabled": True}})))
+    assert "Service" not in names(render(with_repository({"service": {"enabled": False},
+                                                           "podMonitor": {"enabled": True}})))
+    notes = render(with_repository({})).files["NOTES.txt"]
+    assert "service.enabled=true" in notes
+
+
+# --- a secured endpoint: web config, monitors, probes, NetworkPolicy -----------------------
+
+HASH = "$2y$10$" + "a" * 53  # the shape of a bcrypt hash; its value is never checked here
+SCRAPE_AUTH = {"username": {"name": "scrape", "key": "username"},
+               "password": {"name": "scrape", "key": "password"}}
+SCRAPE_TLS = {"ca": {"secret": {"name": "scrape", "key": "ca.crt"}}, "serverName": "gil-exporter"}
+TLS_SERVER = {"cert_file": "/etc/gil-exporter-tls/tls.crt", "key_file": "/etc/gil-exporter-tls/tls.key"}
+
+
+def _container(res: Rendered) -> dict:
+    (c,) = res.one("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def _web_config_file(res: Rendered) -> tuple[str, str, dict]:
+    """(mount path, file name, volume) of --web.config.file in the rendered DaemonSet."""
+    c = _container(res)
+    (arg,) = [a for a in c["args"] if a.startswith("--web.config.file=")]
+    path = Path(arg.split("=", 1)[1])
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    assert mount["readOnly"] is True
+    vols = {v["name"]: v for v in res.one("DaemonSet")["spec"]["template"]["spec"]["volumes"]}
+    return str(path.parent), path.name, vols[mount["name"]]
+
+
+def test_web_config_secret_mounted_and_monitors_scrape_with_it(tmp_path):
+    """Inline webConfig.config: a Secret with the web config, mounted read-only where
+    --web.config.file points, that the exporter's own loader accepts; a change rolls the pods.
+    The ServiceMonitor and PodMonitor scrape with https, the tlsConfig and basicAuth given.
+    existingSecret: the user's Secret mounted the same way, no Secret rendered."""
+    import base64
+
+    from exporter.webconfig import load_web_config
+    web = {"basic_auth_users": {"prometheus": HASH}, "tls_server_config": TLS_SERVER}
+    monitor = {"enabled": True, "tlsConfig": SCRAPE_TLS, "basicAuth": SCRAPE_AUTH}
+    values = with_repository({"webConfig": {"config": web, "tlsSecret": "gil-tls"},
+                              "serviceMonitor": monitor, "podMonitor": monitor})
+    res = render(values)
+    secret = res.one("Secret")
+    directory, name, volume = _web_config_file(res)
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    text = base64.b64decode(secret["data"][name]).decode()
+    assert yaml.safe_load(text) == web
+    (tmp_path / name).write_text(yaml.safe_dump({"basic_auth_users": web["basic_auth_users"]}))
+    assert load_web_config(str(tmp_path / name)).users == {"prometheus": HASH.encode()}
+    mounts = {m["mountPath"]: m for m in _container(res)["volumeMounts"]}
+    vols = {v["name"]: v for v in res.one("DaemonSet")["spec"]["template"]["spec"]["volumes"]}
+    tls_mount = mounts[str(Path(TLS_SERVER["cert_file"]).parent)]
+    assert tls_mount["readOnly"] and vols[tls_mount["name"]]["secret"]["secretName"] == "gil-tls"
+    # Mounts beside the config's, never inside its read-only ConfigMap volume.
+    assert not directory.startswith("/etc/gil-exporter/")
+    for ep in (res.one("ServiceMonitor")["spec"]["endpoints"][0],
+               res.one("PodMonitor")["spec"]["podMetricsEndpoints"][0]):
+        assert ep["scheme"] == "https" and ep["tlsConfig"] == SCRAPE_TLS and ep["basicAuth"] == SCRAPE_AUTH
+    _validate_objects(res)
+    ann = lambda r: r.one("DaemonSet")["spec"]["template"]["metadata"]["annotations"]  # noqa: E731
+    other = render(merge(values, {"webConfig": {"config": {"basic_auth_users": {"scraper": HASH}}}}))
+    assert ann(other)["checksum/web-config"] != ann(res)["checksum/web-config"]
+    assert ann(other)["checksum/config"] == ann(res)["checksum/config"]
+
+    # The user's own Secret.
+    res = render(with_repository({"webConfig": {"existingSecret": "mine", "key": "web.yml", "tls": "tls"},
+                                  "serviceMonitor": monitor}))
+    assert not res.kind("Secret")
+    directory, name, volume = _web_config_file(res)
+    assert name == "web.yml" and volume["secret"]["secretName"] == "mine"
+    assert "checksum/web-config" not in ann(res)
+    assert res.one("ServiceMonitor")["spec"]["endpoints"][0]["scheme"] == "https"
+    _validate_objects(res)
+
+    # Without a web config: plain http, nothing mounted, no Secret.
+    res = render(with_repository(ALL_ON))
+    assert not res.kind("Secret")
+    assert not [a for a in _container(res)["args"] if a.startswith("--web.config.file")]
+    ep = res.one("ServiceMonitor")["spec"]["endpoints"][0]
+    assert ep["scheme"] == "http" and "tlsConfig" not in ep and "basicAuth" not in ep
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"webConfig": {"existingSecret": "mine", "config": {"basic_auth_users": {"p": HASH}}}}, "not both"),
+    ({"webConfig": {"existingSecret": "mine"}}, "set webConfig.tls"),
+    ({"webConfig": {"config": {"basic_auth_users": {"p": HASH}}}, "serviceMonitor": {"enabled": True}},
+     "set serviceMonitor.basicAuth"),
+    ({"webConfig": {"config": {"tls_server_config": TLS_SERVER}, "tlsSecret": "t"},
+      "podMonitor": {"enabled": True, "scheme": "http"}}, "podMonitor.scheme is http"),
+    ({"serviceMonitor": {"enabled": True, "scheme": "https"}}, "no TLS in the web config"),
+    ({"webConfig": {"config": {"tls_server_config": TLS_SERVER}, "tlsSecret": "t", "tls": "mtls"}},
+     "leave webConfig.tls empty"),
+    ({"webConfig": {"config": {"tls_server_config": {"cert_file": "tls.crt", "key_file": "/k"}}}},
+     "tls_server_config.cert_file: \"tls.crt\" is relative"),
+    ({"webConfig": {"config": {"tls_server_config": TLS_SERVER}}}, "set webConfig.tlsSecret"),
+])
+def test_web_config_mismatch_fails_the_install(values, message):
+    """A web config the scrapes or probes would not get through fails the install, naming it."""
+    helm = helm_sdk()
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        render(with_repository(values))
+
+
+def test_web_config_values_are_checked_by_the_schema():
+    helm = helm_sdk()
+    for bad, where in [({"webConfig": {"config": {"basic_auth_users": {"p": "plaintext"}}}}, "basic_auth_users"),
+                       ({"webConfig": {"config": {"tls_config": {}}}}, "tls_config"),
+                       ({"webConfig": {"tls": "yes"}}, "/webConfig/tls"),
+                       ({"serviceMonitor": {"enabled": True, "scheme": "ftp"}}, "/serviceMonitor/scheme"),
+                       ({"podMonitor": {"enabled": True, "basicAuth": {"username": "bob"}}}, "/podMonitor/basicAuth")]:
+        with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
+            render(with_repository(bad))
+
+
+@pytest.mark.parametrize("web,expect", [
+    ({}, ("httpGet", None)),
+    ({"config": {"basic_auth_users": {"prometheus": HASH}}}, ("httpGet", None)),
+    ({"config": {"basic_auth_users": {"prometheus": HASH}, "tls_server_config": TLS_SERVER}}, ("httpGet", "HTTPS")),
+    ({"existingSecret": "mine", "tls": "tls"}, ("httpGet", "HTTPS")),
+    ({"existingSecret": "mine", "tls": "none"}, ("httpGet", None)),
+    ({"config": {"tls_server_config": {**TLS_SERVER, "client_auth_type": "VerifyClientCertIfGiven",
+                                       "client_ca_file": "/etc/gil-exporter-tls/ca.crt"}}}, ("httpGet", "HTTPS")),
+    ({"config": {"tls_server_config": {**TLS_SERVER, "client_auth_type": "RequireAndVerifyClientCert",
+                                       "client_ca_file": "/etc/gil-exporter-tls/ca.crt"}}}, ("tcpSocket", None)),
+    ({"existingSecret": "mine", "tls": "mtls"}, ("tcpSocket", None)),
+], ids=["none", "basic-auth", "tls+basic-auth", "secret-tls", "secret-none", "optional-client-cert", "mtls",
+        "secret-mtls"])
+def test_probes_with_auth(web, expect):
+    """The probes as the kubelet can make them with the web config on: GET /healthz (which
+    answers without credentials: tests/test_web_security.py runs that against a real exporter
+    with basic auth), over HTTPS when TLS is on (the kubelet does not verify the certificate);
+    with a client certificate required, which the kubelet cannot present, a TCP connect."""
+    kind, scheme = expect
+    if "config" in web and "tls_server_config" in web["config"]:
+        web = {**web, "tlsSecret": "gil-tls"}
+    res = render(with_repository({"webConfig": web}))
+    c = _container(res)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe in ("livenessProbe", "readinessProbe"):
+        p = c[probe]
+        assert set(p) & {"httpGet", "tcpSocket", "exec", "grpc"} == {kind}, p
+        assert p[kind]["port"] in ports
+        if kind == "httpGet":
+            assert p["httpGet"]["path"] == defaults()[probe]["httpGet"]["path"] == "/healthz"
+            assert p["httpGet"].get("scheme") == scheme
+        # The rest of the probe (delays, periods) is the values' own.
+        rest = {k: v for k, v in p.items() if k not in ("httpGet", "tcpSocket")}
+        assert rest == {k: v for k, v in defaults()[probe].items() if k != "httpGet"}
+    _validate_objects(res)
+
+
+def _selects(selector: dict | None, labels: dict) -> bool:
+    """A Kubernetes LabelSelector: matchLabels and matchExpressions, ANDed; {} selects all."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        op, key, values = e["operator"], e["key"], e.get("values") or []
+        if (op == "In" and labels.get(key) not in values) or (op == "NotIn" and labels.get(key) in values) \
+                or (op == "Exists" and key not in labels) or (op == "DoesNotExist" and key in labels):
+            return False
+    return True
+
+
+def _admits(policy: dict, namespace: str, ns_labels: dict, pod_labels: dict, port: int) -> bool:
+    """Whether the NetworkPolicy lets a pod in (namespace, labels) reach `port`, as the API
+    defines it: a peer with a namespaceSelector matches pods of those namespaces (all of them
+    without a podSelector); a peer with a podSelector alone, pods of the policy's namespace."""
+    for rule in policy["spec"]["ingress"]:
+        if rule.get("ports") and port not in {p["port"] for p in rule["ports"]}:
+            continue
+        for peer in rule.get("from") or []:
+            if "ipBlock" in peer:
+                continue
+            if "namespaceSelector" in peer:
+                ns_ok = _selects(peer["namespaceSelector"], ns_labels)
+            else:
+                ns_ok = namespace == policy["metadata"]["namespace"]
+            if ns_ok and _selects(peer.get("podSelector"), pod_labels):
+                return True
+    return False
+
+
+def test_network_policy_admits_only_the_scraper():
+    """Off by default. On: it selects exactly the exporter's pods, Ingress only, and of these
+    callers admits kube-prometheus-stack's Prometheus in `monitoring` alone, on the metrics port
+    alone; schema-valid for both Kubernetes versions. With other selectors, those."""
+    assert not render(with_repository({})).kind("NetworkPolicy")
+    assert not render(with_repository({"mode": "sidecar", "networkPolicy": {"enabled": True}})).kind("NetworkPolicy")
+    res = render(with_repository({"networkPolicy": {"enabled": True}}))
+    policy = res.one("NetworkPolicy")
+    _validate_objects(res)
+    pod = res.one("DaemonSet")["spec"]["template"]
+    assert policy["metadata"]["namespace"] == NAMESPACE
+    assert _selects(policy["spec"]["podSelector"], pod["metadata"]["labels"])
+    assert not _selects(policy["spec"]["podSelector"], {"app.kubernetes.io/name": "prometheus"})
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    port = _container(res)["ports"][0]["containerPort"]
+    monitoring = {"kubernetes.io/metadata.name": "monitoring"}
+    prometheus = {"app.kubernetes.io/name": "prometheus", "prometheus": "kube-prometheus-stack-prometheus",
+                  "app.kubernetes.io/managed-by": "prometheus-operator"}
+    assert _admits(policy, "monitoring", monitoring, prometheus, port)
+    assert not _admits(policy, "monitoring", monitoring, prometheus, port + 1)
+    assert not _admits(policy, "monitoring", monitoring, {"app.kubernetes.io/name": "grafana"}, port)
+    assert not _admits(policy, "shop", {"kubernetes.io/metadata.name": "shop"}, prometheus, port)
+    assert not _admits(policy, NAMESPACE, {"kubernetes.io/metadata.name": NAMESPACE}, {"app": "x"}, port)
+
+    # A selector of the user's replaces the default one (not merged with it).
+    res = render(with_repository({"networkPolicy": {
+        "enabled": True, "namespaceSelector": {"matchLabels": {"team": "observability"}},
+        "podSelector": {"matchLabels": {"app": "vmagent"}},
+        "extraFrom": [{"ipBlock": {"cidr": "10.0.0.0/24"}}]}}))
+    policy = res.one("NetworkPolicy")
+    _validate_objects(res)
+    vmagent = {"app": "vmagent"}
+    assert _admits(policy, "obs", {"team": "observability"}, vmagent, port)
+    assert not _admits(policy, "monitoring", monitoring, vmagent, port)
+    assert not _admits(policy, "obs", {"team": "observability"}, prometheus, port)
+    assert {"ipBlock": {"cidr": "10.0.0.0/24"}} in policy["spec"]["ingress"][0]["from"]
+
+
+def test_secured_example(rendered):
+    """examples/secured.yaml: the user's web-config Secret mounted, probes over HTTPS, the
+    ServiceMonitor with https/tlsConfig/basicAuth from the scrape Secret, the NetworkPolicy."""
+    res = rendered["example-secured"]
+    directory, name, volume = _web_config_file(res)
+    assert volume["secret"]["secretName"] == "gil-exporter-web" and name == "web-config.yaml"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert _container(res)[probe]["httpGet"]["scheme"] == "HTTPS"
+    ep = res.one("ServiceMonitor")["spec"]["endpoints"][0]
+    assert ep["scheme"] == "https" and ep["tlsConfig"]["serverName"] == "gil-exporter"
+    assert ep["basicAuth"]["password"] == {"name": "gil-exporter-scrape", "key": "password"}
+    assert res.one("NetworkPolicy") and res.one("Service")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.kube import ContainerRef, PodMeta, PodResolver, parse_cgroup, read_container_ref
+from exporter.kube import (ContainerRef, PodMeta, PodResolver, Workload, parse_cgroup, read_container_ref,
+                           workload_of)
 
 DATA = Path(__file__).parent / "data"
 CGROUP = DATA / "cgroup"
@@ -174,7 +175,7 @@ def make_resolver(api, clock=None, **kw) -> PodResolver:
 def test_resolve_lists_this_nodes_pods_with_bearer_token(api):
     resolver = make_resolver(api)
     meta = resolver.resolve(ref_of("v2-containerd-systemd.txt"))
-    assert meta == PodMeta("shop", "checkout-api-7d9f8b6c5-x2k4p", "app")
+    assert meta == PodMeta("shop", "checkout-api-7d9f8b6c5-x2k4p", "app", "checkout-api", "Deployment")
     assert len(api.requests) == 1
     req = api.requests[0]
     assert req["path"] == "/api/v1/pods"
@@ -187,7 +188,7 @@ def test_token_file_is_read_per_request(api, tmp_path):
     token_file.write_text(TOKEN + "\n")
     resolver = PodResolver(api.url, NODE, token_path=str(token_file), clock=FakeClock())
     assert resolver.resolve(ref_of("v2-crio-systemd.txt")) == PodMeta(
-        "shop", "worker-5b6c7d8e9f-abcde", "worker")
+        "shop", "worker-5b6c7d8e9f-abcde", "worker", "worker", "Deployment")
     assert api.requests[0]["authorization"] == f"Bearer {TOKEN}"
 
 
@@ -196,16 +197,16 @@ def test_cache_hit_two_resolves_one_request(api):
     a = resolver.resolve(ref_of("v2-containerd-systemd.txt"))
     b = resolver.resolve(ref_of("v1-docker-cgroupfs.txt"))
     c = resolver.resolve(ref_of("v2-crio-cgroupfs.txt"))  # second container of a pod
-    assert a == PodMeta("shop", "checkout-api-7d9f8b6c5-x2k4p", "app")
-    assert b == PodMeta("batch", "etl-28374651-zzq8r", "etl")
-    assert c == PodMeta("shop", "worker-5b6c7d8e9f-abcde", "reporter")
+    assert a == PodMeta("shop", "checkout-api-7d9f8b6c5-x2k4p", "app", "checkout-api", "Deployment")
+    assert b == PodMeta("batch", "etl-28374651-zzq8r", "etl", "etl", "CronJob")
+    assert c == PodMeta("shop", "worker-5b6c7d8e9f-abcde", "reporter", "worker", "Deployment")
     assert len(api.requests) == 1
 
 
 def test_static_pod_resolves_through_mirror_annotation(api):
     resolver = make_resolver(api)
     assert resolver.resolve(ref_of("v2-containerd-systemd-static-pod.txt")) == PodMeta(
-        "kube-system", "metrics-agent-node-a", "agent")
+        "kube-system", "metrics-agent-node-a", "agent", "metrics-agent", "StaticPod")
 
 
 def test_refresh_on_unknown_uid_is_rate_limited(api):
@@ -223,11 +224,11 @@ def test_refresh_on_unknown_uid_is_rate_limited(api):
     # The pod appears on the node; past the interval the unknown UID triggers one list.
     api.body = (DATA / "kube" / "pods-after-rollout.json").read_bytes()
     clock.t += 30
-    assert resolver.resolve(new_pod) == PodMeta("shop", "checkout-api-7d9f8b6c5-newpd", "app")
+    assert resolver.resolve(new_pod) == PodMeta("shop", "checkout-api-7d9f8b6c5-newpd", "app", "checkout-api", "Deployment")
     assert len(api.requests) == 2
     # Known again: cache hit, and the old pods are still known.
     assert resolver.resolve(new_pod) is not None
-    assert resolver.resolve(ref_of("v2-docker-systemd.txt")) == PodMeta("batch", "etl-28374651-zzq8r", "etl")
+    assert resolver.resolve(ref_of("v2-docker-systemd.txt")) == PodMeta("batch", "etl-28374651-zzq8r", "etl", "etl", "CronJob")
     assert len(api.requests) == 2
 
 
@@ -251,7 +252,7 @@ def test_server_down_returns_none_and_keeps_cache(api):
     # Unknown UID forces a list, which fails: None, no exception.
     assert resolver.resolve(ref_of("v1-containerd-cgroupfs.txt")) is None
     # The cached pod still resolves.
-    assert resolver.resolve(known) == PodMeta("shop", "checkout-api-7d9f8b6c5-x2k4p", "app")
+    assert resolver.resolve(known) == PodMeta("shop", "checkout-api-7d9f8b6c5-x2k4p", "app", "checkout-api", "Deployment")
 
 
 def test_server_never_reachable_returns_none():
@@ -322,6 +323,82 @@ def test_pod_list_fixture_has_the_api_shape():
     assert {key for p in POD_LIST["items"] for key in STATUS_KEYS if key in p["status"]} == set(STATUS_KEYS)
 
 
+# --- the workload that owns a pod -------------------------------------------------------------
+
+def _pod(name: str, owners: list[dict] | None, labels: dict | None = None) -> dict:
+    """A pod item of pods.json re-owned: the parser reads metadata only."""
+    item = json.loads(json.dumps(POD_LIST["items"][0]))
+    item["metadata"].update(name=name, labels=labels or {})
+    if owners is None:
+        item["metadata"].pop("ownerReferences")
+    else:
+        item["metadata"]["ownerReferences"] = owners
+    return item
+
+
+def _owner(kind: str, name: str, controller: bool = True) -> dict:
+    return {"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": "u-" + name, "controller": controller}
+
+
+def test_workload_of_the_pods_in_the_list():
+    """Each owner kind of pods.json, as kube-apiserver lists them: a Deployment's ReplicaSet
+    (its name minus the pod-template-hash), a CronJob's Job (its schedule suffix), a
+    StatefulSet, a static pod mirrored by its Node."""
+    got = {(p["metadata"]["namespace"], p["metadata"]["name"]): workload_of(p) for p in POD_LIST["items"]}
+    assert got == {
+        ("shop", "checkout-api-7d9f8b6c5-x2k4p"): Workload("checkout-api", "Deployment"),
+        ("shop", "worker-5b6c7d8e9f-abcde"): Workload("worker", "Deployment"),
+        ("shop", "worker-5b6c7d8e9f-pndng"): Workload("worker", "Deployment"),
+        ("batch", "etl-28374651-zzq8r"): Workload("etl", "CronJob"),
+        ("ml", "inference-0"): Workload("inference", "StatefulSet"),
+        ("kube-system", "metrics-agent-node-a"): Workload("metrics-agent", "StaticPod"),
+    }
+
+
+@pytest.mark.parametrize("pod,want", [
+    # Deployment: the hash the ReplicaSet name ends in is the pod's pod-template-hash label.
+    (_pod("web-6d4cf56db6-q7x2z", [_owner("ReplicaSet", "web-6d4cf56db6")], {"pod-template-hash": "6d4cf56db6"}),
+     Workload("web", "Deployment")),
+    # A hyphenated Deployment name keeps its hyphens.
+    (_pod("my-api-v2-7f9b-abcde", [_owner("ReplicaSet", "my-api-v2-7f9b")], {"pod-template-hash": "7f9b"}),
+     Workload("my-api-v2", "Deployment")),
+    # A bare ReplicaSet (no pod-template-hash): the ReplicaSet itself, no guessed suffix.
+    (_pod("legacy-rs-x9k2m", [_owner("ReplicaSet", "legacy-rs")]), Workload("legacy-rs", "ReplicaSet")),
+    # The label from another ReplicaSet does not strip a name that does not end in it.
+    (_pod("odd-abcde", [_owner("ReplicaSet", "odd-rs")], {"pod-template-hash": "123"}), Workload("odd-rs", "ReplicaSet")),
+    (_pod("node-agent-4xk2p", [_owner("DaemonSet", "node-agent")]), Workload("node-agent", "DaemonSet")),
+    (_pod("db-2", [_owner("StatefulSet", "db")]), Workload("db", "StatefulSet")),
+    # CronJob: the Job's name is <cronjob>-<schedule time in minutes>.
+    (_pod("nightly-report-29012345-abcde", [_owner("Job", "nightly-report-29012345")]),
+     Workload("nightly-report", "CronJob")),
+    # A Job made by hand (or by Helm) is its own workload: "migrate-1" is no schedule suffix.
+    (_pod("migrate-1-q2x9z", [_owner("Job", "migrate-1")]), Workload("migrate-1", "Job")),
+    # No owner: the pod itself.
+    (_pod("debug-shell", None), Workload("debug-shell", "Pod")),
+    (_pod("debug-shell", []), Workload("debug-shell", "Pod")),
+    # The controller reference wins over other owners, whatever their order.
+    (_pod("x-0", [_owner("ConfigMap", "cfg", controller=False), _owner("StatefulSet", "x")]),
+     Workload("x", "StatefulSet")),
+    # Another controller (an operator's custom resource): as it names itself.
+    (_pod("cluster-a-0", [_owner("RabbitmqCluster", "cluster-a")]), Workload("cluster-a", "RabbitmqCluster")),
+    # A malformed owner (no kind), owners or labels of the wrong type: never an exception.
+    (_pod("weird", [{"name": "x"}]), Workload("weird", "Pod")),
+    (_pod("weird", {"kind": "StatefulSet"}), Workload("weird", "Pod")),
+    (_pod("weird-abc", [_owner("ReplicaSet", "weird")], ["pod-template-hash"]), Workload("weird", "ReplicaSet")),
+])
+def test_workload_of(pod, want):
+    assert workload_of(pod) == want
+
+
+def test_pod_meta_labels_add_workload_after_the_pod_labels():
+    """The kube tuple the daemon publishes: namespace, pod, container as before, then the two
+    added labels; a PodMeta without a workload publishes the three it always did."""
+    meta = PodMeta("shop", "web-6d4cf56db6-q7x2z", "app", "web", "Deployment")
+    assert meta.labels() == (("namespace", "shop"), ("pod", "web-6d4cf56db6-q7x2z"), ("container", "app"),
+                             ("workload", "web"), ("workload_kind", "Deployment"))
+    assert PodMeta("shop", "p", "c").labels() == (("namespace", "shop"), ("pod", "p"), ("container", "c"))
+
+
 def test_every_container_in_the_list_resolves(api):
     """Each container ID in the list (app, native sidecar and finished init containers,
     an ephemeral debug container) names its container; a container being created, or the
@@ -335,12 +412,13 @@ def test_every_container_in_the_list_resolves(api):
         for key in STATUS_KEYS:
             for cs in p["status"].get(key, []):
                 cid = cs.get("containerID", "").split("://", 1)[-1]
-                want = PodMeta(meta["namespace"], meta["name"], cs["name"] if cid else "")
+                wl = workload_of(p)
+                want = PodMeta(meta["namespace"], meta["name"], cs["name"] if cid else "", wl.name, wl.kind)
                 assert resolver.resolve(ContainerRef(uid, cid)) == want, (key, cs["name"])
                 previous = cs["lastState"].get("terminated", {}).get("containerID")
                 if previous:
                     gone = ContainerRef(uid, previous.split("://", 1)[1])
-                    assert resolver.resolve(gone) == PodMeta(meta["namespace"], meta["name"], "")
+                    assert resolver.resolve(gone) == PodMeta(meta["namespace"], meta["name"], "", wl.name, wl.kind)
                 checked += 1
     assert checked >= 9
     assert len(api.requests) == 1
@@ -353,7 +431,9 @@ def test_paged_list_is_followed_to_the_end():
     try:
         resolver = make_resolver(server)
         last = POD_LIST["items"][-1]["metadata"]
-        assert resolver.resolve(ContainerRef(last["uid"], "")) == PodMeta(last["namespace"], last["name"], "")
+        wl = workload_of(POD_LIST["items"][-1])
+        assert resolver.resolve(ContainerRef(last["uid"], "")) == PodMeta(last["namespace"], last["name"], "",
+                                                                         wl.name, wl.kind)
         pages = -(-len(POD_LIST["items"]) // 2)
         assert len(server.requests) == pages
         assert [r["query"].get("continue") for r in server.requests] == [None] + [[str(2 * i)] for i in range(1, pages)]
@@ -466,7 +546,7 @@ def test_charts_rbac_allows_exactly_the_list_call(api_tls, tmp_path):
         resolver = in_cluster(rendered, api_tls, tmp_path, server)
         assert resolver is not None and resolver.base_url == server.url
         assert resolver.resolve(ref_of("v2-containerd-systemd.txt")) == PodMeta(
-            "shop", "checkout-api-7d9f8b6c5-x2k4p", "app")
+            "shop", "checkout-api-7d9f8b6c5-x2k4p", "app", "checkout-api", "Deployment")
     finally:
         server.stop()
     assert len(server.requests) == 2  # two pages

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import bcrypt
 import pytest
+import yaml
 
 from harness import exporter_command, write_config
 from workloads import start_workload
+
+CHART_VALUES = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "gil-exporter" / "values.yaml"
 
 
 def _openssl(*args, cwd):
@@ -98,6 +101,107 @@ basic_auth_users:
         assert _get(exp.base + "/healthz", ctx, "prometheus", "s3cret") == (200, "ok\n")
 
 
+def _kubelet_probe(url, method="GET"):
+    """What the kubelet's httpGet probe sends: no credentials and, over HTTPS, no certificate
+    check (it skips verification by design)."""
+    ctx = None
+    if url.startswith("https://"):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    req = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_probes_pass_with_basic_auth_on(exporter, tmp_path, pki, tls):
+    """The chart's liveness and readiness probes (their path read from the chart's values.yaml)
+    answer 200 without credentials with basic auth on, while /, /metrics and /process/PID still
+    answer 401 without them (with a wrong password too) and 200 with them."""
+    values = yaml.safe_load(CHART_VALUES.read_text())
+    paths = {values[p]["httpGet"]["path"] for p in ("livenessProbe", "readinessProbe")}
+    tls_block = f"""
+tls_server_config:
+  cert_file: {pki}/server.crt
+  key_file: {pki}/server.key
+""" if tls else ""
+    web = write_config(tmp_path, tls_block + f"""
+basic_auth_users:
+  prometheus: '{HASH}'
+""", "web.yaml")
+    with start_workload("sleep", threads=1, argv_tag="web-sec") as w:
+        exp = exporter("--config", str(_targets(tmp_path)), "--web.config.file", str(web))
+        assert exp.base.startswith("https://" if tls else "http://")
+        ctx = _ctx(pki) if tls else None
+        for path in paths:
+            assert _kubelet_probe(exp.base + path) == (200, "ok\n"), path
+            assert _kubelet_probe(exp.base + path, "HEAD")[0] == 200, path
+            assert _get(exp.base + path, ctx, "prometheus", "wrong") == (200, "ok\n"), path
+        # The scrape must find the workload before its page exists (generous: a busy host).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status, body = _get(exp.base + "/metrics", ctx, "prometheus", "s3cret")
+            if status == 200 and f'pid="{w.pid}"' in body:
+                break
+            time.sleep(0.5)
+        assert f'pid="{w.pid}"' in body
+        for path in ("/", "/metrics", f"/process/{w.pid}", "/healthz/../metrics", "/nonexistent"):
+            assert _kubelet_probe(exp.base + path)[0] == 401, path
+            assert _kubelet_probe(exp.base + path, "HEAD")[0] == 401, path
+            assert _get(exp.base + path, ctx, "prometheus", "wrong")[0] == 401, path
+        for path in ("/", "/metrics", f"/process/{w.pid}"):
+            assert _get(exp.base + path, ctx, "prometheus", "s3cret")[0] == 200, path
+
+
+@pytest.mark.parametrize("client_auth", ["NoClientCert", "RequireAndVerifyClientCert"])
+def test_rendered_chart_secures_a_real_exporter(exporter, tmp_path, pki, client_auth):
+    """The chart's own output run for real: the web config Secret it renders from an inline
+    webConfig.config becomes the exporter's --web.config.file, and the probes it renders pass
+    as the kubelet makes them (HTTPS GET /healthz without credentials; a TCP connect when client
+    certificates are required), while the ServiceMonitor's scheme with credentials scrapes and
+    without them gets 401 (or no handshake)."""
+    import base64
+
+    from test_helm import render, with_repository
+    web = {"tls_server_config": {"cert_file": f"{pki}/server.crt", "key_file": f"{pki}/server.key",
+                                 "client_auth_type": client_auth, "client_ca_file": f"{pki}/ca.crt"},
+           "basic_auth_users": {"prometheus": HASH}}
+    secret_ref = {"name": "scrape", "key": "k"}
+    res = render(with_repository({"webConfig": {"config": web}, "serviceMonitor": {
+        "enabled": True, "basicAuth": {"username": secret_ref, "password": secret_ref}}}))
+    ds = res.one("DaemonSet")["spec"]["template"]["spec"]
+    (c,) = ds["containers"]
+    (arg,) = [a for a in c["args"] if a.startswith("--web.config.file=")]
+    secret = res.one("Secret")
+    web_file = tmp_path / Path(arg.split("=", 1)[1]).name
+    web_file.write_bytes(base64.b64decode(secret["data"][web_file.name]))
+    exp = exporter("--config", str(_targets(tmp_path)), "--web.config.file", str(web_file))
+    host, port = exp.base.split("//", 1)[1].rsplit(":", 1)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for name in ("livenessProbe", "readinessProbe"):
+        probe = c[name]
+        if client_auth == "NoClientCert":
+            get = probe["httpGet"]
+            assert get["port"] in ports and get["scheme"] == "HTTPS"
+            assert _kubelet_probe(f"https://{host}:{port}{get['path']}") == (200, "ok\n"), name
+        else:
+            assert "httpGet" not in probe and probe["tcpSocket"]["port"] in ports
+            socket.create_connection((host, int(port)), timeout=10).close()
+    ep = res.one("ServiceMonitor")["spec"]["endpoints"][0]
+    assert ep["scheme"] == "https"
+    ctx = _ctx(pki, client_cert=client_auth != "NoClientCert")
+    url = f"{ep['scheme']}://{host}:{port}{ep['path']}"
+    assert _get(url, ctx, "prometheus", "s3cret")[0] == 200
+    assert _get(url, ctx)[0] == 401
+    if client_auth != "NoClientCert":
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError, OSError)):
+            _get(url, _ctx(pki), "prometheus", "s3cret")
+
+
 def test_mutual_tls(exporter, tmp_path, pki):
     web = write_config(tmp_path, f"""
 tls_server_config:
@@ -110,6 +214,12 @@ tls_server_config:
     assert _get(exp.base + "/healthz", _ctx(pki, client_cert=True)) == (200, "ok\n")
     with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError, OSError)):
         _get(exp.base + "/healthz", _ctx(pki, client_cert=False))
+    # The kubelet has no client certificate, so an httpGet probe fails here; the chart renders
+    # tcpSocket probes instead (webConfig mode mtls), and a TCP connect is what they do.
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError, OSError)):
+        _kubelet_probe(exp.base + "/healthz")
+    host, port = exp.base.split("//", 1)[1].rsplit(":", 1)
+    socket.create_connection((host, int(port)), timeout=10).close()
 
 
 @pytest.mark.parametrize("text,fragment", [
