@@ -1,7 +1,7 @@
 """The gain, predicted and then measured: the same fixed CPU work as k threads in one process,
 then as k processes.
 
-    .venv/bin/python bench/bench_gain.py [--python 3.12] [--seconds 6] [--ks 2,3,4] [--json FILE]
+    .venv/bin/python bench/bench_gain.py [--python 3.12] [--seconds 16] [--ks 2,3,4] [--json FILE]
 
 For each case, the threaded run is measured by the real `gil-exporter diagnose PID --json`
 while its threads count finished work units; its `gain_ratio` is the prediction. Then the same
@@ -83,8 +83,10 @@ def run_case(python: str, k: int, sleepers: int, seconds: float) -> dict:
     t = _start(python, k, sleepers, seconds)
     t.stdin.write("go\n"); t.stdin.flush()
     time.sleep(0.5)
+    # the measurement fits well inside the run: locating takes a moment, and diagnose waits
+    # up to one more window for enough GIL samples on a busy host
     r = subprocess.run(exporter_command() + ["diagnose", str(t.pid), "--json", "--seconds",
-                                             str(max(2.0, seconds - 3.0))],
+                                             str(max(2.0, seconds / 4))],
                        capture_output=True, text=True, timeout=120)
     threaded = _finish([t])
     doc = json.loads(r.stdout)
@@ -113,7 +115,7 @@ def run_case(python: str, k: int, sleepers: int, seconds: float) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--python", default="3.12")
-    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--seconds", type=float, default=16.0)
     ap.add_argument("--ks", default="2,3,4")
     ap.add_argument("--json")
     args = ap.parse_args()
