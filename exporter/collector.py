@@ -115,6 +115,11 @@ class GilCollector:
         contended = _family("pygil_gil_contended_seconds",
                             "Time the GIL was held while at least one thread waited for it, in seconds.", "counter")
         switches = _family("pygil_gil_switches", "GIL handoffs between threads.", "counter")
+        off_cpu = _family("pygil_gil_held_off_cpu_seconds",
+                          "Time the (main interpreter's) GIL was held while its holder was on no CPU and "
+                          "waited for none, in seconds: asleep or blocked in the kernel with the GIL held. A "
+                          "lower bound: the held time beyond every thread's CPU and run delay, per pass.",
+                          "counter")
         waiting = _family("pygil_gil_waiting_threads",
                           "Mean number of threads waiting for the GIL over the exporter's window.", "gauge")
         score = _family("pygil_gil_contention_score",
@@ -138,6 +143,8 @@ class GilCollector:
                          i.score_method) for i in v.interpreters]
             else:
                 gils = [(labels, v.gil, f.waiting_threads if f is not None else None, v.score, v.score_method)]
+            if v.held_off_cpu_seconds is not None and v.gil is not None and v.gil.samples > 0:
+                off_cpu.add_sample("pygil_gil_held_off_cpu_seconds_total", labels, v.held_off_cpu_seconds)
             for ls, g, waiting_threads, value, method in gils:
                 if g is not None and g.samples > 0:
                     interval.add_sample("pygil_gil_switch_interval_seconds", ls, g.interval_seconds)
@@ -150,7 +157,7 @@ class GilCollector:
                     waiting.add_sample("pygil_gil_waiting_threads", ls, waiting_threads)
                 if value is not None:
                     score.add_sample("pygil_gil_contention_score", {**ls, "method": method}, value)
-        return enabled, interval, sampled, held, wait, contended, switches, waiting, score, unknown
+        return enabled, interval, sampled, held, wait, contended, switches, off_cpu, waiting, score, unknown
 
     @staticmethod
     def _thread_family(views: list[ProcessView]):

@@ -13,10 +13,13 @@ import io
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from exporter import attribution, discover, pods, procfs, score, views
 from exporter import stacks as holder_stacks
+from exporter import gil, syscalls
+from exporter.gil.threads import GilThreads
 from exporter.config import Config, Limits, Match, Sampling, Target
 from exporter.monitor import Monitor
 from exporter.redact import shown_cmdline
@@ -144,10 +147,64 @@ def _check_python(view: ProcessView, info: procfs.ProcessInfo) -> None:
         raise DiagnoseError(f"process {view.pid} exited during the measurement")
 
 
-def report(m: Measurement, show_cmdline: bool = False) -> tuple[dict, score.Verdict]:
+def _holders_blocked(pid: int, tries: int = 40, pause: float = 0.01) -> Counter:
+    """(TID, what it sits in) of the GIL's holder at `tries` moments when the holder was off the
+    CPU: a fresh GIL reading, then that thread's /proc syscall and wchan, read from outside."""
+    seen: Counter = Counter()
+    try:
+        location = gil.locate(pid)
+        reader = gil.GilReader(location)
+    except (gil.ProbeUnavailable, OSError):
+        return seen
+    try:
+        threads = GilThreads(reader.fd, location, reader.threads)
+        for _ in range(tries):
+            tid = threads.holder(reader.read())
+            if tid:
+                number, wchan = procfs.thread_blocked_in(pid, tid)
+                if number is not None or wchan:
+                    where = (f"{syscalls.name(number)}()" if number is not None
+                             else f"kernel wait {wchan}")
+                    seen[(tid, where)] += 1
+            time.sleep(pause)
+    except (gil.ProbeUnavailable, OSError):
+        pass
+    finally:
+        reader.close()
+    return seen
+
+
+def blocked_holder(pid: int, table: attribution.ThreadTable,
+                   profile: holder_stacks.StackProfile | None = None) -> score.Holder | None:
+    """The thread found holding the GIL while off the CPU most often, read right after the
+    measurement (the GIL's holder, then what it sits in); the per-thread table gives its name,
+    and with --stacks the Python function the holder was in most. None when no holder was
+    caught off the CPU."""
+    seen = _holders_blocked(pid)
+    if not seen:
+        return None
+    (tid, blocked_in), _ = seen.most_common(1)[0]
+    name = next((r.name for r in table.rows if r.tid == tid), "")
+    if not name:
+        try:
+            task = procfs.task_stats(pid).get(tid)
+        except (procfs.ProcessGone, OSError):
+            task = None
+        name = task.name if task else ""
+    frame = ""
+    if profile is not None:
+        best = profile.top_functions(1)
+        if best and best[0].filename:
+            frame = f"{best[0].qualname} ({best[0].filename}:{best[0].line})"
+    return score.Holder(tid, _printable(name), blocked_in, _printable(frame))
+
+
+def report(m: Measurement, show_cmdline: bool = False,
+           holder: score.Holder | None = None) -> tuple[dict, score.Verdict]:
     view = m.view
     f = view.figures
-    v = views.verdict(view, can_ptrace=m.can_ptrace)
+    v = views.verdict(view, can_ptrace=m.can_ptrace, holder=holder)
+    g = score.gain(f) if view.score_method == "gil_state" else None
     figures = {
         "pid": view.pid,
         "exe": view.exe,
@@ -158,6 +215,11 @@ def report(m: Measurement, show_cmdline: bool = False) -> tuple[dict, score.Verd
         **dataclasses.asdict(f),
         "score": view.score,
         "score_method": view.score_method,
+        "held_off_cpu_ratio": score.held_off_cpu(f) if view.score_method == "gil_state" else None,
+        "demand_threads": g.demand_threads if g else None,
+        "spare_cores": g.spare_cores if g else None,
+        "gain_ratio": g.ratio if g else None,
+        "holder": dataclasses.asdict(holder) if holder else None,
     }
     return figures, v
 
@@ -188,6 +250,8 @@ def render(figures: dict, v: score.Verdict) -> str:
         _line("mean threads waiting", figures.get("waiting_threads"), ".2f"),
         _line("GIL handoffs/s", figures.get("switches_per_second"), ".0f"),
         _line("GIL sampled", figures.get("gil_sampled_seconds"), ".1f", " s"),
+        _line("GIL held off the CPU", figures.get("held_off_cpu_ratio"), ".0%", " (at least)"),
+        _line("threads wanting the GIL", figures.get("demand_threads"), ".2f"),
         (_line(f"contention score ({figures['score_method']})", score_text, ".2f")
          if score_text is not None or figures["score_method"] != "procfs"
          else _line("contention score (procfs)", "unknown")),
@@ -235,7 +299,7 @@ def run_diagnose(pid: int, seconds: float, rate_hz: float, as_json: bool, stacks
     finally:
         table = threads.stop(THREAD_ROWS)
         profile = sampler.stop() if sampler else None
-    figures, v = report(m, show_cmdline)
+    figures, v = report(m, show_cmdline, blocked_holder(pid, table, profile))
     if as_json:
         out = {"figures": figures, "verdict": dataclasses.asdict(v), "threads": table.as_dict()}
         if profile is not None:

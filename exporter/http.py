@@ -176,7 +176,8 @@ def _thread_rows(table: ThreadTable) -> str:
             + ("<th>interpreter</th>" if interp else "") + "</tr>")
     rows = []
     for r in table.rows:
-        name = r.name + ("" if r.alive else " (ended)")
+        name = r.name + ("" if r.alive else " (ended)") + (
+            " (held the GIL while blocked)" if score.thread_held_blocked(r.held, r.cpu) else "")
         cells = [str(r.tid or ""), name, _fmt(r.held, ".0%"), _fmt(r.waiting, ".0%"), _fmt(r.cpu, ".0%")]
         if interp:
             cells.append("–" if r.interpreter is None else str(r.interpreter))

@@ -318,8 +318,11 @@ class Monitor:
                                          set(per_thread))
             thread_held = tuple(sorted((label, g, v) for (label, g), v in values.items()))
         now = time.monotonic()
-        state.history.append(Tick(now, stat.threads, stat.cpu_user, stat.cpu_system,
-                                  voluntary, involuntary, totals, sched, gils, thread_held))
+        tick = Tick(now, stat.threads, stat.cpu_user, stat.cpu_system, voluntary, involuntary,
+                    totals, sched, gils, thread_held)
+        if state.history:
+            state.held_off_cpu += views.held_off_cpu_increment(state.history[-1], tick)
+        state.history.append(tick)
         self._trim(state.history, now)
         wall = time.time()
         if not state.scores or wall - state.scores[-1][0] >= min(SCORE_HISTORY_STEP,

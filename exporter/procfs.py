@@ -502,6 +502,31 @@ def task_syscalls(pid: int) -> dict[int, tuple[int, ...]]:
     return out
 
 
+def thread_blocked_in(pid: int, tid: int) -> tuple[int | None, str]:
+    """(syscall number or None, kernel wait channel or "") of one thread: what it sits in now.
+
+    The number is None while the thread runs or when the file cannot be read (it needs
+    ptrace-read permission); the wait channel ("0" or empty while running) comes from
+    /proc/PID/task/TID/wchan. Both are bounded single reads; never stops the target."""
+    number: int | None = None
+    wchan = ""
+    base = f"{PROC}/{pid}/task/{tid}"
+    try:
+        with open(f"{base}/syscall", "rb") as f:
+            head = f.read(256).split()
+        if head and head[0] not in (b"running", b"-1"):
+            number = int(head[0])
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(f"{base}/wchan", "rb") as f:
+            text = f.read(128).decode("ascii", "replace").strip()
+        wchan = "" if text in ("", "0") else text
+    except OSError:
+        pass
+    return number, wchan
+
+
 def cgroup(pid: int) -> str:
     try:
         with open(f"{PROC}/{pid}/cgroup", errors="surrogateescape") as f:

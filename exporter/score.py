@@ -49,14 +49,37 @@ class Figures:
 
 
 @dataclass(frozen=True)
+class Gain:
+    """What running the contended threads as processes (or on a free-threaded build) would buy,
+    from the figures measured over the window (see `gain`)."""
+
+    demand_threads: float  # threads that wanted the GIL on average (holding or waiting)
+    spare_cores: float  # cores the host could give: the process's own plus the idle ones
+    spare_measured: bool  # False: the host's idle CPU was not measured, spare = all its cores
+    ratio: float  # up to this many times the throughput
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The thread that held the GIL while off the CPU, as far as it could be read."""
+
+    tid: int
+    name: str
+    blocked_in: str = ""  # the system call or kernel wait it sat in ("" when not readable)
+    frame: str = ""  # the Python frame that made the call (with --stacks)
+
+
+@dataclass(frozen=True)
 class Verdict:
     contended: bool
     kind: str  # see KINDS
     headline: str  # one line for a person
     advice: tuple[str, ...]  # what to change, concrete
+    gain: Gain | None = None  # contended kinds where processes would help
 
 
 KINDS = (
+    "gil_held_while_blocked",
     "cpu_threads_serialized",
     "io_starved_by_cpu",
     "contended_unclassified",
@@ -273,12 +296,103 @@ def _probe_advice(probe: str, detail: str, can_ptrace: bool | None) -> tuple[str
             "please report its version and exe.",)
 
 
+#: The GIL was held while its holder was off the CPU (neither running nor runnable) for at
+#: least this share of the time it was held: the holder blocked with the GIL held. Measured:
+#: a ctypes.PyDLL call blocking in the kernel 0.93-1.00; CPU-bound threads 0.00-0.05 (the CPU
+#: and run delay the process had cover the time held).
+BLOCKED_HELD_SHARE = 0.5
+
+
+def held_off_cpu(f: Figures) -> float | None:
+    """A lower bound of the fraction of the window the GIL was held while its holder was on no
+    CPU and waiting for none (asleep or blocked in the kernel): the time held beyond every
+    thread's CPU and run delay together. None when the GIL was not read."""
+    if f.held_ratio is None or f.gil_enabled is False:
+        return None
+    return _clamp(f.held_ratio - _wanted_cores(f))
+
+
+def thread_held_blocked(held: float | None, cpu: float | None) -> bool:
+    """One thread's shares over a window (of the sampled time, of one core): it held the GIL for
+    at least half that time while on no CPU, the same rule as the process's verdict."""
+    return bool(held) and cpu is not None and held - cpu >= BLOCKED_HELD_SHARE * held
+
+
+def gain(f: Figures) -> Gain | None:
+    """Up to how many times the throughput processes (or a free-threaded build) would give:
+    min(threads that wanted the GIL, cores the host can spare) over the one core's worth of
+    Python the GIL let run (the held ratio). None when the GIL was not read."""
+    if f.held_ratio is None or f.waiting_threads is None or f.held_ratio <= 0:
+        return None
+    demand = f.held_ratio + max(0.0, f.waiting_threads)
+    measured = f.host_idle_cpus is not None
+    spare = (min(float(f.host_cpus), f.cpu_cores + f.host_idle_cpus) if measured
+             else float(f.host_cpus))
+    ratio = max(1.0, min(demand, max(spare, 0.0)) / min(1.0, f.held_ratio))
+    return Gain(demand, spare, measured, ratio)
+
+
+def _gain_advice(g: Gain | None) -> tuple[str, ...]:
+    if g is None:
+        return ()
+    spare = (f"the host could spare {g.spare_cores:.1f} cores (this process's plus the idle ones)"
+             if g.spare_measured else
+             f"the host has {g.spare_cores:.0f} cores (how many sat idle was not measured)")
+    return (f"Gain: {g.demand_threads:.1f} threads wanted the GIL on average against the 1 it "
+            f"lets run, and {spare}: processes or a free-threaded build would give up to "
+            f"{g.ratio:.1f}x the throughput.",)
+
+
+def _one_core_advice(f: Figures, cmdline: str, method: str) -> tuple[str, ...]:
+    """Not contended, but one thread runs Python at about a full core with the GIL held: more
+    threads would only take turns on it; processes would add throughput if the host has room."""
+    if (method != "gil_state" or f.held_ratio is None or f.held_ratio < CAPPED_CORES
+            or f.cpu_cores < CAPPED_CORES or (f.top_thread_share or 0.0) < STARVED_TOP_SHARE):
+        return ()
+    server = _server(cmdline)
+    how = server[1] if server else "run the work in more processes (ProcessPoolExecutor, workers)"
+    if f.host_idle_cpus is not None:
+        room = (f"the host had {f.host_idle_cpus:.1f} idle cores beside it, so processes could "
+                f"give up to {1.0 + min(f.host_idle_cpus, f.host_cpus - 1.0):.1f}x the throughput "
+                f"if the load is there")
+    else:
+        room = "how many cores sat idle was not measured"
+    return (f"One thread runs Python at {f.cpu_cores:.2f} cores with the GIL held "
+            f"{f.held_ratio:.0%} of the time: more threads would only take turns on the GIL. "
+            f"To serve more, {how}; {room}.",)
+
+
+def _blocked(f: Figures, holder: Holder | None, amount: str, threads: str, cores: str,
+             off: float) -> Verdict:
+    if holder is not None:
+        who = f"thread {holder.tid}" + (f" ({holder.name})" if holder.name else "")
+        where = f" in {holder.blocked_in}" if holder.blocked_in else ""
+        frame = f", called from {holder.frame}" if holder.frame else ""
+        named = f"{who} held it while blocked{where}{frame}"
+    else:
+        named = "which thread held it was not read here (`gil-exporter diagnose PID` names it)"
+    return Verdict(
+        True, "gil_held_while_blocked",
+        f"GIL held while its holder was off the CPU: {off:.0%} of the time at least; {named}; "
+        f"{amount}, {threads} on {cores}",
+        ("Release the GIL around the blocking call: call C through ctypes.CDLL rather than "
+         "ctypes.PyDLL, wrap blocking C code in Py_BEGIN_ALLOW_THREADS / Py_END_ALLOW_THREADS "
+         "(Cython: `with nogil`), or upgrade to a driver release that does; or move the call to "
+         "a process of its own.",
+         "More threads or processes do not help: each one freezes the same way while the call "
+         "blocks with the GIL held. The fix is in the code that makes the call.",
+         "Every other thread waits for the whole blocking call: the GIL's switch interval "
+         "cannot take the GIL from a thread that is not running Python."))
+
+
 def verdict(f: Figures, threshold: float = THRESHOLD, cmdline: str = "", probe: str = "",
-            probe_detail: str = "", can_ptrace: bool | None = None) -> Verdict:
+            probe_detail: str = "", can_ptrace: bool | None = None,
+            holder: Holder | None = None) -> Verdict:
     """What is going on with this process's GIL, and what to change.
 
     `cmdline` names request servers in the advice; `probe`, `probe_detail` and `can_ptrace`
-    (whether the exporter holds CAP_SYS_PTRACE) explain a verdict made from /proc alone."""
+    (whether the exporter holds CAP_SYS_PTRACE) explain a verdict made from /proc alone;
+    `holder` names the thread that held the GIL while blocked, when it was read."""
     iv = _interval(f)
     cores = f"{f.cpu_cores:.2f} of {f.host_cpus} cores"
     if f.gil_enabled is False:
@@ -312,6 +426,11 @@ def verdict(f: Figures, threshold: float = THRESHOLD, cmdline: str = "", probe: 
     if value < threshold and f.cpu_cores < IDLE_CORES and held_idle:
         return Verdict(False, "idle", f"idle: {cores} used, {threads}, {amount}", probe_why)
     if value >= threshold:
+        off = held_off_cpu(f)
+        if (method == "gil_state" and off is not None and f.held_ratio
+                and off >= BLOCKED_HELD_SHARE * f.held_ratio):
+            return _blocked(f, holder, amount, threads, cores, off)
+        g = gain(f) if method == "gil_state" else None
         switch = (f"sys.setswitchinterval (now {iv_text}) only changes how often threads take "
                   f"turns, not the total throughput; raising it lowers switching overhead, "
                   f"lowering it improves latency.")
@@ -321,7 +440,8 @@ def verdict(f: Figures, threshold: float = THRESHOLD, cmdline: str = "", probe: 
                            f"it was not measured: no /proc/PID/task/*/schedstat)",
                            ("Move the CPU-bound Python work to processes "
                             "(concurrent.futures.ProcessPoolExecutor, more worker processes), "
-                            "or off the threads that serve I/O.", switch) + probe_why)
+                            "or off the threads that serve I/O.", switch) + _gain_advice(g)
+                           + probe_why, g)
         if f.top_thread_share >= STARVED_TOP_SHARE:
             return Verdict(True, "io_starved_by_cpu",
                            f"threads starved by one CPU-bound thread: {amount}; one thread did "
@@ -333,7 +453,7 @@ def verdict(f: Figures, threshold: float = THRESHOLD, cmdline: str = "", probe: 
                             f"Every wake-up of an I/O thread waits up to the switch interval "
                             f"({iv_text}) for the GIL: sys.setswitchinterval(0.001) gets them the "
                             f"GIL sooner but costs more switching overhead in the CPU thread; it "
-                            f"is a mitigation, not a fix.") + probe_why)
+                            f"is a mitigation, not a fix.") + _gain_advice(g) + probe_why, g)
         server = _server(cmdline)
         what = server[0] if server else "Python threads"
         n = max(2, round(f.busy_threads or 2))
@@ -348,7 +468,7 @@ def verdict(f: Figures, threshold: float = THRESHOLD, cmdline: str = "", probe: 
                         "Or move the hot loop to native code that releases the GIL (NumPy, "
                         "Cython `with nogil`, a C/Rust extension), or run on a free-threaded "
                         "build (python3.13t and later).",
-                        switch) + probe_why)
+                        switch) + _gain_advice(g) + probe_why, g)
     if f.gils > 1 and (f.gils_held or 0.0) >= PARALLEL_FROM:
         return Verdict(False, "interpreters_parallel",
                        f"subinterpreters run in parallel, each on its own GIL: {f.gils_held:.1f} "
@@ -365,4 +485,4 @@ def verdict(f: Figures, threshold: float = THRESHOLD, cmdline: str = "", probe: 
                         "Look elsewhere for slowness (I/O, locks, CPU quota, the host).",)
                        + probe_why)
     return Verdict(False, "no_contention", f"no GIL contention: {amount}, {threads}, {cores}",
-                   probe_why)
+                   _one_core_advice(f, cmdline, method) + probe_why)

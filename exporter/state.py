@@ -76,6 +76,7 @@ class ProcessState:
     per_thread: bool = False  # its GILs are sampled with per-thread held time
     labels: ThreadLabels | None = None  # per_thread: the thread label values, under the cap
     failing: str = ""  # the last pass's failure reading it ("" when it was read)
+    held_off_cpu: float = 0.0  # seconds the GIL was held while no thread ran or waited for a CPU
 
     def ctx_totals(self, per_thread: dict[int, tuple[int, int]]) -> tuple[int, int]:
         ended_v, ended_i = self.ended
@@ -122,3 +123,4 @@ def add_totals(base: GilTotals | None, now: GilTotals | None) -> GilTotals | Non
         futex_waiters_checked=now.futex_waiters_checked,
         enabled=now.enabled,
     )
+

@@ -19,13 +19,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from exporter import gil, procfs
+from exporter import gil, procfs, syscalls
 from exporter.attribution import ThreadSampler
 from exporter.gil.frames import Frame, StackReader, TornStack
 from exporter.monitor import Monitor
 from exporter.views import ProcessView
 
 EXIT_OK, EXIT_ERROR = 0, 2
+#: /proc thread states of a thread that is on no CPU and waits for none: interruptible sleep and
+#: uninterruptible (disk) sleep. A GIL holder in one of them is blocked with the GIL held.
+BLOCKED_STATES = ("S", "D")
 RICH_MISSING = ("gil-exporter top: needs the Python package `rich`: "
                 "pip install 'gil-exporter[top]'")
 
@@ -401,8 +404,14 @@ class TopView:
             who = f"TID {h.tid}" if h.tid else "a thread whose TID this version does not give"
             name = next((t.name for t in self.threads if t.tid == h.tid), "")
             where = (f" in {h.frame.qualname} ({h.frame.filename}:{h.frame.line})" if h.frame else "")
-            lines.append(Text(f"GIL: held by {who}{f' ({name})' if name else ''}{where}, "
-                              f"{h.waiters} thread(s) waiting"))
+            state = next((t.state for t in self.threads if t.tid == h.tid), "")
+            blocked = ""
+            if state in BLOCKED_STATES:  # holding the GIL while asleep or in the kernel
+                number, wchan = procfs.thread_blocked_in(r.pid, h.tid)
+                call = (syscalls.name(number) + "()" if number is not None else wchan)
+                blocked = f", BLOCKED ({state}{' in ' + call if call else ''})"
+            lines.append(Text(f"GIL: held by {who}{f' ({name})' if name else ''}{where}{blocked}, "
+                              f"{h.waiters} thread(s) waiting", style="bold red" if blocked else None))
         shares = any(t.gil_held is not None for t in self.threads)
         t = Table(box=box.SIMPLE_HEAD, expand=False, pad_edge=False)
         t.add_column("TID", justify="right")
@@ -415,7 +424,8 @@ class TopView:
             t.add_column("WAITING", justify="right")
         for row in self.threads[:max(1, height - 8)]:
             cells = [str(row.tid), row.name, row.state, _pct(row.cpu),
-                     "● holds" if row.holds_gil else ""]
+                     ("● holds, blocked" if row.state in BLOCKED_STATES else "● holds")
+                     if row.holds_gil else ""]
             if shares:
                 cells += [_pct(row.gil_held), _pct(row.gil_waiting)]
             t.add_row(*cells, style="bold" if row.holds_gil else None)

@@ -56,6 +56,9 @@ class ProcessView:
     interpreters: tuple[InterpreterGil, ...] = ()
     # sampling.per_thread: ((thread label, interpreter id, held seconds), ...); None when off
     thread_held: tuple | None = None
+    # lower bound of the seconds the main GIL was held while its holder was on no CPU and
+    # waited for none, summed over the passes (None until the GIL has been read)
+    held_off_cpu_seconds: float | None = None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -106,6 +109,7 @@ def build(state: ProcessState, host: deque, window_seconds: float) -> ProcessVie
         score_history=tuple(state.scores),
         interpreters=interpreters,
         thread_held=last.thread_held,
+        held_off_cpu_seconds=state.held_off_cpu if last.gil is not None else None,
     )
 
 
@@ -178,10 +182,12 @@ def host_view(host: deque, window_seconds: float) -> HostView:
     return HostView(cpus, tuple(util))
 
 
-def verdict(view: ProcessView, can_ptrace: bool | None = None) -> score.Verdict:
-    """The verdict on a view's figures (which must exist), as diagnose words it."""
+def verdict(view: ProcessView, can_ptrace: bool | None = None,
+            holder: score.Holder | None = None) -> score.Verdict:
+    """The verdict on a view's figures (which must exist), as diagnose words it; `holder` the
+    thread diagnose found holding the GIL while blocked, if it looked."""
     return score.verdict(view.figures, cmdline=view.cmdline, probe=view.gil_probe,
-                         probe_detail=view.probe_detail, can_ptrace=can_ptrace)
+                         probe_detail=view.probe_detail, can_ptrace=can_ptrace, holder=holder)
 
 
 def status(view: ProcessView, can_ptrace: bool | None = None) -> tuple[str, score.Verdict | None]:
@@ -267,3 +273,26 @@ def thread_figures(a: dict, b: dict, dt: float) -> dict:
 def utf8(text: str) -> str:
     """Label-safe text: /proc gives undecodable bytes as surrogates, which UTF-8 output rejects."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def held_off_cpu_increment(prev: Tick, now: Tick) -> float:
+    """A lower bound of the seconds the main GIL was held between two ticks while its holder was
+    on no CPU and waited for none (asleep, blocked in the kernel): the held time beyond every
+    thread's CPU and run delay over the same stretch. CPU is /proc/PID/stat's (which keeps ended
+    threads' time) or schedstat's sum, whichever is more; run delay is schedstat's, or without
+    it the same estimate from involuntary switches as the score's (score.PREEMPT_SECONDS)."""
+    if prev.gil is None or now.gil is None:
+        return 0.0
+    held = now.gil.held_seconds - prev.gil.held_seconds
+    if held <= 0.0:
+        return 0.0
+    cpu = (now.cpu_user + now.cpu_system) - (prev.cpu_user + prev.cpu_system)
+    sched_cpu = delay = 0.0
+    for tid, (run_ns, wait_ns) in now.sched.items():
+        before = prev.sched.get(tid, (0, 0))
+        if run_ns >= before[0] and wait_ns >= before[1]:
+            sched_cpu += (run_ns - before[0]) / 1e9
+            delay += (wait_ns - before[1]) / 1e9
+    if not now.sched:
+        delay = max(0, now.involuntary - prev.involuntary) * score.PREEMPT_SECONDS
+    return max(0.0, held - max(cpu, sched_cpu) - delay)

@@ -59,7 +59,17 @@ def sqlite_work() -> str:
     return str(rows[0][0])
 
 
-ROUTES = {"/cpu": cpu_work, "/io": io_work, "/sqlite": sqlite_work, "/health": lambda: "ok"}
+FROZEN_SECONDS = float(os.environ.get("SERVER_FROZEN_SECONDS", "0.2"))
+
+
+def frozen_work() -> str:
+    """A badly wrapped C call: libc's usleep through ctypes.PyDLL blocks with the GIL held."""
+    import ctypes
+    ctypes.PyDLL(None).usleep(int(FROZEN_SECONDS * 1e6))
+    return "blocked"
+
+
+ROUTES = {"/frozen": frozen_work, "/cpu": cpu_work, "/io": io_work, "/sqlite": sqlite_work, "/health": lambda: "ok"}
 
 
 def create_flask():

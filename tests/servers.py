@@ -35,6 +35,11 @@ CASES = {
     "uvicorn-io": ("uvicorn", "/io", False),
     "waitress-cpu": ("waitress", "/cpu", True),
     "waitress-io": ("waitress", "/io", False),
+    # a handler blocking in C with the GIL held: frozen, and more processes would not help
+    "waitress-frozen": ("waitress", "/frozen", True),
+    # one worker with one handler thread, CPU-bound: not contended, but it uses its one core;
+    # processes would add throughput, threads would not
+    "waitress1-cpu": ("waitress1", "/cpu", False),
     "pool-cpu": ("pool", "cpu", True),
     "pool-io": ("pool", "io", False),
 }
@@ -56,6 +61,9 @@ def _command(server: str, route: str) -> list[str]:
     if server == "waitress":
         return [PYTHON, "-m", "waitress", "--host", "127.0.0.1", "--port", "0",
                 f"--threads={THREADS}", "--call", "server_apps:create_wsgi"]
+    if server == "waitress1":
+        return [PYTHON, "-m", "waitress", "--host", "127.0.0.1", "--port", "0",
+                "--threads=1", "--call", "server_apps:create_wsgi"]
     if server == "pool":
         return [PYTHON, str(HERE / "server_apps.py"), route, str(THREADS), "200"]
     raise ValueError(server)

@@ -18,7 +18,7 @@ ROOT = rulesfile.ROOT
 RUNBOOKS = ROOT / "docs" / "runbooks"
 DASHBOARD = rulesfile.CHART / "dashboards" / "gil-exporter.json"
 EXPECTED_ALERTS = {"PythonGILContention", "PythonGILSaturated", "PythonGILProbeUnavailable",
-                   "PythonGILReenabled", "GilExporterDown"}
+                   "PythonGILReenabled", "PythonGILHeldWhileBlocked", "GilExporterDown"}
 
 
 def find_promtool() -> str | None:
@@ -137,7 +137,10 @@ def test_alerts_match_the_issue():
     assert "rate(pygil_gil_held_seconds_total[5m])" in rec["pygil:gil_held_ratio:rate5m"]
     assert "pygil:gil_held_ratio:rate5m" in rec["pygil:gil_saturated_held_ratio:rate5m"]
     assert rulesfile.thresholds() == {"contentionScore": 0.5, "saturatedHeldRatio": 0.95,
-                                      "saturatedWaitingThreads": 1.0, "saturatedMaxCores": 1.2}
+                                      "saturatedWaitingThreads": 1.0, "saturatedMaxCores": 1.2,
+                                      "heldOffCpuRatio": 0.5}
+    assert a["PythonGILHeldWhileBlocked"]["for"] == "5m"
+    assert "rate(pygil_gil_held_off_cpu_seconds_total[5m])" in rec["pygil:gil_held_off_cpu_ratio:rate5m"]
     assert 'method="procfs"' in rec["pygil:gil_probe_unavailable:info"]
     assert "up{" in a["GilExporterDown"]["expr"]
     assert a["PythonGILReenabled"]["for"] == "5m"

@@ -200,6 +200,9 @@ def running_stack(tmp_path: Path, targets: list[dict], rules_text: str):
             stop(p)
 
 
+FROZEN_THRESHOLD = 0.2
+
+
 @pytest.fixture
 def stack(tmp_path):
     workloads: list = []
@@ -207,12 +210,18 @@ def stack(tmp_path):
         t0 = time.monotonic()
         workloads.append(start_workload("cpu", argv_tag="e2e-contended"))
         workloads.append(start_workload("hashlib", argv_tag="e2e-released"))
+        workloads.append(start_workload("frozen", argv_tag="e2e-frozen"))
         targets = [
             {"name": "e2e-contended", "match": {"cmdline": "gil-workload cpu e2e-contended$"}},
             {"name": "e2e-released", "match": {"cmdline": "gil-workload hashlib e2e-released$"}},
+            {"name": "e2e-frozen", "match": {"cmdline": "gil-workload frozen e2e-frozen$"}},
         ]
-        # The test copy of the one rules file: same thresholds and expressions, short `for:`.
-        rules = rulesfile.derive(for_={a: SHORT_FOR for a in rulesfile.alerts()})
+        # The test copy of the one rules file: same thresholds and expressions, short `for:`;
+        # and heldOffCpuRatio at FROZEN_THRESHOLD: the counter is a lower bound that every
+        # waiter's run delay lowers, so on a loaded box (helpers, other suites) the frozen
+        # service read 0.43 where a quiet one reads 0.85-0.95 (tests/test_verdict_blocked.py).
+        rules = rulesfile.derive(for_={a: SHORT_FOR for a in rulesfile.alerts()},
+                                 threshold={"heldOffCpuRatio": FROZEN_THRESHOLD})
         with running_stack(tmp_path, targets, rules) as st:
             yield dict(st, t0=t0)
     finally:
@@ -280,7 +289,24 @@ def test_contention_alert_fires_and_dashboard_queries_return_data(stack, capsys)
     assert {r["metric"].get("node") for r in host} == {stack["exporter"]}, host
     assert all("instance" not in r["metric"] for r in host), host
     ranked = prom.query(substitute(dashboard_target("Workloads by contention", "A")))
-    assert [r["metric"]["target"] for r in ranked] == ["e2e-contended", "e2e-released"], ranked
+    order = [r["metric"]["target"] for r in ranked]
+    assert order.index("e2e-contended") < order.index("e2e-released"), ranked
+
+    # The frozen service (a ctypes.PyDLL usleep loop): the counter of time held off the CPU
+    # feeds PythonGILHeldWhileBlocked for it, never for the CPU-bound threads.
+    blocked = None
+    deadline = time.monotonic() + FIRE_TIMEOUT
+    while time.monotonic() < deadline and not blocked:
+        blocked = firing(prom.alerts(), "PythonGILHeldWhileBlocked", "e2e-frozen")
+        time.sleep(0.5)
+    assert blocked, (f"PythonGILHeldWhileBlocked did not fire for the frozen service: "
+                     f"{prom.query('pygil:gil_held_off_cpu_ratio:rate5m')}")
+    assert blocked[0]["annotations"]["runbook_url"].endswith("/python-gil-held-while-blocked.md")
+    off = {r["metric"]["target"]: float(r["value"][1])
+           for r in prom.query("pygil:gil_held_off_cpu_ratio:rate5m")}
+    assert off["e2e-frozen"] > FROZEN_THRESHOLD and off["e2e-contended"] < 0.05, off
+    never = prom.query('max_over_time(ALERTS{alertname="PythonGILHeldWhileBlocked", target!="e2e-frozen"}[10m])')
+    assert never == [], never
 
     # Template variables: target has values (cluster, namespace, workload, pod and node exist
     # only on Kubernetes or with a cluster label; their "All" matches the series without them).
@@ -303,7 +329,7 @@ def test_contention_alert_fires_and_dashboard_queries_return_data(stack, capsys)
     with capsys.disabled():
         print(f"\n[e2e] PythonGILContention fired {fired_after:.1f}s after the workloads started "
               f"(scrape 1s, window 2s, for: {SHORT_FOR}); PythonGILSaturated firing: {saturated}; "
-              f"scores {scores}; scrapes up {up_ratio:.0%}; {len(queries)} dashboard queries in "
+              f"scores {scores}; held off the CPU {off}; scrapes up {up_ratio:.0%}; {len(queries)} dashboard queries in "
               f"{len({t.split(' [')[0] for t, _, _ in queries})} panels returned data; "
               f"variables {', '.join(checked_vars)}")
 

@@ -188,3 +188,29 @@ window_seconds: 5
         assert {r[0] for r in rows} == {int(t) for t in os.listdir(f"/proc/{w.pid}/task")}
         assert sum(float(r[3].rstrip("%")) for r in rows[1:]) > 0, rows       # sleepers wait
         assert "futex()" in page and "<table" in page
+
+
+def test_process_page_marks_the_holder_blocked(exporter, tmp_path):
+    """A thread holding the GIL inside a blocking C call (ctypes.PyDLL usleep): the landing page
+    and /process/PID give the verdict of its own, and the thread table marks the holder."""
+    cfg = write_config(tmp_path, """
+targets:
+  - name: app
+    match:
+      cmdline: 'gil-workload frozen'
+scan_interval_seconds: 1
+window_seconds: 3
+""")
+    with start_workload("frozen", threads=3) as w:
+        holder = int(w.proc.stdout.readline().strip().split("=")[1])
+        exp = exporter("--config", str(cfg))
+        exp.wait_for(lambda: "GIL held while its holder was off the CPU" in exp.get("/")[1], timeout=40)
+        exp.wait_for(lambda: exp.get(f"/process/{w.pid}")[0] == 200, timeout=30)
+        time.sleep(3)                       # the table covers the time since the first look
+        page = exp.wait_for(lambda: (p := exp.get(f"/process/{w.pid}")[1])
+                            and "(held the GIL while blocked)" in p and p, timeout=20)
+        rows = {r[0]: r for r in _thread_table(page)}
+        assert "(held the GIL while blocked)" in rows[holder][1], rows
+        assert sum("blocked" in r[1] for r in rows.values()) == 1, rows
+        assert "GIL held while its holder was off the CPU" in page
+        assert "ctypes.CDLL" in page

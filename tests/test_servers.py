@@ -54,7 +54,11 @@ def _figures(out: dict) -> score.Figures:
     return score.Figures(**{k: v for k, v in out["figures"].items() if k in names})
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# cases with a test of their own below
+OWN_TEST = ("waitress-frozen", "waitress1-cpu")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in OWN_TEST])
 def test_verdict_on_a_real_server(case):
     server, route, contended = CASES[case]
     for attempt in range(ATTEMPTS):
@@ -86,3 +90,50 @@ def test_verdict_on_a_real_server(case):
         f = dataclasses.replace(_figures(out), **{k: None for k in PROCFS_FIELDS})
         p = score.procfs_score(f)
         assert p is None or p < 0.5, (p, f)
+
+
+def test_frozen_handler_is_held_while_blocked():
+    """waitress whose handler calls libc's usleep through ctypes.PyDLL (the GIL held 200 ms per
+    request): frozen; the verdict names the blocking call, says to release the GIL, and never
+    advises more processes."""
+    code, out, requests = _diagnose("waitress-frozen")
+    fig, verdict = out["figures"], out["verdict"]
+    print(f"waitress-frozen: exit {code}, {verdict['headline']}, requests {requests}")
+    assert code == 1 and verdict["kind"] == "gil_held_while_blocked", verdict
+    assert fig["held_ratio"] >= 0.8 and fig["cpu_cores"] < 0.5 * fig["held_ratio"]
+    assert fig["held_off_cpu_ratio"] >= 0.5 * fig["held_ratio"]
+    assert "nanosleep" in fig["holder"]["blocked_in"], fig["holder"]
+    advice = " ".join(verdict["advice"])
+    assert "ctypes.CDLL" in advice and "--workers" not in advice
+    assert verdict["gain"] is None
+
+
+def test_single_threaded_cpu_server_gets_processes_not_threads():
+    """waitress with one handler thread, CPU-bound: its event-loop thread waits for the GIL
+    behind the handler (io_starved_by_cpu), or nothing waits (no_contention). Either way the
+    advice is processes, never more threads, and a contended verdict's gain is the one its own
+    figures give: min(demand, spare cores) over the held ratio."""
+    for attempt in range(ATTEMPTS):
+        code, out, requests = _diagnose("waitress1-cpu")
+        fig, verdict = out["figures"], out["verdict"]
+        print(f"waitress1-cpu: exit {code}, kind {verdict['kind']}, cores {fig['cpu_cores']:.2f}, "
+              f"held {fig['held_ratio']}, advice {verdict['advice']}")
+        if fig["cpu_cores"] >= score.CAPPED_CORES and fig["held_ratio"] >= score.CAPPED_CORES:
+            break
+    else:
+        pytest.skip(f"the host never gave the one handler thread a full core "
+                    f"({fig['cpu_cores']:.2f} cores): nothing to judge")
+    advice = " ".join(verdict["advice"])
+    assert "--threads" not in advice
+    if verdict["contended"]:
+        assert code == 1 and verdict["kind"] == "io_starved_by_cpu", verdict
+        assert "ProcessPoolExecutor" in advice
+        g = verdict["gain"]
+        assert g["demand_threads"] == pytest.approx(fig["held_ratio"] + fig["waiting_threads"])
+        assert g["ratio"] == pytest.approx(max(1.0, min(g["demand_threads"], g["spare_cores"])
+                                               / min(1.0, fig["held_ratio"])))
+        assert fig["gain_ratio"] == g["ratio"] and f"{g['ratio']:.1f}x" in advice
+    else:
+        assert code == 0 and verdict["kind"] == "no_contention", verdict
+        assert "more threads would only take turns on the GIL" in advice
+        assert "waitress processes" in advice

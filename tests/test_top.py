@@ -19,7 +19,7 @@ from exporter.top import parse_keys
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/tmux").exists(), reason="tmux missing (tests/setup/tools.sh)")
 
 ROW = re.compile(r"^\s*(\d+)\s+(\S+)\s+(\d+)\s")          # PID TARGET THREADS ... (process list)
-THREAD_ROW = re.compile(r"^\s*(\d+)\s+(.+?)\s+([RSDTtZXI])\s+(\S+)\s*(● holds)?"
+THREAD_ROW = re.compile(r"^\s*(\d+)\s+(.+?)\s+([RSDTtZXI])\s+(\S+)\s*(● holds(?:, blocked)?)?"
                         r"(?:\s+(\d+%|–)\s+(\d+%|–))?\s*$")     # ... [GIL HELD, WAITING]
 
 
@@ -154,6 +154,30 @@ def test_contended_process_first_threads_with_the_holder_and_q_quits(tmp_path):
         top.close()
         for w in (contended, quiet, idle):
             w.stop()
+
+
+def test_frozen_holder_is_marked_blocked(tmp_path):
+    """A thread holding the GIL inside a blocking C call (ctypes.PyDLL usleep): the thread view
+    says the holder is blocked and in which call, and marks its row."""
+    python = workloads.pyenv_pythons().get("3.12") or sys.executable
+    frozen = workloads.start_workload("frozen", python, threads=3)
+    holder = int(frozen.proc.stdout.readline().strip().split("=")[1])
+    top = Tmux(tmp_path, ["--config", str(_config(tmp_path, [frozen.pid]))])
+    try:
+        top.wait(lambda s: len(_process_rows(s)) == 1, what="the frozen process")
+        top.keys("Enter")
+        line = re.compile(rf"GIL: held by TID {holder} \(.*\) in hold \(<string>:\d+\), "
+                          r"BLOCKED \(S in (clock_)?nanosleep\(\)\)")
+        # the status line may wrap: search it with the screen's whitespace collapsed
+        screen = top.wait(lambda s: line.search(" ".join(s.split())) and s,
+                          what="the holder marked blocked")
+        row = next(l for l in screen.splitlines() if (m := THREAD_ROW.match(l)) and int(m.group(1)) == holder)
+        assert "● holds, blocked" in row, screen
+        top.keys("q")
+        assert top.exit_code() == 0
+    finally:
+        top.close()
+        frozen.stop()
 
 
 def test_default_config_shows_every_python_process(tmp_path):

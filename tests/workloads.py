@@ -179,6 +179,43 @@ time.sleep(0.2)
 threading.Thread(target=Outer().middle, name="pinned-holder", daemon=True).start()
 forever()
 """,
+    # The frozen service: one thread calls a C function that blocks with the GIL held (libc's
+    # usleep through ctypes.PyDLL, as a badly wrapped C library or driver does), again and again,
+    # while N request threads want the GIL every few milliseconds. After "ready", one line gives
+    # the blocking thread's name and native TID ("frozen-holder=123").
+    "frozen": """
+import ctypes
+libc = ctypes.PyDLL(None)
+def hold():
+    while True:
+        libc.usleep(500000)  # FROZEN-CALL: 0.5 s in the kernel, GIL held
+def request():
+    while True:
+        time.sleep(0.003)
+        sum(range(100))
+start(request)
+holder = threading.Thread(target=hold, name="frozen-holder", daemon=True)
+holder.start()
+time.sleep(0.1); ready()
+sys.stdout.write("frozen-holder=%d\\n" % holder.native_id); sys.stdout.flush()
+forever()
+""",
+    # The same call through ctypes.CDLL, which releases the GIL around it: idle, not frozen.
+    "released": """
+import ctypes
+libc = ctypes.CDLL(None)
+def hold():
+    while True:
+        libc.usleep(500000)
+def request():
+    while True:
+        time.sleep(0.003)
+        sum(range(100))
+start(request)
+threading.Thread(target=hold, name="released-caller", daemon=True).start()
+time.sleep(0.1); ready()
+forever()
+""",
     # One CPU-bound thread among N threads that sleep and wake every 20 ms: the hot one holds the
     # GIL, the sleepers wait for it each time they wake. After "ready", one line gives each
     # thread's name and native TID ("hot-worker=123 sleeper-0=124 ...").
