@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from exporter import __version__, procfs
+from exporter import __version__, procfs, score
 from exporter.attribution import SamplerPool, ThreadTable
 from exporter.collector import exposition
 from exporter.connections import ConnectionServer, Request, ResponseWriter, ServerLimits
