@@ -23,11 +23,12 @@ STAGE_OF = {
     "exporter.procfs": "discover", "exporter.discover": "discover", "exporter.kube": "discover",
     "exporter.pods": "discover",
     "exporter.gil": "probe", "exporter.sampler": "probe", "exporter._hotloop": "probe",
-    "exporter.attribution": "probe", "exporter.stacks": "probe",
+    "exporter.attribution": "probe", "exporter.stacks": "probe", "exporter.syscalls": "probe",
     "exporter.score": "derive", "exporter.state": "derive", "exporter.passes": "derive",
     "exporter.giltracker": "derive", "exporter.views": "derive", "exporter.monitor": "derive",
     "exporter.collector": "export", "exporter.http": "export", "exporter.cli": "export",
     "exporter.diagnose": "export", "exporter.top": "export", "exporter.__main__": "export",
+    "exporter.connections": "export", "exporter.redact": "export",
 }
 
 
