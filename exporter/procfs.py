@@ -243,16 +243,40 @@ _VOL = b"\nvoluntary_ctxt_switches:"
 _INVOL = b"\nnonvoluntary_ctxt_switches:"
 
 
-def parse_ctx_switches(status: bytes) -> tuple[int, int]:
-    """(voluntary, involuntary) from the text of a /proc/.../status file."""
-    def field(key: bytes) -> int:
+#: A status file is read in one pread of STATUS_READ bytes; a thread in 65,536 supplementary
+#: groups (setgroups) makes its `Groups:` line alone about 700 KB, pushing the context-switch
+#: lines past it: then it is read again, up to STATUS_MAX bytes (bounded: a target's own doing).
+STATUS_READ = 4096
+STATUS_MAX = 1 << 20
+
+
+def parse_ctx_switches(status: bytes) -> tuple[int, int] | None:
+    """(voluntary, involuntary) from the text of a /proc/.../status file; None when the text
+    was cut before both lines ended (read it whole, then)."""
+    def field(key: bytes) -> int | None:
         i = status.rfind(key)
         if i < 0:
-            return 0
+            return None
         j = i + len(key)
         k = status.find(b"\n", j)
-        return int(status[j:k if k >= 0 else None])
-    return field(_VOL), field(_INVOL)
+        if k < 0:
+            return None
+        try:
+            return int(status[j:k])
+        except ValueError:
+            return None
+    vol, invol = field(_VOL), field(_INVOL)
+    return None if vol is None or invol is None else (vol, invol)
+
+
+def read_ctx_switches(fd: int) -> tuple[int, int]:
+    """The context switches of one kept status file: one pread, a longer one only when the
+    file did not fit; (0, 0) for a file that holds no such lines even whole."""
+    data = os.pread(fd, STATUS_READ, 0)
+    got = parse_ctx_switches(data)
+    if got is None and len(data) == STATUS_READ:
+        got = parse_ctx_switches(os.pread(fd, STATUS_MAX, 0))
+    return got if got is not None else (0, 0)
 
 
 def task_ctx_switches(pid: int) -> dict[int, tuple[int, int]]:
@@ -270,7 +294,7 @@ def task_ctx_switches(pid: int) -> dict[int, tuple[int, int]]:
         except (FileNotFoundError, ProcessLookupError):
             continue  # thread ended between listdir and open
         try:
-            out[int(tid)] = parse_ctx_switches(os.read(fd, 4096))
+            out[int(tid)] = read_ctx_switches(fd)
         except ProcessLookupError:
             continue
         finally:
@@ -346,7 +370,7 @@ class ThreadFiles:
         pread = os.pread
         for tid, (status, schedstat) in items:
             try:
-                ctx[tid] = parse_ctx_switches(pread(status, 4096, 0))
+                ctx[tid] = read_ctx_switches(status)
                 if schedstat >= 0:
                     run, delay, _slices = pread(schedstat, 128, 0).split()
                     sched[tid] = (int(run), int(delay))
