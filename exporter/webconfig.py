@@ -152,6 +152,13 @@ def _tls(lines: _Lines, base: str, tls, files: list) -> ssl.SSLContext | None:
     def rel(p: str) -> str:
         full = p if os.path.isabs(p) else os.path.join(base, p)
         files.append(full)
+        # ssl opens it with a plain open(): a FIFO there would block the start or the re-read
+        try:
+            os.close(targetfile.open_regular(full, follow_symlinks=True))
+        except targetfile.NotRegularFile as e:
+            raise WebConfigError(f"{where()}: {full}: {e.strerror}") from None
+        except OSError:
+            pass  # missing or unreadable: ssl's own error below names it
         return full
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

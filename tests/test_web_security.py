@@ -6,6 +6,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import os
 import time
 import urllib.error
 import urllib.request
@@ -234,6 +235,20 @@ def test_bad_web_config_exits_2(tmp_path, text, fragment):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert r.stderr.startswith(str(web)) and fragment in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tls_files_that_are_fifos_are_refused_not_opened(tmp_path):
+    """cert_file or key_file naming a FIFO: ssl's plain open() would block the start for good;
+    the web config is refused with one line and exit 2, quickly."""
+    fifo = tmp_path / "server.crt"
+    os.mkfifo(fifo)
+    web = write_config(tmp_path, f"tls_server_config:\n  cert_file: {fifo}\n  key_file: {fifo}\n", "web.yaml")
+    t = time.monotonic()
+    r = subprocess.run(exporter_command() + ["--web.config.file", str(web), "--web.listen-address", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"{web}:") and "not a regular file (a FIFO)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and time.monotonic() - t < 20
 
 
 def test_fifty_concurrent_scrapers_slow_clients_and_huge_headers(exporter, tmp_path):
