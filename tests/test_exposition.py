@@ -61,6 +61,7 @@ class _Monitor:
     def __init__(self):
         self.errors = collections.Counter({"scan": 2, "tick": 0})
         self.dropped = {"target-0": 3}
+        self.sampler = None  # build_info reads which loop runs
         self.config = type("C", (), {"targets": tuple(type("T", (), {"name": n})() for n in ("target-0", "target-1"))})()
 
     def snapshot(self, alive=None):
