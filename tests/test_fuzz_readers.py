@@ -1,0 +1,591 @@
+"""Fuzzing the readers of target memory (issue 16): the frame reader, the thread-state walker,
+the _Py_DebugOffsets parser and validator, and the ELF readers, given arbitrary bytes for the
+target's memory.
+
+Unit tier: memory is canned here, a `Memory` of regions read as os.pread reads
+/proc/PID/mem (short at a region's end, EIO where nothing is mapped). The seeds are
+structurally valid images built from the layout tables themselves (layouts.DEBUG_SECTIONS,
+frames.STATIC_FRAME_LAYOUTS, ...), never memory read from a live interpreter; Hypothesis then
+overwrites bytes and pointers, truncates and unmaps regions, and publishes hostile offsets.
+
+Every call must:
+* raise nothing but what the reader documents (TornStack, ProbeUnavailable, BadOffsets/
+  ValueError, NotElf, ...), or return its documented "unreadable" value;
+* stay within a read budget counted through the fake Pread (reads and bytes per call, from
+  the readers' own ceilings), and within a CPU-time ceiling (a hang detector);
+* allocate at most a bounded amount (tracemalloc peak per call).
+
+CI runs a fixed, derandomized budget (a few seconds per target, database off). A longer run:
+GIL_EXPORTER_FUZZ_EXAMPLES=200000 (examples per target, random seeds; figures in
+BENCHMARKS.md, "Fuzzing the readers").
+"""
+from __future__ import annotations
+
+import bisect
+import errno
+import functools
+import os
+import struct
+import sys
+import time
+import tracemalloc
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from exporter.gil import elf, frames, layouts, threads
+from exporter.gil.frames import (MAX_DEPTH, STATIC_FRAME_LAYOUTS, FrameLayout, StackReader,
+                                 TornStack, frame_layout_from_debug_offsets, layout_for)
+from exporter.gil.layouts import (DEBUG_COOKIE, DEBUG_OFFSETS_LAYOUTS, DEBUG_SECTIONS,
+                                  DEFAULT_LAYOUT, FIELD_WIDTHS, SECTION_MAX, SECTION_MAX_DEFAULT,
+                                  BadOffsets, layout_from_debug_offsets, parse_debug_offsets,
+                                  parse_debug_offsets_prefix, thread_layout_from_debug_offsets)
+from exporter.gil.memory import USER_SPACE_END
+from exporter.gil.records import (GilLocation, GilReading, ProbeUnavailable, PythonIdentity,
+                                  ThreadStateLayout)
+from exporter.gil.threads import MAX_SPAN, MAX_THREADS, GilThreads, ThreadIds, ThreadWalker
+
+# ------------------------------------------------------------------ budget of the run
+
+LONG_RUN = int(os.environ.get("GIL_EXPORTER_FUZZ_EXAMPLES", "0"))
+
+
+def fuzz_settings(ci_examples: int):
+    """CI: `ci_examples`, derandomized, no example database (reproducible). A long run: the
+    env var's count, random seeds."""
+    return settings(max_examples=LONG_RUN or ci_examples, derandomize=not LONG_RUN,
+                    database=None, deadline=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much])
+
+
+#: CPU seconds one call may take: a hang detector (the reads are counted exactly below). The
+#: thread's CPU time, not wall time, so a busy host does not push a call across it.
+CPU_MAX = 1.0
+#: tracemalloc peak of one call (the fuzzed memories are small; a reader that allocates by a
+#: size the target published would cross it).
+ALLOC_MAX = 16 << 20
+
+# ------------------------------------------------------------------ canned memory
+
+
+class Memory:
+    """Target memory for parser tests: {address: bytes} regions, read with os.pread's contract
+    on /proc/PID/mem (short at a region's end, OSError EIO where nothing is mapped), counting
+    every read. Sizes and offsets os.pread itself refuses raise what os.pread raises."""
+
+    def __init__(self, regions: Dict[int, bytes]) -> None:
+        self.regions = dict(sorted(regions.items()))
+        self._starts = list(self.regions)
+        self.reset()
+
+    def reset(self) -> None:
+        self.reads = 0
+        self.bytes = 0          # requested, not returned: what a buffer would be sized by
+        self.largest = 0
+
+    def pread(self, size: int, addr: int) -> bytes:
+        self.reads += 1
+        if size < 0:
+            raise ValueError("negative buffersize in pread")
+        if not 0 <= addr < 1 << 63:
+            raise OverflowError("Python int too large to convert to C long")
+        if size > 1 << 30:
+            raise MemoryError(f"pread of {size} bytes")
+        self.bytes += size
+        self.largest = max(self.largest, size)
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            start = self._starts[i]
+            data = self.regions[start]
+            if addr < start + len(data) or (addr == start + len(data) and not size):
+                return bytes(data[addr - start:addr - start + size])
+        raise OSError(errno.EIO, "Input/output error")
+
+    def read(self, addr: int, size: int) -> bytes:
+        """identity._glibc_condvar's read: pread_exact's errors."""
+        if not 0 <= addr <= USER_SPACE_END - size:
+            raise ProbeUnavailable("validation_failed", f"{addr:#x} is no user-space address")
+        try:
+            data = self.pread(size, addr)
+        except OSError:
+            raise ProbeUnavailable("validation_failed", f"{addr:#x} not readable") from None
+        if len(data) != size:
+            raise ProbeUnavailable("validation_failed", f"short read at {addr:#x}")
+        return data
+
+
+@dataclass(frozen=True)
+class Cost:
+    reads: int
+    bytes: int
+    largest: int
+    cpu: float
+    peak: int
+
+
+#: the worst figures of the run, per target (printed by a long run)
+WORST: Dict[str, Dict[str, float]] = {}
+OUTCOMES: Dict[str, Counter] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def traced():
+    tracemalloc.start()
+    yield
+    tracemalloc.stop()
+    if LONG_RUN:
+        for name, worst in sorted(WORST.items()):
+            print(f"\nfuzz {name}: {dict(OUTCOMES[name])}; worst "
+                  + ", ".join(f"{k}={v:.4g}" for k, v in worst.items()), file=sys.stderr)
+
+
+def call(name: str, memory: Optional[Memory], fn: Callable, allowed: Tuple[type, ...]):
+    """fn(), its result or one of the `allowed` exceptions, and what it cost. Anything else
+    propagates: a crash."""
+    if memory is not None:
+        memory.reset()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    t0 = time.thread_time()
+    try:
+        out = fn()
+        outcome = "ok"
+    except allowed as exc:
+        out = exc
+        outcome = f"{type(exc).__name__}:{getattr(exc, 'reason', '')}"
+    cpu = time.thread_time() - t0
+    peak = tracemalloc.get_traced_memory()[1] - base
+    cost = Cost(memory.reads if memory else 0, memory.bytes if memory else 0,
+                memory.largest if memory else 0, cpu, peak)
+    worst = WORST.setdefault(name, {})
+    for k in ("reads", "bytes", "largest", "cpu", "peak"):
+        worst[k] = max(worst.get(k, 0), getattr(cost, k))
+    OUTCOMES.setdefault(name, Counter())[outcome.split(":")[0] if outcome != "ok" else "ok"] += 1
+    assert cost.cpu < CPU_MAX, f"{name} took {cost.cpu:.3f} s of CPU"
+    assert cost.peak < ALLOC_MAX, f"{name} allocated {cost.peak} B"
+    return out, cost
+
+
+# ------------------------------------------------------------------ mutations
+
+#: 8-byte values a hostile or torn target puts where a pointer or size belongs
+HOSTILE_WORDS = [0, 1, 7, 8, 0xFF, 1 << 31, (1 << 31) - 1, 1 << 32, 1 << 48, USER_SPACE_END - 8,
+                 USER_SPACE_END, 1 << 63, (1 << 64) - 1, (1 << 64) - 8]
+
+
+@st.composite
+def mutations(draw, max_count: int = 8):
+    """Edits of an image: ("bytes", region, offset, data), ("word", region, offset, value),
+    ("point", region, offset, (target region, delta)), ("cut", region, length),
+    ("unmap", region)."""
+    out = []
+    for _ in range(draw(st.integers(0, max_count))):
+        kind = draw(st.sampled_from(["bytes", "word", "word", "point", "point", "cut", "unmap"]))
+        region = draw(st.integers(0, 1 << 16))
+        if kind == "bytes":
+            out.append((kind, region, draw(st.integers(0, 1 << 16)), draw(st.binary(min_size=1, max_size=16))))
+        elif kind == "word":
+            value = draw(st.sampled_from(HOSTILE_WORDS) | st.integers(0, (1 << 64) - 1))
+            out.append((kind, region, draw(st.integers(0, 1 << 16)), value))
+        elif kind == "point":
+            out.append((kind, region, draw(st.integers(0, 1 << 16)),
+                        (draw(st.integers(0, 1 << 16)), draw(st.sampled_from([0, 0, 1, 8, -8, 16, 4096])))))
+        elif kind == "cut":
+            out.append((kind, region, draw(st.integers(0, 1 << 16))))
+        else:
+            out.append((kind, region))
+    return out
+
+
+def mutate(regions: Dict[int, bytes], edits) -> Dict[int, bytes]:
+    """`regions` with `edits` applied (indices taken modulo what exists; words 8-aligned)."""
+    out = {a: bytearray(d) for a, d in regions.items()}
+    for edit in edits:
+        if not out:
+            break
+        keys = sorted(out)
+        start = keys[edit[1] % len(keys)]
+        data = out[start]
+        kind = edit[0]
+        if kind == "unmap":
+            del out[start]
+        elif kind == "cut":
+            del data[edit[2] % (len(data) + 1):]
+        elif data:
+            if kind == "bytes":
+                off = edit[2] % len(data)
+                data[off:off + len(edit[3])] = edit[3]
+                del data[len(regions[start]):]
+            else:
+                off = (edit[2] % len(data)) & ~7
+                value = edit[3] if kind == "word" else keys[edit[3][0] % len(keys)] + edit[3][1]
+                data[off:off + 8] = struct.pack("<Q", value % (1 << 64))[:len(data) - off]
+    return {a: bytes(d) for a, d in out.items()}
+
+
+def put(buf: bytearray, off: int, fmt: str, value) -> None:
+    struct.pack_into(fmt, buf, off, value)
+
+
+# ------------------------------------------------------------------ _Py_DebugOffsets images
+
+#: Plausible values of every field the readers use, self-consistent (sections large enough,
+#: fields apart); fields not listed are 0, sizes not listed 64. Any consistent numbers do:
+#: the readers use only what the target publishes.
+SEED_OFFSETS: Dict[str, int] = {
+    "runtime_state.size": 200_000, "runtime_state.finalizing": 40, "runtime_state.interpreters_head": 632,
+    "interpreter_state.size": 100_000, "interpreter_state.id": 8, "interpreter_state.next": 0,
+    "interpreter_state.threads_head": 72, "interpreter_state.threads_main": 80,
+    "interpreter_state.ceval_gil": 4000, "interpreter_state.gil_runtime_state": 8000,
+    "interpreter_state.gil_runtime_state_enabled": 0,
+    "interpreter_state.gil_runtime_state_locked": 8016, "interpreter_state.gil_runtime_state_holder": 8008,
+    "thread_state.size": 480, "thread_state.prev": 0, "thread_state.next": 8, "thread_state.interp": 16,
+    "thread_state.current_frame": 72, "thread_state.base_frame": 80, "thread_state.thread_id": 152,
+    "thread_state.native_thread_id": 160, "thread_state.datastack_chunk": 184, "thread_state.status": 24,
+    "thread_state.holds_gil": 200, "thread_state.gil_requested": 204,
+    "interpreter_frame.size": 80, "interpreter_frame.previous": 8, "interpreter_frame.executable": 0,
+    "interpreter_frame.instr_ptr": 56, "interpreter_frame.localsplus": 72,
+    "interpreter_frame.owner": 70, "interpreter_frame.stackpointer": 64,
+    "code_object.size": 208, "code_object.filename": 112, "code_object.name": 120,
+    "code_object.qualname": 128, "code_object.linetable": 136, "code_object.firstlineno": 68,
+    "code_object.argcount": 60, "code_object.co_code_adaptive": 200,
+    "pyobject.size": 16, "pyobject.ob_type": 8,
+    "type_object.size": 416, "type_object.tp_name": 24, "type_object.tp_flags": 168,
+    "bytes_object.size": 40, "bytes_object.ob_size": 16, "bytes_object.ob_sval": 32,
+    "unicode_object.size": 64, "unicode_object.state": 32, "unicode_object.length": 16,
+    "unicode_object.asciiobject_size": 40, "unicode_object.compactunicodeobject_size": 56,
+}
+VERSIONS = sorted(DEBUG_SECTIONS)
+HEXVERSION = {v: (v[0] << 24) | (v[1] << 16) | 0xF0 for v in VERSIONS}
+
+
+def debug_offsets_fields(version) -> Dict[str, int]:
+    """Every field of `version`'s table with its seed value."""
+    out = {}
+    for name in DEBUG_OFFSETS_LAYOUTS[version]:
+        if name in ("_end", "cookie"):
+            continue
+        out[name] = SEED_OFFSETS.get(name, 64 if name.endswith(".size") else 0)
+    out["version"] = HEXVERSION[version]
+    out["free_threaded"] = 0
+    return out
+
+
+def debug_offsets_bytes(version, values: Dict[str, int]) -> bytes:
+    """_Py_DebugOffsets of `version` as a target lays it out: cookie, then uint64 fields."""
+    table = DEBUG_OFFSETS_LAYOUTS[version]
+    buf = bytearray(table["_end"])
+    buf[:8] = DEBUG_COOKIE
+    for name, off in table.items():
+        if name not in ("_end", "cookie"):
+            put(buf, off, "<Q", values[name] % (1 << 64))
+    return bytes(buf)
+
+
+def seed_frame_layout(version) -> FrameLayout:
+    if version in STATIC_FRAME_LAYOUTS:
+        return STATIC_FRAME_LAYOUTS[version]
+    return frame_layout_from_debug_offsets(parse_debug_offsets(
+        debug_offsets_bytes(version, debug_offsets_fields(version)), version), version)
+
+
+# ------------------------------------------------------------------ stack images
+
+TYPES = 0x1000_0000           # the code, str and bytes type objects, and their tp_name strings
+TSTATE = 0x2000_0000
+FRAMES = 0x3000_0000
+CODES = 0x4000_0000
+STRS = 0x5000_0000
+TABLES = 0x6000_0000
+TYPE_NAMES = (b"code", b"str", b"bytes")
+
+
+def type_address(name: bytes) -> int:
+    return TYPES + 0x100 * TYPE_NAMES.index(name)
+
+
+@dataclass(frozen=True)
+class CodeSpec:
+    qualname: str
+    filename: str
+    firstlineno: int
+    entries: Tuple[Tuple[int, int, int], ...]     # (form, code units, line delta) per entry
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    code: int          # index into the codes
+    unit: int          # instruction, taken modulo the code's length
+    owner: int         # 0: a Python frame, >= owner_no_code: an entry frame without code
+
+
+def encode_linetable(entries, firstlineno: int) -> Tuple[bytes, List[int], List[Optional[int]]]:
+    """A 3.11+ co_linetable from (form, units, delta) entries, with the (ends, lines) it
+    stands for. Forms: 0 short, 10 one-line (delta 0..2), 13 no-column, 14 long, 15 none."""
+    out = bytearray()
+    ends, lines = [], []
+    line, unit = firstlineno, 0
+
+    def varint(v):
+        while v >= 64:
+            out.append(64 | (v & 63))
+            v >>= 6
+        out.append(v)
+
+    for form, units, delta in entries:
+        head = 0x80 | (form << 3) | (units - 1)
+        out.append(head)
+        if form == 15:
+            entry = None
+        elif form in (13, 14):
+            varint((-delta << 1) | 1 if delta < 0 else delta << 1)
+            line += delta
+            if form == 14:
+                varint(0); varint(1); varint(2)
+            entry = line
+        elif form == 10:
+            line += delta % 3
+            out[-1] = 0x80 | ((10 + delta % 3) << 3) | (units - 1)
+            out += b"\x01\x02"
+            entry = line
+        else:
+            out.append(3)
+            entry = line
+        unit += units
+        ends.append(unit)
+        lines.append(entry)
+    return bytes(out), ends, lines
+
+
+def str_object(lay: FrameLayout, text: str) -> bytes:
+    top = max(map(ord, text), default=0)
+    ascii_ = top < 128
+    kind = 1 if top < 256 else 2 if top < 65536 else 4
+    codec = {1: "latin-1", 2: "utf-16-le", 4: "utf-32-le"}[kind]
+    start = lay.str_ascii_size if ascii_ else lay.str_compact_size
+    buf = bytearray(max(start, lay.str_state + 4) + len(text) * kind + kind)
+    put(buf, lay.ob_type, "<Q", type_address(b"str"))
+    put(buf, lay.str_length, "<q", len(text))
+    put(buf, lay.str_state, "<I", (kind << 2) | (1 << 5) | (int(ascii_) << 6))
+    buf[start:start + len(text) * kind] = text.encode(codec)
+    return bytes(buf)
+
+
+def stack_image(lay: FrameLayout, codes: Sequence[CodeSpec], stack: Sequence[FrameSpec],
+                tag: int = 0) -> Tuple[Dict[int, bytes], Tuple[Tuple[str, str, int, int], ...]]:
+    """Memory regions of one thread state and its frames, and the stack the reader must give
+    for it: (qualname, filename, line, firstlineno) from the innermost frame."""
+    regions: Dict[int, bytes] = {}
+    for name in TYPE_NAMES:
+        t = bytearray(lay.tp_name + 8)
+        put(t, lay.tp_name, "<Q", type_address(name) + 0x80)
+        regions[type_address(name)] = bytes(t)
+        regions[type_address(name) + 0x80] = name + b"\0"
+    decoded = []
+    for j, c in enumerate(codes):
+        table, ends, lines = encode_linetable(c.entries, c.firstlineno)
+        units = ends[-1]
+        code = CODES + j * 0x10000
+        buf = bytearray(max(lay.code_read, lay.code_adaptive + 2 * units))
+        put(buf, lay.ob_type, "<Q", type_address(b"code"))
+        put(buf, lay.ob_size, "<q", units)
+        put(buf, lay.code_firstlineno, "<i", c.firstlineno)
+        for k, (off, text) in enumerate([(lay.code_qualname, c.qualname), (lay.code_filename, c.filename),
+                                         (lay.code_name, c.qualname.rsplit(".", 1)[-1])]):
+            addr = STRS + j * 0x10000 + k * 0x4000
+            regions[addr] = str_object(lay, text)
+            put(buf, off, "<Q", addr)
+        tb = bytearray(lay.bytes_sval + len(table) + 1)
+        put(tb, lay.ob_type, "<Q", type_address(b"bytes"))
+        put(tb, lay.ob_size, "<q", len(table))
+        tb[lay.bytes_sval:lay.bytes_sval + len(table)] = table
+        regions[TABLES + j * 0x10000] = bytes(tb)
+        put(buf, lay.code_linetable, "<Q", TABLES + j * 0x10000)
+        regions[code] = bytes(buf)
+        decoded.append((code, units, ends, lines))
+    expected = []
+    for i, f in enumerate(stack):
+        addr = FRAMES + i * 0x100
+        buf = bytearray(lay.frame_read)
+        put(buf, lay.frame_previous, "<Q", FRAMES + (i + 1) * 0x100 if i + 1 < len(stack) else 0)
+        buf[lay.frame_owner] = f.owner
+        if f.owner < lay.owner_no_code:
+            code, units, ends, lines = decoded[f.code % len(decoded)]
+            unit = f.unit % units
+            put(buf, lay.frame_code, "<Q", code | (tag & lay.code_tag_bits))
+            put(buf, lay.frame_instr, "<Q", code + lay.code_adaptive + 2 * unit)
+            c = codes[f.code % len(codes)]
+            line = frames.line_of(ends, lines, unit)
+            expected.append((c.qualname, c.filename, c.firstlineno if line is None else line, c.firstlineno))
+        regions[addr] = bytes(buf)
+    ts = bytearray(lay.tstate_read)
+    put(ts, lay.tstate_native_thread_id, "<Q", 4242)
+    first = FRAMES if stack else 0
+    if lay.cframe_frame >= 0:
+        cframe = bytearray(lay.cframe_frame + 8)
+        put(cframe, lay.cframe_frame, "<Q", first)
+        regions[TSTATE + 0x1000] = bytes(cframe)
+        first = TSTATE + 0x1000
+    put(ts, lay.tstate_frame, "<Q", first)
+    regions[TSTATE] = bytes(ts)
+    return regions, tuple(expected)
+
+
+names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=24)
+entries = st.lists(st.tuples(st.sampled_from([0, 10, 13, 14, 15]), st.integers(1, 8),
+                             st.integers(-40, 40)), min_size=1, max_size=12)
+code_specs = st.builds(CodeSpec, names, names, st.integers(1, 100_000), entries.map(tuple))
+
+
+def frame_specs(lay: FrameLayout):
+    owners = st.sampled_from([0, 0, 0, 1] + list(range(lay.owner_no_code, lay.owner_max + 1)))
+    return st.builds(FrameSpec, st.integers(0, 7), st.integers(0, 1 << 20), owners)
+
+
+#: Reads and bytes one stack() may cost: up to four walks of MAX_DEPTH frames (two attempts,
+#: each read twice) and the decoding of their code objects within frames' decode budget.
+def stack_ceiling(lay: FrameLayout) -> Tuple[int, int]:
+    walk_reads, walk_bytes = 4 * (MAX_DEPTH + 2), 4 * (MAX_DEPTH * lay.frame_read + 16)
+    decode = getattr(frames, "DECODE_BUDGET", 1 << 40)
+    return walk_reads + MAX_DEPTH * 12 + 16, walk_bytes + decode + 2 * MAX_DEPTH * 64
+
+
+STACK_ALLOWED = (TornStack, ProbeUnavailable)
+ALL_LAYOUTS = sorted(set(STATIC_FRAME_LAYOUTS) | set(VERSIONS))
+
+
+def read_stack(name: str, lay: FrameLayout, regions: Dict[int, bytes], tstate: int = TSTATE):
+    memory = Memory(regions)
+    reader = StackReader.reading(memory.pread, lay)
+    out, cost = call(name, memory, lambda: reader.stack(tstate), STACK_ALLOWED)
+    reads, nbytes = stack_ceiling(lay)
+    assert cost.reads <= reads and cost.bytes <= nbytes, cost
+    if isinstance(out, tuple):
+        assert len(out) <= MAX_DEPTH
+        for f in out:
+            assert isinstance(f, frames.Frame)
+            assert len(f.qualname) <= frames.MAX_STR and len(f.filename) <= frames.MAX_STR
+    # a second read through the same reader (its type and code caches) obeys the same rules
+    again, cost = call(name, memory, lambda: reader.stack(tstate), STACK_ALLOWED)
+    assert cost.reads <= reads and cost.bytes <= nbytes, cost
+    return out
+
+
+@pytest.mark.parametrize("version", ALL_LAYOUTS, ids=lambda v: f"{v[0]}.{v[1]}")
+@fuzz_settings(50)
+@given(data=st.data())
+def test_stack_reader_on_mutated_stacks(version, data):
+    lay = seed_frame_layout(version)
+    codes = data.draw(st.lists(code_specs, min_size=1, max_size=4))
+    stack = data.draw(st.lists(frame_specs(lay), min_size=0, max_size=12))
+    regions, expected = stack_image(lay, codes, stack, tag=data.draw(st.integers(0, 3)))
+    edits = data.draw(mutations())
+    out = read_stack(f"stack {version}", lay, mutate(regions, edits))
+    if not edits:
+        # the seed itself is a valid stack: the reader gives exactly the frames it holds
+        assert out == tuple(frames.Frame(*e) for e in expected)
+
+
+@pytest.mark.parametrize("version", ALL_LAYOUTS, ids=lambda v: f"{v[0]}.{v[1]}")
+@fuzz_settings(30)
+@given(blobs=st.lists(st.binary(min_size=0, max_size=512), min_size=1, max_size=6),
+       tstate=st.sampled_from([TSTATE, TSTATE + 8, 0, 1 << 63]) | st.integers(0, (1 << 64) - 1))
+def test_stack_reader_on_random_memory(version, blobs, tstate):
+    """Memory of nothing but random bytes at the places where a stack would be."""
+    bases = [TSTATE, TSTATE + 0x1000, FRAMES, CODES, STRS, TABLES, TYPES]
+    read_stack(f"stack-random {version}", seed_frame_layout(version), dict(zip(bases, blobs)), tstate)
+
+
+# ------------------------------------------------------------------ _Py_DebugOffsets
+
+RUNTIME = 0x7000_0000_0000
+
+
+def offsets_values(version):
+    """Seed values with a few replaced by hostile ones."""
+    names_ = sorted(debug_offsets_fields(version))
+    hostile = st.sampled_from(HOSTILE_WORDS + [SECTION_MAX_DEFAULT, SECTION_MAX_DEFAULT - 8, 4096, 4095,
+                                               layouts.RUNTIME_SIZE_MAX, layouts.GIL_STRUCT_MAX])
+    return st.dictionaries(st.sampled_from(names_), hostile | st.integers(0, (1 << 64) - 1), max_size=6)
+
+
+def check_parsed(offs: Dict[str, int]) -> None:
+    """What validate_debug_offsets promises of what it let through."""
+    for name, width in FIELD_WIDTHS.items():
+        if name in offs:
+            section = name.split(".", 1)[0]
+            size = offs[f"{section}.size"]
+            assert 0 < size <= SECTION_MAX.get(section, SECTION_MAX_DEFAULT)
+            assert offs[name] + width <= size, name
+
+
+def use_offsets(version, offs: Dict[str, int]) -> None:
+    """Everything built from parsed offsets: each raises only what it documents."""
+    out, _ = call("gil-layout", None, lambda: layout_from_debug_offsets(offs, layouts.CONDVARS[25]),
+                  (ValueError,))
+    tl = thread_layout_from_debug_offsets(offs)
+    walker, _ = call("thread-layout", None, lambda: ThreadWalker(Memory({}).pread, 0x1000, tl),
+                     (ProbeUnavailable,))
+    if isinstance(walker, ProbeUnavailable):
+        assert walker.reason == "bad_offsets"
+    fl, _ = call("frame-layout", None, lambda: frame_layout_from_debug_offsets(offs, version), (BadOffsets,))
+    if isinstance(fl, FrameLayout):
+        read_stack(f"stack-offsets {version}", fl, seed_stack(version))
+
+
+@functools.lru_cache(maxsize=None)
+def _seed_stack(version) -> Tuple[Tuple[int, bytes], ...]:
+    regions, _ = stack_image(seed_frame_layout(version), [CodeSpec("f", "f.py", 1, ((0, 1, 0),))],
+                             [FrameSpec(0, 0, 0)] * 3)
+    return tuple(regions.items())
+
+
+def seed_stack(version) -> Dict[int, bytes]:
+    """A valid three-frame stack of `version`'s seed layout (read with other layouts)."""
+    return dict(_seed_stack(version))
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: f"{v[0]}.{v[1]}")
+@fuzz_settings(60)
+@given(data=st.data())
+def test_debug_offsets_hostile_values(version, data):
+    values = {**debug_offsets_fields(version), **data.draw(offsets_values(version))}
+    raw = debug_offsets_bytes(version, values)
+    raw = raw[:data.draw(st.sampled_from([len(raw), len(raw), len(raw) - 1, 24, 8]))]
+    offs, _ = call("debug-offsets", None, lambda: parse_debug_offsets(raw, version), (ValueError,))
+    if isinstance(offs, dict):
+        check_parsed(offs)
+        use_offsets(version, offs)
+    prefix, _ = call("debug-offsets-prefix", None, lambda: parse_debug_offsets_prefix(raw), (ValueError,))
+    if isinstance(prefix, dict):
+        check_parsed(prefix)
+    # frames.layout_for reads them from the target itself, through a Pread
+    ident = PythonIdentity("cpython", f"{version[0]}.{version[1]}.0", False, "/x", RUNTIME, "glibc", "2.36")
+    loc = GilLocation(1, RUNTIME + 8000, DEFAULT_LAYOUT, ident, "debug_offsets")
+    memory = Memory({RUNTIME: raw})
+    lay, cost = call("layout-for", memory, lambda: layout_for(loc, memory.pread), (ProbeUnavailable,))
+    assert cost.reads <= 1 and cost.bytes <= DEBUG_OFFSETS_LAYOUTS[version]["_end"]
+    if not [k for k in values if values[k] != debug_offsets_fields(version)[k]] and len(raw) == len(
+            debug_offsets_bytes(version, values)):
+        assert isinstance(lay, FrameLayout)       # the seed itself is valid
+
+
+@fuzz_settings(80)
+@given(raw=st.binary(max_size=1200), cookie=st.booleans(),
+       version=st.sampled_from(VERSIONS + [(3, 12), (3, 16), (4, 0)]))
+def test_debug_offsets_random_bytes(raw, cookie, version):
+    if cookie:
+        raw = DEBUG_COOKIE + struct.pack("<Q", (version[0] << 24) | (version[1] << 16)) + raw
+    for mm in (None, version):
+        offs, _ = call("debug-offsets-random", None, lambda: parse_debug_offsets(raw, mm), (ValueError,))
+        if isinstance(offs, dict):
+            check_parsed(offs)
+            use_offsets(version, offs)
+    prefix, _ = call("debug-offsets-prefix", None, lambda: parse_debug_offsets_prefix(raw), (ValueError,))
+    if isinstance(prefix, dict):
+        check_parsed(prefix)
