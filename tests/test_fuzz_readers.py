@@ -78,8 +78,9 @@ class Memory:
     on /proc/PID/mem (short at a region's end, OSError EIO where nothing is mapped), counting
     every read. Sizes and offsets os.pread itself refuses raise what os.pread raises."""
 
-    def __init__(self, regions: Dict[int, bytes]) -> None:
+    def __init__(self, regions: Dict[int, bytes], limit: int = 1 << 62) -> None:
         self.regions = dict(sorted(regions.items()))
+        self.limit = limit      # bytes per call past which a read fails the test at once
         self._starts = list(self.regions)
         self.reset()
 
@@ -97,6 +98,7 @@ class Memory:
         if size > 1 << 30:
             raise MemoryError(f"pread of {size} bytes")
         self.bytes += size
+        assert self.bytes <= self.limit, f"{self.bytes} bytes read in one call (ceiling {self.limit})"
         self.largest = max(self.largest, size)
         i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0:
@@ -448,11 +450,10 @@ def frame_specs(lay: FrameLayout):
 
 
 #: Reads and bytes one stack() may cost: up to four walks of MAX_DEPTH frames (two attempts,
-#: each read twice) and the decoding of their code objects within frames' decode budget.
+#: each read twice) and the decoding of their code objects (12 reads each at most), all
+#: within frames.READ_BUDGET bytes.
 def stack_ceiling(lay: FrameLayout) -> Tuple[int, int]:
-    walk_reads, walk_bytes = 4 * (MAX_DEPTH + 2), 4 * (MAX_DEPTH * lay.frame_read + 16)
-    decode = getattr(frames, "DECODE_BUDGET", 1 << 40)
-    return walk_reads + MAX_DEPTH * 12 + 16, walk_bytes + decode + 2 * MAX_DEPTH * 64
+    return 4 * (MAX_DEPTH + 2) + MAX_DEPTH * 12, frames.READ_BUDGET
 
 
 STACK_ALLOWED = (TornStack, ProbeUnavailable)
@@ -460,10 +461,10 @@ ALL_LAYOUTS = sorted(set(STATIC_FRAME_LAYOUTS) | set(VERSIONS))
 
 
 def read_stack(name: str, lay: FrameLayout, regions: Dict[int, bytes], tstate: int = TSTATE):
-    memory = Memory(regions)
+    reads, nbytes = stack_ceiling(lay)
+    memory = Memory(regions, nbytes)
     reader = StackReader.reading(memory.pread, lay)
     out, cost = call(name, memory, lambda: reader.stack(tstate), STACK_ALLOWED)
-    reads, nbytes = stack_ceiling(lay)
     assert cost.reads <= reads and cost.bytes <= nbytes, cost
     if isinstance(out, tuple):
         assert len(out) <= MAX_DEPTH
@@ -499,6 +500,43 @@ def test_stack_reader_on_random_memory(version, blobs, tstate):
     """Memory of nothing but random bytes at the places where a stack would be."""
     bases = [TSTATE, TSTATE + 0x1000, FRAMES, CODES, STRS, TABLES, TYPES]
     read_stack(f"stack-random {version}", seed_frame_layout(version), dict(zip(bases, blobs)), tstate)
+
+
+def deep_stack(lay: FrameLayout, depth: int, table_size: int) -> Dict[int, bytes]:
+    """`depth` frames, each with a code object of its own, all sharing one location table
+    of `table_size` bytes: little target memory that costs depth * table_size to decode."""
+    regions, _ = stack_image(lay, [CodeSpec("f", "f.py", 1, ((0, 1, 0),) * (table_size // 2))],
+                             [FrameSpec(0, 0, 0)] * depth)
+    code = regions.pop(CODES)
+    for i in range(depth):
+        addr = FRAMES + i * 0x100
+        frame = bytearray(regions[addr])
+        put(frame, lay.frame_code, "<Q", CODES + i * 0x1000)
+        put(frame, lay.frame_instr, "<Q", CODES + i * 0x1000 + lay.code_adaptive)
+        regions[addr] = bytes(frame)
+        regions[CODES + i * 0x1000] = code[:max(lay.code_read, lay.code_adaptive + 2)]
+    return regions
+
+
+@pytest.mark.parametrize("version", [(3, 12), (3, 14)], ids=lambda v: f"{v[0]}.{v[1]}")
+def test_stack_of_many_code_objects_sharing_a_huge_table_is_bounded(version):
+    """Found by the harness's ceiling: 1024 code objects pointing at one 64 KiB location table
+    cost 64 MiB of reads and minutes of decoding per stack() (the cache is keyed by the code
+    object). Now one call reads at most frames.READ_BUDGET and drops the stack; what it
+    decoded stays cached, so the next calls finish it."""
+    lay = seed_frame_layout(version)
+    regions = deep_stack(lay, MAX_DEPTH, 64 << 10)
+    memory = Memory(regions, frames.READ_BUDGET)
+    reader = StackReader.reading(memory.pread, lay)
+    out, cost = call("deep-stack", memory, lambda: reader.stack(TSTATE), STACK_ALLOWED)
+    assert isinstance(out, TornStack) and cost.bytes <= frames.READ_BUDGET
+    # a legitimately deep stack (one code object, as recursion has) is read whole
+    regions, expected = stack_image(lay, [CodeSpec("g", "g.py", 7, ((13, 2, 1),) * 50)],
+                                    [FrameSpec(0, 3, 0)] * MAX_DEPTH)
+    memory = Memory(regions, frames.READ_BUDGET)
+    out, cost = call("deep-stack", memory, lambda: StackReader.reading(memory.pread, lay).stack(TSTATE),
+                     STACK_ALLOWED)
+    assert out == tuple(frames.Frame(*e) for e in expected)
 
 
 # ------------------------------------------------------------------ _Py_DebugOffsets

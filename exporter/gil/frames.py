@@ -32,7 +32,12 @@ _U64 = struct.Struct("<Q")
 #: Frames read per stack at most; deeper stacks keep their innermost MAX_DEPTH frames.
 MAX_DEPTH = 1024
 MAX_STR = 4096              # characters in a name or file name
-MAX_LINETABLE = 1 << 20     # bytes of one code object's location table
+MAX_LINETABLE = 256 << 10   # bytes of one code object's location table (stdlib, pip: <= 71 KB)
+#: Bytes one stack() call reads at most. Code objects are cached by address, so without it a
+#: target whose frames hold many code objects sharing one big location table made each call
+#: read and decode frames * table bytes. Past it the stack is dropped (TornStack); what was
+#: decoded stays cached, so the next calls of a stack that is merely large get further.
+READ_BUDGET = 512 << 10
 
 
 class TornStack(Exception):
@@ -308,6 +313,7 @@ class StackReader:
         self._types: Dict[bytes, int] = {}      # b"code" / b"bytes" / b"str" -> type address
         self._codes: Dict[Tuple[int, bytes], _Code] = {}
         self._mask = ~self.layout.code_tag_bits & 0xFFFFFFFFFFFFFFFF
+        self._left: Optional[int] = None        # bytes stack() may still read (READ_BUDGET)
 
     # -------------------------------------------------------------- raw reads
     def _read(self, addr: int, size: int, aligned: bool = True) -> bytes:
@@ -317,6 +323,10 @@ class StackReader:
             raise TornStack("misaligned pointer")
         if addr + size > USER_SPACE_END:     # torn or garbage: os.pread cannot even take it
             raise TornStack("not a user-space pointer")
+        if self._left is not None:
+            self._left -= size
+            if self._left < 0:
+                raise TornStack("stack too large to read in one call")
         try:
             data = self._pread(size, addr)
         except OSError as exc:
@@ -453,6 +463,13 @@ class StackReader:
         caller's frame does not change while it waits for its callee); only then are the code
         objects decoded.
         """
+        self._left = READ_BUDGET
+        try:
+            return self._stack(tstate)
+        finally:
+            self._left = None
+
+    def _stack(self, tstate: int) -> Tuple[Frame, ...]:
         lay = self.layout
         for attempt in range(2):
             walk = self._walk(tstate)
