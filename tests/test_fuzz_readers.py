@@ -627,3 +627,150 @@ def test_debug_offsets_random_bytes(raw, cookie, version):
     prefix, _ = call("debug-offsets-prefix", None, lambda: parse_debug_offsets_prefix(raw), (ValueError,))
     if isinstance(prefix, dict):
         check_parsed(prefix)
+
+
+# ------------------------------------------------------------------ thread states
+
+INTERP = 0x7100_0000
+TSTATES = 0x7200_0000
+PTHREADS = 0x7300_0000
+THREAD_VERSIONS = [v for v in VERSIONS]
+
+
+def seed_thread_layout(version) -> ThreadStateLayout:
+    return thread_layout_from_debug_offsets(parse_debug_offsets(
+        debug_offsets_bytes(version, debug_offsets_fields(version)), version))
+
+
+def thread_image(lay: ThreadStateLayout, flags: Sequence[Tuple[bool, bool]], size: int = 480):
+    """An interpreter whose thread list holds one state per (holds_gil, gil_requested), and
+    the ThreadStates a walk must give for it."""
+    regions: Dict[int, bytes] = {}
+    head = bytearray(lay.threads_head + 8)
+    put(head, lay.threads_head, "<Q", TSTATES if flags else 0)
+    regions[INTERP] = bytes(head)
+    expected = []
+    for i, (holds, req) in enumerate(flags):
+        addr = TSTATES + i * 0x800
+        ts = bytearray(size)
+        put(ts, lay.next, "<Q", addr + 0x800 if i + 1 < len(flags) else 0)
+        put(ts, lay.interp, "<Q", INTERP)
+        put(ts, lay.native_thread_id, "<Q", 1000 + i)
+        if lay.has_gil_flags:
+            put(ts, lay.holds_gil, "<i", int(holds))
+            put(ts, lay.gil_requested, "<i", int(req))
+        regions[addr] = bytes(ts)
+        expected.append(threads.ThreadState(addr, 1000 + i, holds if lay.has_gil_flags else None,
+                                            req if lay.has_gil_flags else None))
+    return regions, expected
+
+
+def walk_ceiling(walker: ThreadWalker) -> Tuple[int, int]:
+    """Reads and bytes of one states() or waiting(): the head, and per state its span and a
+    TID read outside it."""
+    return 1 + 2 * MAX_THREADS, 8 + MAX_THREADS * (walker.span + 8)
+
+
+def walk(name: str, walker: ThreadWalker, memory: Memory):
+    reads, nbytes = walk_ceiling(walker)
+    memory.limit = nbytes
+    states, cost = call(name, memory, walker.states, ())
+    assert cost.reads <= reads and cost.bytes <= nbytes, cost
+    if states is not None:
+        assert len(states) <= MAX_THREADS
+        assert len({s.address for s in states}) == len(states)
+        assert all(0 < s.address < USER_SPACE_END and not s.address & 7 for s in states)
+    waiting, cost = call(name, memory, walker.waiting, ())
+    assert cost.reads <= reads and cost.bytes <= nbytes, cost
+    assert waiting is None or 0 <= waiting <= MAX_THREADS
+    return states, waiting
+
+
+flag_lists = st.lists(st.tuples(st.booleans(), st.booleans()), max_size=10)
+
+
+@pytest.mark.parametrize("version", THREAD_VERSIONS, ids=lambda v: f"{v[0]}.{v[1]}")
+@fuzz_settings(60)
+@given(flags=flag_lists, edits=mutations())
+def test_thread_walker_on_mutated_lists(version, flags, edits):
+    lay = seed_thread_layout(version)
+    regions, expected = thread_image(lay, flags)
+    memory = Memory(mutate(regions, edits))
+    walker = ThreadWalker(memory.pread, INTERP, lay)
+    states, waiting = walk(f"threads {version}", walker, memory)
+    if not edits:
+        assert states == expected
+        assert waiting == (sum(1 for h, r in flags if r and not h) if lay.has_gil_flags else None)
+    # who holds and who waits, by TID, from the same memory
+    ids = ThreadIds(memory.pread, thread_location(version, lay))
+    gt = GilThreads(memory.pread, thread_location(version, lay), walker)
+    for s in expected:
+        tid, cost = call("thread-ids", memory, lambda: ids.tid(s.address), ())
+        assert 0 <= tid < 1 << 31 and cost.reads <= 2 and cost.bytes <= 16
+        reading = GilReading(5000, True, 1, len(flags), s.address)
+        holder, _ = call("gil-threads", memory, lambda: gt.holder(reading), ())
+        assert 0 <= holder < 1 << 31
+        waiters, _ = call("gil-threads", memory, lambda: gt.waiting(reading, dict, holder), ())
+        assert isinstance(waiters, tuple) and len(waiters) <= MAX_THREADS
+
+
+def thread_location(version, lay: Optional[ThreadStateLayout], libc_version: str = "2.36") -> GilLocation:
+    ident = PythonIdentity("cpython", f"{version[0]}.{version[1]}.0", False, "/x", RUNTIME, "glibc",
+                           libc_version)
+    return GilLocation(1, RUNTIME + 8000, DEFAULT_LAYOUT, ident, "debug_offsets", 0, INTERP, lay)
+
+
+offsets = st.sampled_from([-1, 0, 8, 16, MAX_SPAN - 8, MAX_SPAN - 4, MAX_SPAN, 1 << 31, 1 << 63,
+                           USER_SPACE_END]) | st.integers(-(1 << 64), 1 << 64)
+
+
+@fuzz_settings(150)
+@given(fields=st.fixed_dictionaries({k: offsets for k in ("threads_head", "next", "interp",
+                                                          "native_thread_id", "holds_gil",
+                                                          "gil_requested")}),
+       flags=flag_lists, interp=st.sampled_from([INTERP, 0, 1, 1 << 63, USER_SPACE_END - 8]))
+def test_thread_walker_with_hostile_layouts(fields, flags, interp):
+    """Offsets as a target may publish them: the walker refuses them (bad_offsets) or walks
+    within its ceilings; a thread's TID is read as 0 rather than past user space."""
+    lay = ThreadStateLayout(**fields)
+    regions, _ = thread_image(seed_thread_layout((3, 15)), flags)
+    memory = Memory(regions)
+    walker, _ = call("thread-layout", None, lambda: ThreadWalker(memory.pread, interp, lay),
+                     (ProbeUnavailable,))
+    if isinstance(walker, ProbeUnavailable):
+        assert walker.reason == "bad_offsets"
+    else:
+        walk("threads-hostile-layout", walker, memory)
+    ids, _ = call("thread-ids", None, lambda: ThreadIds(memory.pread, thread_location((3, 15), lay)),
+                  (ProbeUnavailable,))
+    if isinstance(ids, ThreadIds):
+        for addr in [TSTATES, TSTATES + 0x800, 0, 1 << 63]:
+            tid, cost = call("thread-ids", memory, lambda: ids.tid(addr), ())
+            assert 0 <= tid < 1 << 31 and cost.reads <= 2 and cost.bytes <= 16
+
+
+@pytest.mark.parametrize("version", [(3, 9), (3, 10), (3, 11), (3, 12)], ids=lambda v: f"{v[0]}.{v[1]}")
+@fuzz_settings(40)
+@given(edits=mutations(), libc=st.sampled_from(["2.36", "2.43", "2.24", "", "x.y", "2"]),
+       tstate=st.sampled_from([TSTATES, TSTATES + 8, 0, 1 << 63]) | st.integers(-1, 1 << 64))
+def test_thread_ids_before_debug_offsets(version, edits, libc, tstate):
+    """3.8-3.12 thread states: the TID at the static offset (3.11, 3.12) or through the
+    thread's pthread_t into glibc's struct pthread (3.8-3.10)."""
+    ident = thread_location(version, None, libc)
+    ids, _ = call("thread-ids", None, lambda: ThreadIds(Memory({}).pread, ident), (ProbeUnavailable,))
+    if isinstance(ids, ProbeUnavailable):
+        assert ids.reason == "unknown_layout" and version < (3, 11)
+        return
+    ts = bytearray(512)
+    pthread = bytearray(1024)
+    if ids.pthread_tid >= 0:
+        put(ts, ids.offset, "<Q", PTHREADS)
+        put(pthread, ids.pthread_tid, "<i", 777)
+    else:
+        put(ts, ids.offset, "<Q", 777)
+    memory = Memory(mutate({TSTATES: bytes(ts), PTHREADS: bytes(pthread)}, edits))
+    ids = ThreadIds(memory.pread, ident)
+    tid, cost = call("thread-ids", memory, lambda: ids.tid(tstate), ())
+    assert 0 <= tid < 1 << 31 and cost.reads <= 2 and cost.bytes <= 16
+    if not edits and tstate == TSTATES:
+        assert tid == 777
