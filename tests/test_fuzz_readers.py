@@ -774,3 +774,59 @@ def test_thread_ids_before_debug_offsets(version, edits, libc, tstate):
     assert 0 <= tid < 1 << 31 and cost.reads <= 2 and cost.bytes <= 16
     if not edits and tstate == TSTATES:
         assert tid == 777
+
+
+# ------------------------------------------------------------------ ELF: a mapped libc image
+
+LIBC = 0x7F00_0000_0000
+
+
+def libc_image(versions: Sequence[str], relocated: bool) -> Dict[int, bytes]:
+    """A 64-bit ELF image as ld.so maps it: ELF header, PT_LOAD and PT_DYNAMIC, the dynamic
+    section (DT_STRTAB, DT_VERDEF, DT_VERDEFNUM), the version definitions and their names."""
+    strtab = bytearray(b"\0")
+    name_offs = []
+    for v in versions:
+        name_offs.append(len(strtab))
+        strtab += v.encode() + b"\0"
+    bias = LIBC if relocated else 0
+    head = bytearray(0x1000)
+    ident = b"\x7fELF\x02\x01\x01" + b"\0" * 9
+    head[:elf._EHDR.size] = elf._EHDR.pack(ident, 3, 62, 1, 0, 64, 0, 0, 64, elf._PHDR.size, 2, 64, 0, 0)
+    head[64:64 + 2 * elf._PHDR.size] = (elf._PHDR.pack(elf.PT_LOAD, 5, 0, 0, 0, 0x4000, 0x4000, 0x1000)
+                                        + elf._PHDR.pack(elf.PT_DYNAMIC, 6, 0x1000, 0x1000, 0x1000, 64, 64, 8))
+    dyn = b"".join(elf._DYN.pack(t, v) for t, v in [
+        (elf.DT_STRTAB, bias + 0x2000), (elf.DT_VERDEF, bias + 0x3000),
+        (elf.DT_VERDEFNUM, len(versions)), (elf.DT_NULL, 0)])
+    verdefs = bytearray()
+    for i, off in enumerate(name_offs):
+        nxt = 28 if i + 1 < len(versions) else 0
+        verdefs += elf._VERDEF.pack(1, 0, i + 1, 1, 0, 20, nxt) + elf._VERDAUX.pack(off, 0)
+    return {LIBC: bytes(head), LIBC + 0x1000: dyn, LIBC + 0x2000: bytes(strtab) + b"\0" * 64,
+            LIBC + 0x3000: bytes(verdefs)}
+
+
+glibc_versions = st.lists(st.sampled_from(["GLIBC_2.2.5", "GLIBC_2.17", "GLIBC_2.25", "GLIBC_2.34",
+                                           "GLIBC_2.36", "GLIBC_2.41", "GLIBC_2.43", "GLIBC_PRIVATE",
+                                           "GLIBC_2.x"]), min_size=1, max_size=8)
+#: version_definitions reads: the ELF header, the program headers (< 64), the dynamic section
+#: (<= 4096 B) and per definition (<= 256) its verdef, verdaux and 64 bytes of name.
+ELF_IMAGE_CEILING = (3 + 3 * 256, elf._EHDR.size + 63 * elf._PHDR.size + 4096
+                     + 256 * (elf._VERDEF.size + elf._VERDAUX.size + 64))
+
+
+@fuzz_settings(150)
+@given(versions=glibc_versions, relocated=st.booleans(), edits=mutations())
+def test_mapped_libc_version_definitions(versions, relocated, edits):
+    """elf.version_definitions over a mapped libc (identity.py: the glibc version, hence the
+    condvar layout): NotElf, struct.error or ProbeUnavailable (what identity catches), or
+    version names, within its ceilings."""
+    memory = Memory(mutate(libc_image(versions, relocated), edits), ELF_IMAGE_CEILING[1])
+    out, cost = call("libc-image", memory, lambda: elf.version_definitions(memory.read, LIBC),
+                     (elf.NotElf, struct.error, ProbeUnavailable))
+    assert cost.reads <= ELF_IMAGE_CEILING[0]
+    if isinstance(out, tuple):
+        assert len(out) <= 256 and all(isinstance(n, str) and len(n) <= 64 for n in out)
+        elf.glibc_minor(out)
+    if not edits:
+        assert out == tuple(versions)
