@@ -830,3 +830,86 @@ def test_mapped_libc_version_definitions(versions, relocated, edits):
         elf.glibc_minor(out)
     if not edits:
         assert out == tuple(versions)
+
+
+# ------------------------------------------------------------------ ELF: a libpython file
+
+def libpython_file(soname: str, runtime: Tuple[int, int], build_id: bytes, extra_symbols: int) -> bytes:
+    """A minimal libpython-like ELF64 shared object: two PT_LOADs (the second writable), a
+    PT_DYNAMIC with DT_SONAME, a PT_NOTE with the GNU build id, and section headers for
+    .dynsym (_PyRuntime, Py_Version, `extra_symbols` more), .dynstr, .dynamic and .shstrtab.
+    Every address equals its file offset (the first PT_LOAD maps the file from 0)."""
+    dynstr = bytearray(b"\0")
+
+    def string(s: str) -> int:
+        dynstr.extend(s.encode() + b"\0")
+        return len(dynstr) - len(s) - 1
+
+    syms = [struct.pack("<IBBHQQ", 0, 0, 0, 0, 0, 0),
+            struct.pack("<IBBHQQ", string("_PyRuntime"), 0x11, 0, 6, runtime[0], runtime[1]),
+            struct.pack("<IBBHQQ", string("Py_Version"), 0x11, 0, 1, 0x800, 4)]
+    syms += [struct.pack("<IBBHQQ", string(f"sym{i}"), 0x12, 0, 1, 0x900 + i, 0) for i in range(extra_symbols)]
+    so = string(soname)
+    note = struct.pack("<III", 4, len(build_id), 3) + b"GNU\0" + build_id
+    body = {}
+    pos = 0x200
+    for name, data in [("note", note), ("dynsym", b"".join(syms)), ("dynstr", bytes(dynstr))]:
+        body[name] = (pos, data)
+        pos = (pos + len(data) + 15) & ~15
+    dyn_off = pos
+    dynamic = b"".join(elf._DYN.pack(t, v) for t, v in [
+        (14, so), (5, body["dynstr"][0]), (6, body["dynsym"][0]), (10, len(dynstr)), (11, 24), (0, 0)])
+    body["dynamic"] = (dyn_off, dynamic)
+    shstr = b"\0.dynsym\0.dynstr\0.dynamic\0.note\0.shstrtab\0"
+    body["shstrtab"] = ((dyn_off + len(dynamic) + 15) & ~15, shstr)
+    shoff = (body["shstrtab"][0] + len(shstr) + 63) & ~63
+    size = shoff + 6 * 64
+    phdrs = [elf._PHDR.pack(elf.PT_LOAD, 5, 0, 0, 0, size, size, 0x1000),
+             elf._PHDR.pack(elf.PT_LOAD, 6, 0, 0x10000, 0x10000, 0, 0x40000, 0x1000),
+             elf._PHDR.pack(elf.PT_DYNAMIC, 6, dyn_off, dyn_off, dyn_off, len(dynamic), len(dynamic), 8),
+             elf._PHDR.pack(4, 4, body["note"][0], body["note"][0], body["note"][0], len(note), len(note), 4)]
+    out = bytearray(size)
+    out[:64] = elf._EHDR.pack(b"\x7fELF\x02\x01\x01" + b"\0" * 9, 3, 62, 1, 0, 64, shoff, 0, 64,
+                              elf._PHDR.size, len(phdrs), 64, 6, 5)
+    out[64:64 + len(phdrs) * elf._PHDR.size] = b"".join(phdrs)
+    for off, data in body.values():
+        out[off:off + len(data)] = data
+    shdr = struct.Struct("<IIQQQQIIQQ")
+    secs = [shdr.pack(0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+            shdr.pack(shstr.index(b".dynsym"), 11, 2, body["dynsym"][0], body["dynsym"][0],
+                      len(body["dynsym"][1]), 2, 1, 8, 24),
+            shdr.pack(shstr.index(b".dynstr"), 3, 2, body["dynstr"][0], body["dynstr"][0], len(dynstr), 0, 0, 1, 0),
+            shdr.pack(shstr.index(b".dynamic"), 6, 3, dyn_off, dyn_off, len(dynamic), 2, 0, 8, 16),
+            shdr.pack(shstr.index(b".note"), 7, 2, body["note"][0], body["note"][0], len(note), 0, 0, 4, 0),
+            shdr.pack(shstr.index(b".shstrtab"), 3, 0, 0, body["shstrtab"][0], len(shstr), 0, 0, 1, 0)]
+    out[shoff:shoff + 6 * 64] = b"".join(secs)
+    return bytes(out)
+
+
+@pytest.fixture(scope="module")
+def elf_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("elf")
+
+
+@fuzz_settings(60)
+@given(soname=st.sampled_from(["libpython3.12.so.1.0", "libpython3.13t.so.1.0", ""]),
+       runtime=st.tuples(st.integers(0x10000, 0x40000), st.integers(0, 1 << 20)),
+       build_id=st.binary(min_size=1, max_size=20), extra=st.integers(0, 8),
+       edits=st.lists(st.tuples(st.integers(0, 1 << 16), st.binary(min_size=1, max_size=8)), max_size=6),
+       cut=st.none() | st.integers(0, 1 << 16))
+def test_libpython_elf_file(elf_dir, soname, runtime, build_id, extra, edits, cut):
+    """elf.load over a mutated libpython file (what identify parses for _PyRuntime): an ElfInfo
+    or NotElf, never another exception, within its read budget."""
+    raw = bytearray(libpython_file(soname, runtime, build_id, extra))
+    for off, data in edits:
+        off %= len(raw)
+        raw[off:off + len(data)] = data[:len(raw) - off]
+    if cut is not None:
+        del raw[cut % (len(raw) + 1):]
+    path = elf_dir / "libpython.so"
+    path.write_bytes(bytes(raw))
+    out, cost = call("libpython-file", None, lambda: elf.load(str(path)), (elf.NotElf,))
+    if not edits and cut is None:
+        assert isinstance(out, elf.ElfInfo), out
+        assert (out.runtime, out.py_version, out.soname, out.build_id, out.rw_segments) == (
+            runtime, 0x800, soname, build_id.hex(), ((0x10000, 0x40000),))
