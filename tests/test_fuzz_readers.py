@@ -913,3 +913,55 @@ def test_libpython_elf_file(elf_dir, soname, runtime, build_id, extra, edits, cu
         assert isinstance(out, elf.ElfInfo), out
         assert (out.runtime, out.py_version, out.soname, out.build_id, out.rw_segments) == (
             runtime, 0x800, soname, build_id.hex(), ((0x10000, 0x40000),))
+
+
+# ------------------------------------------------------------------ the interpreter list (location.py)
+
+INTERPS = 0x7400_0000
+
+
+def memfd_of(regions: Dict[int, bytes]) -> int:
+    """A sparse memfd holding `regions` at their addresses: what location.py's fd-based
+    readers (pread_exact) read. Unlike /proc/PID/mem, holes read as zeros and the end as EOF."""
+    fd = os.memfd_create("fuzz-target", os.MFD_CLOEXEC)
+    for addr, data in regions.items():
+        os.pwrite(fd, data, addr)
+    return fd
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: f"{v[0]}.{v[1]}")
+@fuzz_settings(40)
+@given(data=st.data(), count=st.integers(1, 4), edits=mutations())
+def test_interpreter_list(version, data, count, edits):
+    """location.interpreters and _main_interpreter, through offsets the validator let
+    through: ProbeUnavailable or at most 256 interpreters, never a read past user space."""
+    from exporter.gil import location
+    raw = debug_offsets_bytes(version, {**debug_offsets_fields(version), **data.draw(offsets_values(version))})
+    try:
+        offs = parse_debug_offsets(raw, version)
+    except ValueError:
+        offs = parse_debug_offsets(debug_offsets_bytes(version, debug_offsets_fields(version)), version)
+    head = offs["runtime_state.interpreters_head"]
+    runtime = bytearray(raw + bytes(max(0, head + 8 - len(raw))))
+    put(runtime, head, "<Q", INTERPS)
+    regions = {RUNTIME: bytes(runtime)}
+    for i in range(count):
+        interp = bytearray(max(offs["interpreter_state.id"], offs["interpreter_state.next"]) + 8)
+        put(interp, offs["interpreter_state.id"], "<q", count - 1 - i)
+        put(interp, offs["interpreter_state.next"], "<Q", INTERPS + (i + 1) * 0x10000 if i + 1 < count else 0)
+        regions[INTERPS + i * 0x10000] = bytes(interp)
+    fd = memfd_of(mutate(regions, edits))
+    try:
+        listed, _ = call("interpreters", None, lambda: location.interpreters(1, fd, RUNTIME, offs),
+                         (ProbeUnavailable,))
+        main, _ = call("main-interpreter", None, lambda: location._main_interpreter(1, fd, RUNTIME, offs),
+                       (ProbeUnavailable,))
+    finally:
+        os.close(fd)
+    if isinstance(listed, list):
+        assert len(listed) <= 256
+    if isinstance(main, int):
+        assert 0 <= main < 1 << 64
+    if not edits and offs["interpreter_state.id"] != offs["interpreter_state.next"]:
+        assert [iid for _a, iid in listed] == list(range(count - 1, -1, -1))
+        assert main == INTERPS + (count - 1) * 0x10000
