@@ -612,6 +612,21 @@ def test_debug_offsets_hostile_values(version, data):
         assert isinstance(lay, FrameLayout)       # the seed itself is valid
 
 
+@pytest.mark.parametrize("field,value", [("unicode_object.state", 0), ("unicode_object.length", 40),
+                                         ("bytes_object.ob_sval", 0), ("pyobject.ob_type", 8)])
+def test_stack_with_inconsistent_object_offsets(field, value):
+    """Found by the harness: offsets each inside its own section but inconsistent with one
+    another (a str's state before its type, a bytes object's data at 0) made the str and
+    location-table heads shorter than the fields unpacked from them: struct.error out of
+    stack(), which diagnose --stacks and top do not expect. Each read now covers every
+    field taken from it."""
+    version = (3, 13)
+    values = {**debug_offsets_fields(version), field: value}
+    offs = parse_debug_offsets(debug_offsets_bytes(version, values), version)
+    lay = frame_layout_from_debug_offsets(offs, version)
+    read_stack("stack-inconsistent", lay, seed_stack(version))
+
+
 @fuzz_settings(150)
 @given(raw=st.binary(max_size=1200), cookie=st.booleans(),
        version=st.sampled_from(VERSIONS + [(3, 12), (3, 16), (4, 0)]))

@@ -87,7 +87,17 @@ class FrameLayout:
     @property
     def code_read(self) -> int:
         return max(self.code_filename, self.code_name, self.code_qualname, self.code_linetable,
-                   self.code_firstlineno, self.ob_size) + 8
+                   self.code_firstlineno, self.ob_size, self.ob_type) + 8
+
+    # Each head read covers every field taken from it: a target's offsets may each lie in
+    # their own section and still put a str's state before its type (tests/test_fuzz_readers.py).
+    @property
+    def str_read(self) -> int:
+        return max(self.ob_type + 8, self.str_length + 8, self.str_state + 4)
+
+    @property
+    def bytes_read(self) -> int:
+        return max(self.ob_type, self.ob_size) + 8
 
     @property
     def tstate_read(self) -> int:
@@ -356,7 +366,7 @@ class StackReader:
 
     def _str(self, addr: int) -> str:
         lay = self.layout
-        head = self._read(addr, lay.str_state + 4)
+        head = self._read(addr, lay.str_read)
         if not self._is_type(_U64.unpack_from(head, lay.ob_type)[0], b"str"):
             raise TornStack("name is not a str")
         length, = struct.unpack_from("<q", head, lay.str_length)
@@ -392,7 +402,7 @@ class StackReader:
         qualname = self._str(ptr(lay.code_qualname))
         filename = self._str(ptr(lay.code_filename))
         table_addr = ptr(lay.code_linetable)
-        table_head = self._read(table_addr, lay.bytes_sval)
+        table_head = self._read(table_addr, lay.bytes_read)
         if not self._is_type(_U64.unpack_from(table_head, lay.ob_type)[0], b"bytes"):
             raise TornStack("co_linetable is not bytes")
         size, = struct.unpack_from("<q", table_head, lay.ob_size)
