@@ -501,6 +501,27 @@ def test_stack_reader_on_random_memory(version, blobs, tstate):
     read_stack(f"stack-random {version}", seed_frame_layout(version), dict(zip(bases, blobs)), tstate)
 
 
+def test_location_table_with_endless_varints():
+    """Found reviewing what the harness's CPU ceiling guards: a varint of continuation bytes
+    grew one integer by 6 bits per byte, quadratic time (64 KiB: 0.15 s, a 256 KiB table
+    seconds) and a line number too long to print. A varint longer than a C int's 36 bits
+    is a table that does not parse."""
+    lay = STATIC_FRAME_LAYOUTS[(3, 12)]
+    table = bytes([0x80 | (13 << 3)]) + b"\x7f" * (64 << 10) + b"\x00"
+    out, cost = call("linetable", None, lambda: frames.parse_linetable(table, 1), (ValueError,))
+    assert isinstance(out, ValueError)
+    # a line delta of 2**31 - 1 (a C int's worst) still parses
+    big, ends, lines = encode_linetable([(13, 1, (1 << 31) - 1), (14, 2, -(1 << 31) + 1)], 1)
+    assert frames.parse_linetable(big, 1) == (ends, lines)
+    regions, _ = stack_image(lay, [CodeSpec("f", "f.py", 1, ((0, 1, 0),))], [FrameSpec(0, 0, 0)])
+    tb = bytearray(lay.bytes_sval + len(table))
+    put(tb, lay.ob_type, "<Q", type_address(b"bytes"))
+    put(tb, lay.ob_size, "<q", len(table))
+    tb[lay.bytes_sval:] = table
+    regions[TABLES] = bytes(tb)
+    assert isinstance(read_stack("stack-varint", lay, regions), TornStack)
+
+
 def deep_stack(lay: FrameLayout, depth: int, table_size: int) -> Dict[int, bytes]:
     """`depth` frames, each with a code object of its own, all sharing one location table
     of `table_size` bytes: little target memory that costs depth * table_size to decode."""

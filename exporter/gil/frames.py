@@ -174,6 +174,8 @@ def _varint(table: bytes, i: int) -> Tuple[int, int]:
         b = table[i]
         i += 1
         shift += 6
+        if shift > 30:      # CPython writes C ints: 6 chunks at most; longer grows without end
+            raise ValueError("location table varint longer than an int")
         val |= (b & 63) << shift
     return val, i
 
