@@ -567,9 +567,15 @@ RUNTIME = 0x7000_0000_0000
 def offsets_values(version):
     """Seed values with a few replaced by hostile ones."""
     names_ = sorted(debug_offsets_fields(version))
+    # the fields the readers use, and their sections' sizes, most of the time
+    used = sorted((set(FIELD_WIDTHS) | {f"{n.split('.')[0]}.size" for n in FIELD_WIDTHS}
+                   | {"interpreter_state.gil_runtime_state_enabled", "free_threaded"}) & set(names_))
     hostile = st.sampled_from(HOSTILE_WORDS + [SECTION_MAX_DEFAULT, SECTION_MAX_DEFAULT - 8, 4096, 4095,
                                                layouts.RUNTIME_SIZE_MAX, layouts.GIL_STRUCT_MAX])
-    return st.dictionaries(st.sampled_from(names_), hostile | st.integers(0, (1 << 64) - 1), max_size=6)
+    # plausible numbers that each fit their section but not one another
+    small = st.integers(0, 64).map(lambda k: 8 * k) | st.integers(0, 520)
+    return st.dictionaries(st.sampled_from(used) | st.sampled_from(names_),
+                           small | hostile | st.integers(0, (1 << 64) - 1), max_size=6)
 
 
 def check_parsed(offs: Dict[str, int]) -> None:
