@@ -15,9 +15,10 @@ Every call must:
   the readers' own ceilings), and within a CPU-time ceiling (a hang detector);
 * allocate at most a bounded amount (tracemalloc peak per call).
 
-CI runs a fixed, derandomized budget (a few seconds per target, database off). A longer run:
-GIL_EXPORTER_FUZZ_EXAMPLES=200000 (examples per target, random seeds; figures in
-BENCHMARKS.md, "Fuzzing the readers").
+CI runs a fixed, derandomized budget (about 2,000 examples, 14 s of CPU, database off). A
+longer run: GIL_EXPORTER_FUZZ_EXAMPLES=N examples per target, random seeds, with -s for the
+worst figures per reader (the command and a run's figures: BENCHMARKS.md, "Fuzzing the
+readers").
 """
 from __future__ import annotations
 
