@@ -497,9 +497,14 @@ def test_stack_reader_on_mutated_stacks(version, data):
 @given(blobs=st.lists(st.binary(min_size=0, max_size=512), min_size=1, max_size=6),
        tstate=st.sampled_from([TSTATE, TSTATE + 8, 0, 1 << 63]) | st.integers(0, (1 << 64) - 1))
 def test_stack_reader_on_random_memory(version, blobs, tstate):
-    """Memory of nothing but random bytes at the places where a stack would be."""
+    """Memory of nothing but random bytes at the places where a stack would be; then the same
+    bytes behind a valid thread state, so the walk goes on into them."""
+    lay = seed_frame_layout(version)
     bases = [TSTATE, TSTATE + 0x1000, FRAMES, CODES, STRS, TABLES, TYPES]
-    read_stack(f"stack-random {version}", seed_frame_layout(version), dict(zip(bases, blobs)), tstate)
+    read_stack(f"stack-random {version}", lay, dict(zip(bases, blobs)), tstate)
+    regions, _ = stack_image(lay, [CodeSpec("f", "f.py", 1, ((0, 1, 0),))], [FrameSpec(0, 0, 0)])
+    regions.update(zip(bases[2:], blobs))
+    read_stack(f"stack-random {version}", lay, regions)
 
 
 def test_location_table_with_endless_varints():
@@ -762,19 +767,22 @@ def thread_location(version, lay: Optional[ThreadStateLayout], libc_version: str
     return GilLocation(1, RUNTIME + 8000, DEFAULT_LAYOUT, ident, "debug_offsets", 0, INTERP, lay)
 
 
-offsets = st.sampled_from([-1, 0, 8, 16, MAX_SPAN - 8, MAX_SPAN - 4, MAX_SPAN, 1 << 31, 1 << 63,
-                           USER_SPACE_END]) | st.integers(-(1 << 64), 1 << 64)
+offsets = (st.integers(0, 64).map(lambda k: 8 * k) | st.integers(-8, 520)
+           | st.sampled_from([-1, 0, 8, 16, MAX_SPAN - 8, MAX_SPAN - 4, MAX_SPAN, 1 << 31, 1 << 63,
+                              USER_SPACE_END]) | st.integers(-(1 << 64), 1 << 64))
 
 
 @fuzz_settings(200)
-@given(fields=st.fixed_dictionaries({k: offsets for k in ("threads_head", "next", "interp",
-                                                          "native_thread_id", "holds_gil",
-                                                          "gil_requested")}),
-       flags=flag_lists, interp=st.sampled_from([INTERP, 0, 1, 1 << 63, USER_SPACE_END - 8]))
+@given(fields=st.fixed_dictionaries({k: st.none() | offsets for k in ("threads_head", "next", "interp",
+                                                                       "native_thread_id", "holds_gil",
+                                                                       "gil_requested")}),
+       flags=flag_lists, interp=st.sampled_from([INTERP, INTERP, 0, 1, 1 << 63, USER_SPACE_END - 8]))
 def test_thread_walker_with_hostile_layouts(fields, flags, interp):
-    """Offsets as a target may publish them: the walker refuses them (bad_offsets) or walks
-    within its ceilings; a thread's TID is read as 0 rather than past user space."""
-    lay = ThreadStateLayout(**fields)
+    """Offsets as a target may publish them (each the 3.15 seed's where None): the walker
+    refuses them (bad_offsets) or walks within its ceilings; a thread's TID is read as 0
+    rather than past user space."""
+    seed = seed_thread_layout((3, 15))
+    lay = ThreadStateLayout(**{k: getattr(seed, k) if v is None else v for k, v in fields.items()})
     regions, _ = thread_image(seed_thread_layout((3, 15)), flags)
     memory = Memory(regions)
     walker, _ = call("thread-layout", None, lambda: ThreadWalker(memory.pread, interp, lay),
