@@ -34,6 +34,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import elftools.elf.elffile  # noqa: F401  (elf.load imports it lazily: not inside a timed call)
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -1012,6 +1013,6 @@ def test_interpreter_list(version, data, count, edits):
         assert len(listed) <= 256
     if isinstance(main, int):
         assert 0 <= main < 1 << 64
-    if not edits and offs["interpreter_state.id"] != offs["interpreter_state.next"]:
+    if not edits and abs(offs["interpreter_state.id"] - offs["interpreter_state.next"]) >= 8:
         assert [iid for _a, iid in listed] == list(range(count - 1, -1, -1))
         assert main == INTERPS + (count - 1) * 0x10000
