@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import errno
 import functools
+import gc
 import os
 import struct
 import sys
@@ -152,6 +153,7 @@ def call(name: str, memory: Optional[Memory], fn: Callable, allowed: Tuple[type,
     if memory is not None:
         memory.reset()
     tracemalloc.start()          # per call: tracing the whole run would slow Hypothesis 3x
+    gc.disable()                 # a collection of Hypothesis's garbage is not the reader's time
     t0 = time.thread_time()
     try:
         out = fn()
@@ -163,6 +165,7 @@ def call(name: str, memory: Optional[Memory], fn: Callable, allowed: Tuple[type,
         cpu = time.thread_time() - t0
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
+        gc.enable()
     cost = Cost(memory.reads if memory else 0, memory.bytes if memory else 0,
                 memory.largest if memory else 0, cpu, peak)
     worst = WORST.setdefault(name, {})
