@@ -32,7 +32,12 @@ _U64 = struct.Struct("<Q")
 #: Frames read per stack at most; deeper stacks keep their innermost MAX_DEPTH frames.
 MAX_DEPTH = 1024
 MAX_STR = 4096              # characters in a name or file name
-MAX_LINETABLE = 1 << 20     # bytes of one code object's location table
+MAX_LINETABLE = 256 << 10   # bytes of one code object's location table (stdlib, pip: <= 71 KB)
+#: Bytes one stack() call reads at most. Code objects are cached by address, so without it a
+#: target whose frames hold many code objects sharing one big location table made each call
+#: read and decode frames * table bytes. Past it the stack is dropped (TornStack); what was
+#: decoded stays cached, so the next calls of a stack that is merely large get further.
+READ_BUDGET = 512 << 10
 
 
 class TornStack(Exception):
@@ -82,7 +87,17 @@ class FrameLayout:
     @property
     def code_read(self) -> int:
         return max(self.code_filename, self.code_name, self.code_qualname, self.code_linetable,
-                   self.code_firstlineno, self.ob_size) + 8
+                   self.code_firstlineno, self.ob_size, self.ob_type) + 8
+
+    # Each head read covers every field taken from it: a target's offsets may each lie in
+    # their own section and still put a str's state before its type (tests/test_fuzz_readers.py).
+    @property
+    def str_read(self) -> int:
+        return max(self.ob_type + 8, self.str_length + 8, self.str_state + 4)
+
+    @property
+    def bytes_read(self) -> int:
+        return max(self.ob_type, self.ob_size) + 8
 
     @property
     def tstate_read(self) -> int:
@@ -159,6 +174,8 @@ def _varint(table: bytes, i: int) -> Tuple[int, int]:
         b = table[i]
         i += 1
         shift += 6
+        if shift > 30:      # CPython writes C ints: 6 chunks at most; longer grows without end
+            raise ValueError("location table varint longer than an int")
         val |= (b & 63) << shift
     return val, i
 
@@ -308,6 +325,7 @@ class StackReader:
         self._types: Dict[bytes, int] = {}      # b"code" / b"bytes" / b"str" -> type address
         self._codes: Dict[Tuple[int, bytes], _Code] = {}
         self._mask = ~self.layout.code_tag_bits & 0xFFFFFFFFFFFFFFFF
+        self._left: Optional[int] = None        # bytes stack() may still read (READ_BUDGET)
 
     # -------------------------------------------------------------- raw reads
     def _read(self, addr: int, size: int, aligned: bool = True) -> bytes:
@@ -317,6 +335,10 @@ class StackReader:
             raise TornStack("misaligned pointer")
         if addr + size > USER_SPACE_END:     # torn or garbage: os.pread cannot even take it
             raise TornStack("not a user-space pointer")
+        if self._left is not None:
+            self._left -= size
+            if self._left < 0:
+                raise TornStack("stack too large to read in one call")
         try:
             data = self._pread(size, addr)
         except OSError as exc:
@@ -346,7 +368,7 @@ class StackReader:
 
     def _str(self, addr: int) -> str:
         lay = self.layout
-        head = self._read(addr, lay.str_state + 4)
+        head = self._read(addr, lay.str_read)
         if not self._is_type(_U64.unpack_from(head, lay.ob_type)[0], b"str"):
             raise TornStack("name is not a str")
         length, = struct.unpack_from("<q", head, lay.str_length)
@@ -382,7 +404,7 @@ class StackReader:
         qualname = self._str(ptr(lay.code_qualname))
         filename = self._str(ptr(lay.code_filename))
         table_addr = ptr(lay.code_linetable)
-        table_head = self._read(table_addr, lay.bytes_sval)
+        table_head = self._read(table_addr, lay.bytes_read)
         if not self._is_type(_U64.unpack_from(table_head, lay.ob_type)[0], b"bytes"):
             raise TornStack("co_linetable is not bytes")
         size, = struct.unpack_from("<q", table_head, lay.ob_size)
@@ -453,6 +475,13 @@ class StackReader:
         caller's frame does not change while it waits for its callee); only then are the code
         objects decoded.
         """
+        self._left = READ_BUDGET
+        try:
+            return self._stack(tstate)
+        finally:
+            self._left = None
+
+    def _stack(self, tstate: int) -> Tuple[Frame, ...]:
         lay = self.layout
         for attempt in range(2):
             walk = self._walk(tstate)
