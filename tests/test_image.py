@@ -167,7 +167,11 @@ def build_image() -> dict:
             # running test's container uses cannot be removed, and stays).
             rows = buildah("images", "--filter", f"reference={REPO}", "--format",
                            "{{.CreatedAtRaw}} {{.Name}}:{{.Tag}}").stdout.splitlines()
-            for row in sorted(rows, reverse=True)[KEEP_IMAGES:]:
+            # Never this build's own tag: a build whose every step was cached from an earlier
+            # one (another checkout of the same files) keeps that image's creation time, and
+            # would sort among the oldest.
+            rows = [r for r in rows if r.split()[-1] != ref]
+            for row in sorted(rows, reverse=True)[max(0, KEEP_IMAGES - 1):]:
                 buildah("rmi", row.split()[-1], check=False)
             buildah("rmi", "--prune", check=False)
     info = json.loads(buildah("inspect", "--type", "image", ref).stdout)
