@@ -1,6 +1,7 @@
 """procfs's parsers on fixture files (tests/data/procfs): what a live process rarely shows."""
 from __future__ import annotations
 
+import ast
 import os
 from pathlib import Path
 
@@ -243,3 +244,54 @@ def test_host_cpu_times_follow_the_root():
     before = _real_totals()
     after = [total for _busy, total in procfs.host_cpu_times()]
     assert len(after) == len(before) and all(a >= b for a, b in zip(after, before))
+
+
+# --------------------------------------------------------------------------- the one door
+_FS_CALLS = {"open", "readlink", "stat", "lstat", "listdir", "scandir", "exists", "isdir", "islink",
+             "realpath", "read_head", "open_regular", "Path"}
+#: targetfile reopens its own O_PATH fd through /proc/self/fd: this process's fd table, not a
+#: target's, and it cannot import procfs (procfs imports it).
+_OWN_FDS = ("targetfile.py", "/proc/self/fd/")
+
+
+def _proc_literal(node) -> str:
+    if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+        node = node.values[0]
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        if node.value == "/proc" or node.value.startswith("/proc/"):
+            return node.value
+    return ""
+
+
+def _proc_opens(source: str):
+    """(line, literal) of every filesystem call given a /proc path written out."""
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        if name not in _FS_CALLS:
+            continue
+        for arg in list(node.args) + [k.value for k in node.keywords]:
+            head = _proc_literal(arg)
+            if head:
+                yield node.lineno, head
+
+
+def test_the_scan_sees_what_main_had():
+    """The check below finds the reads this module took over (as they were written before)."""
+    before = ('os.readlink(f"/proc/{pid}/exe")\nos.open(f"/proc/{pid}/mem", os.O_RDONLY)\n'
+              'os.path.exists(f"/proc/{pid}")\nraise ProbeUnavailable("x", f"/proc/{pid}: gone")\n')
+    assert [line for line, _ in _proc_opens(before)] == [1, 2, 3]
+
+
+def test_no_module_but_procfs_opens_a_proc_path():
+    root = Path(__file__).resolve().parent.parent / "exporter"
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "procfs.py":
+            continue
+        for line, head in _proc_opens(path.read_text()):
+            if (path.name, head) != _OWN_FDS:
+                found.append(f"{path.relative_to(root.parent)}:{line}: {head}")
+    assert found == []
