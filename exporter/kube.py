@@ -30,6 +30,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from . import procfs
+
 log = logging.getLogger(__name__)
 
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -190,12 +192,12 @@ def parse_cgroup(text: str) -> ContainerRef | None:
     return pod_only
 
 
-def read_container_ref(pid: int, proc_root: str = "/proc") -> ContainerRef | None:
-    """parse_cgroup() of /proc/PID/cgroup; None when unreadable or not in a pod."""
+def read_container_ref(pid: int, proc_root: str | None = None) -> ContainerRef | None:
+    """parse_cgroup() of /proc/PID/cgroup (procfs.cgroup; `proc_root`: another procfs than
+    procfs's root); None when unreadable or not in a pod."""
     try:
-        with open(f"{proc_root}/{pid}/cgroup", encoding="utf-8", errors="replace") as f:
-            return parse_cgroup(f.read())
-    except OSError:
+        return parse_cgroup(procfs.cgroup(pid, root=proc_root))
+    except (procfs.ProcessGone, OSError):
         return None
 
 

@@ -9,7 +9,14 @@ switches summed over every task (psutil counts the main thread only on Linux, ps
 issue 1467), /proc/PID/maps, /proc/PID/cgroup and /proc/PID/task/TID/syscall.
 
 Every function raises ProcessGone when the process vanished and PermissionError
-when access is denied; callers treat both as normal operation.
+when access is denied; callers treat both as normal operation. The few that give the raw
+OSError say so: there a missing file does not mean a vanished process (a kernel thread has no
+exe link), and the caller tells the cases apart.
+
+The root is one module-level setting, PROC (psutil's PROCFS_PATH, node_exporter's
+--path.procfs): "/proc" on a host, the host's procfs mounted elsewhere in a container, or a
+fixture tree in the parser tests (tests/test_procfs_parsers.py). set_root() changes it, and
+psutil's with it, before any reading starts.
 """
 from __future__ import annotations
 
@@ -20,7 +27,57 @@ import psutil
 
 from exporter import targetfile
 
-PROC = "/proc"
+PROC = "/proc"  # where procfs is mounted; set_root() changes it, every path is built from it
+
+
+def set_root(root: str) -> None:
+    """Read procfs at `root` from now on: this module's reads and psutil's (process_info).
+
+    For start-up (a flag) and tests; not while other threads read. The kept /proc/stat fd
+    is dropped so that host_cpu_times opens the new root's.
+    """
+    global PROC, _proc_stat_fd
+    root = root.rstrip("/")
+    if not root:
+        raise ValueError("procfs root must be a directory other than /")
+    PROC = root
+    psutil.PROCFS_PATH = root
+    fd, _proc_stat_fd = _proc_stat_fd, -1
+    if fd >= 0:
+        os.close(fd)
+
+
+def path(pid: int | str, *parts: str) -> str:
+    """The path of /proc/PID/PARTS... under the current root."""
+    return "/".join((PROC, str(pid)) + parts)
+
+
+def exists(pid: int) -> bool:
+    """Whether /proc/PID is there (a zombie's is, until it is reaped)."""
+    return os.path.exists(path(pid))
+
+
+def readlink(pid: int, name: str) -> str:
+    """The text of the link /proc/PID/NAME (exe, root, cwd). The raw OSError: ENOENT for a
+    kernel thread's or zombie's exe is no sign the process is gone; EACCES/EPERM without
+    ptrace-read access."""
+    return os.readlink(path(pid, name))
+
+
+def open_mem(pid: int) -> int:
+    """A read-only fd of /proc/PID/mem (ptrace-attach access, never attaches). The raw
+    OSError: gil.memory.proc_error tells an exit from a denial."""
+    return os.open(path(pid, "mem"), os.O_RDONLY | os.O_CLOEXEC)
+
+
+def is_magic_link(link: str) -> bool:
+    """/proc/PID/exe and /proc/PID/map_files/START-END (under the root): links the kernel
+    resolves to the very file, so they may be followed where a target's own path may not."""
+    prefix = PROC + "/"
+    if not link.startswith(prefix):
+        return False
+    parts = link[len(prefix):].split("/")
+    return parts[0].isdigit() and (parts[1:] == ["exe"] or (len(parts) == 3 and parts[1] == "map_files"))
 
 
 class ProcessGone(Exception):
@@ -299,7 +356,7 @@ def task_ctx_switches(pid: int) -> dict[int, tuple[int, int]]:
             continue
         finally:
             os.close(fd)
-    if not out and not os.path.exists(f"{PROC}/{pid}"):
+    if not out and not exists(pid):
         raise ProcessGone(pid)
     return out
 
@@ -360,7 +417,7 @@ class ThreadFiles:
             if not self.kept:
                 return task_ctx_switches(self.pid), task_schedstat(self.pid)
             self._read([(tid, self.fds[tid]) for tid in new], ctx, sched)
-        if not ctx and not os.path.exists(f"{PROC}/{self.pid}"):
+        if not ctx and not exists(self.pid):
             raise ProcessGone(self.pid)
         return ctx, sched
 
@@ -551,9 +608,12 @@ def thread_blocked_in(pid: int, tid: int) -> tuple[int | None, str]:
     return number, wchan
 
 
-def cgroup(pid: int) -> str:
+def cgroup(pid: int, root: str | None = None) -> str:
+    """The text of /proc/PID/cgroup (v1: a line per hierarchy; v2: `0::/path`); `root`:
+    another procfs than PROC (kube.read_container_ref's proc_root)."""
+    name = f"{root.rstrip('/')}/{pid}/cgroup" if root else path(pid, "cgroup")
     try:
-        with open(f"{PROC}/{pid}/cgroup", errors="surrogateescape") as f:
+        with open(name, errors="surrogateescape") as f:
             return f.read()
     except (FileNotFoundError, ProcessLookupError) as e:
         raise ProcessGone(pid) from e

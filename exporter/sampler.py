@@ -136,7 +136,7 @@ class _Target:
         stat = self.stat
         if stat is None or not stat.alive():
             return False
-        os.readlink(f"/proc/{self.pid}/exe")
+        procfs.readlink(self.pid, "exe")
         return True
 
     def snapshot(self) -> tuple:
@@ -794,5 +794,5 @@ def _reason(exc: OSError, pid: int = 0) -> str:
     if exc.errno in (errno.ESRCH, errno.ENOENT):
         return "exited"
     if exc.errno == errno.EIO:
-        return "exited" if pid and not os.path.exists(f"/proc/{pid}") else "validation_failed"
-    return "exited" if pid and not os.path.exists(f"/proc/{pid}") else "validation_failed"
+        return "exited" if pid and not procfs.exists(pid) else "validation_failed"
+    return "exited" if pid and not procfs.exists(pid) else "validation_failed"

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .. import targetfile
+from .. import procfs, targetfile
 from . import elf
 from .layouts import (DEBUG_COOKIE, CondvarLayout, _EXE_RE, _LIBPY_RE, condvar_for_glibc,
                       detect_free_threaded, version_from_hex)
@@ -48,13 +48,6 @@ class Target:
 
 # --------------------------------------------------------------------------- which file
 
-def is_magic_link(path: str) -> bool:
-    """/proc/PID/exe and /proc/PID/map_files/...: links the kernel resolves to the very file."""
-    parts = path.split("/")
-    return (len(parts) in (4, 5) and parts[1] == "proc" and parts[2].isdigit()
-            and (parts[3:] == ["exe"] or (len(parts) == 5 and parts[3] == "map_files")))
-
-
 def mapped_file(pid: int, fd: int, mapping: MapEntry, exe_link: str = "") -> Tuple[str, str]:
     """(host path, cache key) of the very file `pid` mapped at `mapping` (file offset 0).
 
@@ -69,27 +62,27 @@ def mapped_file(pid: int, fd: int, mapping: MapEntry, exe_link: str = "") -> Tup
     path = mapping.path[:-len(_DELETED)] if mapping.path.endswith(_DELETED) else mapping.path
     size = min(elf.HEAD_SIZE, mapping.end - mapping.start)
     mem_head = pread_exact(fd, size, mapping.start, pid)
-    candidates = [f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}"]
+    candidates = [procfs.path(pid, "map_files", f"{mapping.start:x}-{mapping.end:x}")]
     exe_path = exe_link[:-len(_DELETED)] if exe_link.endswith(_DELETED) else exe_link
     if exe_path and exe_path == path:
-        candidates.append(f"/proc/{pid}/exe")
+        candidates.append(procfs.path(pid, "exe"))
     if not mapping.path.endswith(_DELETED):
-        candidates += [f"/proc/{pid}/root{path}", path]
+        candidates += [procfs.path(pid, "root") + path, path]
         # A chroot: maps shows the path from our root, prefix included; inside the target's
         # root (a bind mount only its mount namespace has, say) it is the path without it.
         try:
-            root = os.readlink(f"/proc/{pid}/root")
+            root = procfs.readlink(pid, "root")
         except OSError:
             root = "/"
         if root != "/" and path.startswith(root.rstrip("/") + "/"):
-            candidates.append(f"/proc/{pid}/root{path[len(root.rstrip('/')):]}")
+            candidates.append(procfs.path(pid, "root") + path[len(root.rstrip('/')):])
     # The kernel's magic links are followed; every other candidate is a path the target
     # controls, so it is never followed at its last component, and never opened unless it is
     # a regular file (a FIFO there would block the open for good).
     differed, special = [], []
     for cand in candidates:
         try:
-            head = targetfile.read_head(cand, size, follow_symlinks=is_magic_link(cand))
+            head = targetfile.read_head(cand, size, follow_symlinks=procfs.is_magic_link(cand))
         except targetfile.NotRegularFile as exc:
             special.append(f"{cand} is {exc.kind}")
             continue
@@ -108,7 +101,7 @@ def mapped_file(pid: int, fd: int, mapping: MapEntry, exe_link: str = "") -> Tup
             "binary_replaced",
             f"pid {pid} runs {path} (inode {mapping.inode}), which was "
             f"{'deleted' if mapping.path.endswith(_DELETED) else 'replaced'} on disk; the mapped "
-            f"file itself is only reachable through /proc/{pid}/map_files (CAP_SYS_ADMIN)")
+            f"file itself is only reachable through {procfs.path(pid, 'map_files')} (CAP_SYS_ADMIN)")
     raise ProbeUnavailable("not_elf", f"pid {pid}: {path} cannot be opened")
 
 
@@ -150,7 +143,7 @@ def _glibc_condvar(pid: int, fd: int, mapping: MapEntry) -> Tuple[str, Optional[
 def identify_target(pid: int) -> Target:
     maps = read_maps(pid)
     try:
-        exe = os.readlink(f"/proc/{pid}/exe")
+        exe = procfs.readlink(pid, "exe")
     except OSError as exc:
         if isinstance(exc, PermissionError):
             raise proc_error(exc, pid) from exc
@@ -187,7 +180,7 @@ def _identify(pid: int, fd: int, maps: List[MapEntry], exe: str) -> Target:
         m = first_map[path]
         try:
             host, key = mapped_file(pid, fd, m, exe)
-            info = elf.load(host, key, follow_symlinks=is_magic_link(host))
+            info = elf.load(host, key, follow_symlinks=procfs.is_magic_link(host))
         except ProbeUnavailable as exc:
             if exc.reason in ("binary_replaced", "not_regular_file"):
                 replaced = replaced or exc

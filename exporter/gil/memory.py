@@ -38,7 +38,7 @@ def proc_error(exc: OSError, pid: int) -> ProbeUnavailable:
         return ProbeUnavailable("permission_denied", f"pid {pid}: {exc}")
     if isinstance(exc, (FileNotFoundError, ProcessLookupError)) or exc.errno in (errno.ESRCH, errno.ENOENT):
         return ProbeUnavailable("exited", f"pid {pid}: {exc}")
-    return ProbeUnavailable("exited" if not os.path.exists(f"/proc/{pid}") else "validation_failed",
+    return ProbeUnavailable("exited" if not procfs.exists(pid) else "validation_failed",
                             f"pid {pid}: {exc}")
 
 
@@ -83,7 +83,7 @@ def task_syscalls(pid: int) -> Dict[int, tuple]:
 
 def open_mem(pid: int) -> int:
     try:
-        return os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        return procfs.open_mem(pid)
     except OSError as exc:
         raise proc_error(exc, pid) from exc
 
