@@ -81,7 +81,8 @@ def _finish(procs) -> int:
 def run_case(python: str, k: int, sleepers: int, seconds: float) -> dict:
     # threads: k CPU threads (+ sleepers) in one process, diagnosed while they work
     t = _start(python, k, sleepers, seconds)
-    t.stdin.write("go\n"); t.stdin.flush()
+    t.stdin.write("go\n")
+    t.stdin.flush()
     time.sleep(0.5)
     # the measurement fits well inside the run: locating takes a moment, and diagnose waits
     # up to one more window for enough GIL samples on a busy host
@@ -98,7 +99,8 @@ def run_case(python: str, k: int, sleepers: int, seconds: float) -> dict:
     procs += [_start(python, 0, 1, seconds) for _ in range(sleepers)]
     t0 = time.monotonic()
     for p in procs:
-        p.stdin.write("go\n"); p.stdin.flush()
+        p.stdin.write("go\n")
+        p.stdin.flush()
     time.sleep(seconds * 0.9)
     used = sum(_cpu_seconds(p.pid) for p in procs[:k])
     wall = time.monotonic() - t0

@@ -19,9 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from workloads import start_workload  # noqa: E402
+
 from exporter import sampler as sampler_mod  # noqa: E402
 from exporter.gil import locate  # noqa: E402
-from workloads import start_workload  # noqa: E402
 
 
 def _thread_cpu(tid: int) -> float:

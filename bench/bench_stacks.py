@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import placements  # noqa: E402
 import profilers  # noqa: E402
+
 from exporter.stacks import StackSampler  # noqa: E402
 
 

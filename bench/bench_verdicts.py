@@ -27,10 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from exporter import score  # noqa: E402
 from harness import exporter_command  # noqa: E402
 from servers import CASES, Load, start_case  # noqa: E402
 from workloads import start_workload  # noqa: E402
+
+from exporter import score  # noqa: E402
 
 SYNTHETIC = ("cpu", "json", "starved", "hashlib", "zlib", "sleep", "single", "idle")
 PROCFS_FIELDS = ("gil_enabled", "interval_seconds", "held_ratio", "waiting_threads",

@@ -40,10 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
 from harness import Exporter  # noqa: E402
-from workloads import SCRIPTS, _PRELUDE, pyenv_pythons  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from workloads import _PRELUDE, SCRIPTS, pyenv_pythons  # noqa: E402
 
 NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
 TARGET = "soak"

@@ -166,7 +166,6 @@ def run_daemon(args) -> int:
     from exporter.config import ConfigError
     from exporter.http import ExporterServer
     from exporter.monitor import Monitor
-
     from exporter.webconfig import WebConfigError, WebConfigFile
 
     try:

@@ -20,7 +20,6 @@ from exporter import __version__
 from exporter.monitor import Monitor
 from exporter.views import ProcessView
 
-
 ERROR_STAGES = ("scan", "tick", "host", "gil_locate", "procfs_permission", "kube", "process")
 
 

@@ -34,10 +34,11 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any
 
 import yaml
 
@@ -73,13 +74,13 @@ _REGEX_KEYS = ("cmdline", "exe", "cgroup")
 class Match:
     """Process matchers; every matcher that is not None must hold."""
 
-    cmdline: Optional[re.Pattern] = None  # re.search in argv joined by single spaces
-    comm: Optional[str] = None  # /proc/PID/comm, exact
-    exe: Optional[re.Pattern] = None  # re.search in the executable path
-    pid: Optional[int] = None
-    pidfile: Optional[str] = None  # absolute path, re-read at every scan
-    user: Optional[str] = None  # user name or numeric uid, as a string
-    cgroup: Optional[re.Pattern] = None  # re.search in /proc/PID/cgroup
+    cmdline: re.Pattern | None = None  # re.search in argv joined by single spaces
+    comm: str | None = None  # /proc/PID/comm, exact
+    exe: re.Pattern | None = None  # re.search in the executable path
+    pid: int | None = None
+    pidfile: str | None = None  # absolute path, re-read at every scan
+    user: str | None = None  # user name or numeric uid, as a string
+    cgroup: re.Pattern | None = None  # re.search in /proc/PID/cgroup
     python: bool = False  # only CPython processes (config key: target-level python_only)
 
 
@@ -105,12 +106,12 @@ class Limits:
 
 @dataclass(frozen=True)
 class Config:
-    targets: Tuple[Target, ...]
+    targets: tuple[Target, ...]
     scan_interval_seconds: float = 5.0
     window_seconds: float = 10.0
     sampling: Sampling = field(default_factory=Sampling)
     limits: Limits = field(default_factory=Limits)
-    source: Optional[str] = None  # file path, None for the default configuration
+    source: str | None = None  # file path, None for the default configuration
 
 
 class ConfigError(Exception):
@@ -136,7 +137,7 @@ def default_config() -> Config:
 
 
 def _one_line(text: str, limit: int = 300) -> str:
-    out = "".join(c if (c.isprintable() or c == " ") else "\\u%04x" % ord(c) for c in text)
+    out = "".join(c if (c.isprintable() or c == " ") else f"\\u{ord(c):04x}" for c in text)
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
@@ -179,7 +180,7 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {_q(str(value))}"
 
 
-def _fmt_path(path: Tuple[Any, ...]) -> str:
+def _fmt_path(path: tuple[Any, ...]) -> str:
     out = ""
     for part in path:
         if isinstance(part, int):
@@ -213,7 +214,7 @@ class _LineLoader(yaml.SafeLoader):
         super().__init__(text)
         self.text = text
         self.file = file
-        self.lines: Dict[Tuple[Any, ...], Tuple[int, int]] = {}
+        self.lines: dict[tuple[Any, ...], tuple[int, int]] = {}
         self.nodes = 0
 
     def line_of(self, mark: Any) -> int:
@@ -231,7 +232,7 @@ class _LineLoader(yaml.SafeLoader):
         except Exception as exc:  # e.g. timestamp 2020-02-30: ValueError; !!int abc
             raise self.fail(line, f"invalid value {_q(node.value)}: {exc}") from None
 
-    def build(self, node: yaml.Node, path: Tuple[Any, ...], key_line: int, depth: int) -> Any:
+    def build(self, node: yaml.Node, path: tuple[Any, ...], key_line: int, depth: int) -> Any:
         value_line = self.line_of(node.start_mark)
         if isinstance(node, yaml.ScalarNode) and node.style in ("|", ">") and node.value:
             value_line = min(value_line + 1, self.line_of(node.end_mark))  # content, not the indicator
@@ -256,7 +257,7 @@ class _LineLoader(yaml.SafeLoader):
         if isinstance(node, yaml.MappingNode):
             if node.tag != "tag:yaml.org,2002:map":
                 raise self.fail(value_line, f"unsupported YAML tag {_q(node.tag)}")
-            result: Dict[str, Any] = {}
+            result: dict[str, Any] = {}
             merges = [v for k, v in node.value if k.tag == "tag:yaml.org,2002:merge"]
             for merge in merges:  # merged keys first; explicit keys override them
                 sources = merge.value if isinstance(merge, yaml.SequenceNode) else [merge]
@@ -267,7 +268,7 @@ class _LineLoader(yaml.SafeLoader):
                     for k, v in merged.items():
                         result.setdefault(k, v)
             self.lines[path] = (key_line, value_line)
-            seen: Dict[str, int] = {}
+            seen: dict[str, int] = {}
             for key_node, value_node in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
@@ -333,7 +334,7 @@ def _yaml_error(file: str, text: str, exc: yaml.YAMLError) -> ConfigError:
     return ConfigError(file, 1, _one_line(f"YAML error: {exc}"))
 
 
-def _parse(file: str, text: str) -> Tuple[Any, Dict[Tuple[Any, ...], Tuple[int, int]], int]:
+def _parse(file: str, text: str) -> tuple[Any, dict[tuple[Any, ...], tuple[int, int]], int]:
     """Return (data, lines, root_line)."""
     loader = None
     try:
@@ -363,7 +364,7 @@ def _parse(file: str, text: str) -> Tuple[Any, Dict[Tuple[Any, ...], Tuple[int, 
 
 
 @lru_cache(maxsize=1)
-def _schema() -> Dict[str, Any]:
+def _schema() -> dict[str, Any]:
     with open(SCHEMA_PATH, encoding="utf-8") as fh:
         return json.load(fh)
 
@@ -375,10 +376,10 @@ def _validator() -> Any:
     return Draft7Validator(_schema())
 
 
-def _known_key_homes() -> Dict[str, str]:
+def _known_key_homes() -> dict[str, str]:
     """key name -> where it belongs (for 'belongs under ...' hints)."""
     schema = _schema()
-    homes: Dict[str, str] = {}
+    homes: dict[str, str] = {}
     for key in schema["properties"]:
         homes.setdefault(key, "the top level")
     for section in ("sampling", "limits"):
@@ -392,17 +393,17 @@ def _known_key_homes() -> Dict[str, str]:
 
 
 class _Locator:
-    def __init__(self, lines: Dict[Tuple[Any, ...], Tuple[int, int]], root_line: int):
+    def __init__(self, lines: dict[tuple[Any, ...], tuple[int, int]], root_line: int):
         self.lines = lines
         self.root_line = root_line
 
-    def key(self, path: Tuple[Any, ...]) -> int:
+    def key(self, path: tuple[Any, ...]) -> int:
         """Line of the key holding path (item line for list items, first line for the root)."""
         if not path:
             return self.root_line
         return self.lines.get(tuple(path), (self.root_line, self.root_line))[0]
 
-    def value(self, path: Tuple[Any, ...], value: Any) -> int:
+    def value(self, path: tuple[Any, ...], value: Any) -> int:
         """Line of a scalar value; the key line for null and for containers."""
         key_line, value_line = self.lines.get(tuple(path), (self.root_line, self.root_line))
         if value is None or isinstance(value, (dict, list)):
@@ -410,11 +411,11 @@ class _Locator:
         return value_line
 
 
-def _where(path: Tuple[Any, ...]) -> str:
+def _where(path: tuple[Any, ...]) -> str:
     return _fmt_path(path) or "the top level"
 
 
-def _schema_errors(data: Any, loc: _Locator) -> Iterator[Tuple[int, int, str]]:
+def _schema_errors(data: Any, loc: _Locator) -> Iterator[tuple[int, int, str]]:
     """Yield (line, rank, message) for every schema violation."""
     homes = _known_key_homes()
     for err in _validator().iter_errors(data):
@@ -506,7 +507,7 @@ def _schema_errors(data: Any, loc: _Locator) -> Iterator[Tuple[int, int, str]]:
 # Semantic checks and building the Config
 
 
-def _semantic_errors(data: Dict[str, Any], loc: _Locator) -> Iterator[Tuple[int, int, str]]:
+def _semantic_errors(data: dict[str, Any], loc: _Locator) -> Iterator[tuple[int, int, str]]:
     # non-finite numbers pass the schema's range checks (nan compares false)
     numeric = [("scan_interval_seconds",), ("window_seconds",), ("sampling", "rate_hz")]
     for path in numeric:
@@ -533,7 +534,7 @@ def _semantic_errors(data: Dict[str, Any], loc: _Locator) -> Iterator[Tuple[int,
             msg = f"scan_interval_seconds ({_num(scan)}) must not exceed window_seconds (default {_num(window)})"
         yield line, 3, msg
 
-    names: Dict[str, int] = {}
+    names: dict[str, int] = {}
     for i, target in enumerate(data.get("targets") or []):
         name = target.get("name")
         name_line = loc.value(("targets", i, "name"), name)
@@ -561,7 +562,7 @@ def _semantic_errors(data: Dict[str, Any], loc: _Locator) -> Iterator[Tuple[int,
             yield line, 3, f"{_fmt_path(base)}: pid and pidfile are mutually exclusive; give one"
 
 
-def _build(data: Dict[str, Any], source: str) -> Config:
+def _build(data: dict[str, Any], source: str) -> Config:
     targets = []
     for target in data["targets"]:
         m = target.get("match") or {}
@@ -597,13 +598,13 @@ def _build(data: Dict[str, Any], source: str) -> Config:
     )
 
 
-def _first(errors: List[Tuple[int, int, str]]) -> Optional[Tuple[int, int, str]]:
+def _first(errors: list[tuple[int, int, str]]) -> tuple[int, int, str] | None:
     if not errors:
         return None
     return min(errors, key=lambda e: (e[1] == 9, e[0], e[1]))
 
 
-def load_config(path: Union[str, "os.PathLike[str]"]) -> Config:
+def load_config(path: str | os.PathLike[str]) -> Config:
     """Load and validate a configuration file; raise ConfigError for anything wrong."""
     file = os.fspath(path)
     if isinstance(file, bytes):  # pragma: no cover - bytes paths

@@ -47,7 +47,7 @@ class _Job:
     """One locate (or look for subinterpreters' GILs) of one process."""
 
     key: tuple
-    run: Callable[["_Job"], None]
+    run: Callable[[_Job], None]
     kind: str                      # "locate" | "interpreters"
     started: float | None = None   # monotonic, when a worker took it
     abandoned: bool = False        # past its deadline: its results are thrown away

@@ -28,7 +28,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 from . import procfs
 
@@ -140,7 +140,7 @@ class PodContainers:
         return sorted({name for _, name in self.containers})
 
 
-def not_in_cluster(environ: Optional[dict] = None,
+def not_in_cluster(environ: dict | None = None,
                    serviceaccount_dir: str = SERVICEACCOUNT_DIR) -> str | None:
     """Why PodResolver.from_environment() finds no cluster, in words; None when it would."""
     env = os.environ if environ is None else environ
@@ -234,8 +234,8 @@ class PodResolver:
             self._ssl = ssl.create_default_context(cafile=ca_path) if ca_path else ssl.create_default_context()
 
     @classmethod
-    def from_environment(cls, environ: Optional[dict] = None,
-                         serviceaccount_dir: str = SERVICEACCOUNT_DIR) -> "PodResolver | None":
+    def from_environment(cls, environ: dict | None = None,
+                         serviceaccount_dir: str = SERVICEACCOUNT_DIR) -> PodResolver | None:
         """The in-cluster resolver, or None when not running in a Kubernetes pod."""
         env = os.environ if environ is None else environ
         host = env.get("KUBERNETES_SERVICE_HOST")

@@ -32,11 +32,14 @@ from exporter.discover import Discoverer
 from exporter.giltracker import LOCATE_DEADLINE, GilTracker
 from exporter.passes import LEAD, ScrapeRhythm
 from exporter.sampler import GilSampler
-from exporter.state import SCORE_HISTORY_STEP, HostTick, ProcessState, Tick, add_totals
-from exporter.views import HostView, InterpreterGil, ProcessView  # noqa: F401 (importers' old home)
+from exporter.state import SCORE_HISTORY_STEP, HostTick, ProcessState, Tick
+
 # the helpers' former names here (tests import them from this module)
-from exporter.state import add_totals as _add_totals, window as _window  # noqa: F401
-from exporter.views import gil_figures as _gil_figures, thread_figures as _thread_figures  # noqa: F401
+from exporter.state import add_totals as _add_totals  # noqa: F401
+from exporter.state import window as _window  # noqa: F401
+from exporter.views import HostView, InterpreterGil, ProcessView  # noqa: F401 (importers' old home)
+from exporter.views import gil_figures as _gil_figures  # noqa: F401
+from exporter.views import thread_figures as _thread_figures  # noqa: F401
 from exporter.views import utf8 as _utf8  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -297,7 +300,6 @@ class Monitor:
             state.failing = what
 
     def _read_process(self, key, state: ProcessState) -> None:
-        pid = key[0]
         try:
             stat = state.stat.read()
             per_thread, sched = state.tasks.read(stat.threads)

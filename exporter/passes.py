@@ -11,8 +11,8 @@ replay any schedule in microseconds.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 LEAD = 0.5         # a pass this long before an expected scrape
 ANCHOR_LATE = 0.3  # the window's first pass: this much less than a window before the last

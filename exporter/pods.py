@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 from exporter import discover, kube, procfs
 
@@ -32,7 +31,7 @@ class PodName:
     container: str = ""  # "" every container of the pod
 
     @classmethod
-    def parse(cls, text: str) -> "PodName":
+    def parse(cls, text: str) -> PodName:
         parts = text.split("/")
         if len(parts) not in (2, 3) or not all(parts):
             raise PodError(f"--pod {text!r}: expected NAMESPACE/POD or NAMESPACE/POD/CONTAINER")
@@ -62,7 +61,7 @@ class PodProcesses:
     others: tuple[str, ...]  # comm of the pod's processes that are not Python
 
 
-def resolver(environ: Optional[dict] = None,
+def resolver(environ: dict | None = None,
              serviceaccount_dir: str = kube.SERVICEACCOUNT_DIR) -> kube.PodResolver:
     """The daemon's in-cluster resolver; PodError saying why when not in a cluster."""
     why = kube.not_in_cluster(environ, serviceaccount_dir)

@@ -14,6 +14,7 @@ from exporter import score
 from exporter.sampler import GilTotals
 from exporter.state import ProcessState, Tick, window
 
+
 @dataclass(frozen=True)
 class InterpreterGil:
     """One GIL of a process with several (an interpreter with a GIL of its own)."""

@@ -78,7 +78,7 @@ class WebConfig:
     users: dict = field(default_factory=dict)  # user -> bcrypt hash (bytes)
     headers: tuple = ()  # (name, value) added to every response
     files: tuple = ()  # the files it was read from: the config and the files it names
-    auth: "BasicAuth | None" = None
+    auth: BasicAuth | None = None
 
 
 class _Lines:
@@ -272,7 +272,7 @@ class WebConfigFile:
         self._lock = threading.Lock()
 
     @classmethod
-    def fixed(cls, config: WebConfig) -> "WebConfigFile":
+    def fixed(cls, config: WebConfig) -> WebConfigFile:
         return cls(None, config)
 
     def current(self) -> WebConfig:

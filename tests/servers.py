@@ -103,7 +103,7 @@ class Case:
         if self.log is not None:
             self.log.unlink(missing_ok=True)
 
-    def __enter__(self) -> "Case":
+    def __enter__(self) -> Case:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -180,7 +180,7 @@ class Load:
     _threads: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         if self.url is None:  # a batch: it loads itself
             return self
         port = int(self.url.rsplit(":", 1)[1])

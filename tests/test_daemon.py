@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-
 from harness import exporter_command, write_config
 from workloads import start_workload, task_ctx_switches
 

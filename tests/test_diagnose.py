@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 
 import pytest
-
 from harness import exporter_command
 from test_unprivileged import world_readable_install  # noqa: F401 (fixture)
 from workloads import start_workload

@@ -18,7 +18,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from harness import exporter_command
 from test_kube import DATA, NODE, TOKEN, FakeApiServer, api_tls  # noqa: F401 (fixture)
 from workloads import script
@@ -250,11 +249,12 @@ def test_top_namespace_filter_on_the_daemons_pod_labels(cluster, api_tls):
     """top's Monitor labels processes with their pod through the daemon's lookup (the fake
     API, over TLS): --namespace shows only that namespace's processes, n steps to every
     process and back."""
+    from workloads import start_workload
+
     from exporter import kube
     from exporter.config import Config, Limits, Match, Sampling, Target
     from exporter.monitor import Monitor
     from exporter.top import TopView, parse_keys
-    from workloads import start_workload
 
     resolver = kube.PodResolver(cluster["server"].url, NODE, token=TOKEN,
                                 ca_path=str(api_tls / "ca.crt"))

@@ -4,8 +4,6 @@ keeps small. No Docker engine is needed: the test reads the Dockerfile, applies 
 the repository, and builds the wheel from exactly the files the builder stage copies."""
 from __future__ import annotations
 
-import fnmatch
-import os
 import re
 import shutil
 import subprocess

@@ -17,7 +17,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -113,7 +112,7 @@ def substitute(expr: str, rate_interval: str = "1m") -> str:
     """Grafana's variables as the dashboard's "All" would send them (allValue .*)."""
     out = expr.replace("$__rate_interval", rate_interval).replace("${__rate_interval}", rate_interval)
     for var in ("cluster", "namespace", "workload", "pod", "target", "node"):
-        out = out.replace("${%s}" % var, ".*").replace("$" + var, ".*")
+        out = out.replace("${" + var + "}", ".*").replace("$" + var, ".*")
     # `$1` is label_replace's group reference (Grafana leaves it: no variable is named so)
     assert not re.search(r"\$\{?[A-Za-z_]", out), out
     return out

@@ -9,19 +9,19 @@ from __future__ import annotations
 import collections
 import urllib.request
 
+from harness import write_config
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
+from workloads import start_workload
 
 from exporter import score
 from exporter.collector import GilCollector, exposition
 from exporter.http import _openmetrics
 from exporter.monitor import HostView, InterpreterGil, ProcessView
 from exporter.sampler import GilTotals
-from harness import write_config
-from workloads import start_workload
 
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8,"
                      "application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=1.0.0;"

@@ -32,8 +32,9 @@ import sys
 import time
 import tracemalloc
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable
 
 import elftools.elf.elffile  # noqa: F401  (elf.load imports it lazily: not inside a timed call)
 import pytest
@@ -41,15 +42,31 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.gil import elf, frames, layouts, threads
-from exporter.gil.frames import (MAX_DEPTH, STATIC_FRAME_LAYOUTS, FrameLayout, StackReader,
-                                 TornStack, frame_layout_from_debug_offsets, layout_for)
-from exporter.gil.layouts import (DEBUG_COOKIE, DEBUG_OFFSETS_LAYOUTS, DEBUG_SECTIONS,
-                                  DEFAULT_LAYOUT, FIELD_WIDTHS, SECTION_MAX, SECTION_MAX_DEFAULT,
-                                  BadOffsets, layout_from_debug_offsets, parse_debug_offsets,
-                                  parse_debug_offsets_prefix, thread_layout_from_debug_offsets)
+from exporter.gil.frames import (
+    MAX_DEPTH,
+    STATIC_FRAME_LAYOUTS,
+    FrameLayout,
+    StackReader,
+    TornStack,
+    frame_layout_from_debug_offsets,
+    layout_for,
+)
+from exporter.gil.layouts import (
+    DEBUG_COOKIE,
+    DEBUG_OFFSETS_LAYOUTS,
+    DEBUG_SECTIONS,
+    DEFAULT_LAYOUT,
+    FIELD_WIDTHS,
+    SECTION_MAX,
+    SECTION_MAX_DEFAULT,
+    BadOffsets,
+    layout_from_debug_offsets,
+    parse_debug_offsets,
+    parse_debug_offsets_prefix,
+    thread_layout_from_debug_offsets,
+)
 from exporter.gil.memory import USER_SPACE_END
-from exporter.gil.records import (GilLocation, GilReading, ProbeUnavailable, PythonIdentity,
-                                  ThreadStateLayout)
+from exporter.gil.records import GilLocation, GilReading, ProbeUnavailable, PythonIdentity, ThreadStateLayout
 from exporter.gil.threads import MAX_SPAN, MAX_THREADS, GilThreads, ThreadIds, ThreadWalker
 
 # ------------------------------------------------------------------ budget of the run
@@ -81,7 +98,7 @@ class Memory:
     on /proc/PID/mem (short at a region's end, OSError EIO where nothing is mapped), counting
     every read. Sizes and offsets os.pread itself refuses raise what os.pread raises."""
 
-    def __init__(self, regions: Dict[int, bytes], limit: int = 1 << 62) -> None:
+    def __init__(self, regions: dict[int, bytes], limit: int = 1 << 62) -> None:
         self.regions = dict(sorted(regions.items()))
         self.limit = limit      # bytes per call past which a read fails the test at once
         self._starts = list(self.regions)
@@ -134,8 +151,8 @@ class Cost:
 
 
 #: the worst figures of the run, per target (printed by a long run)
-WORST: Dict[str, Dict[str, float]] = {}
-OUTCOMES: Dict[str, Counter] = {}
+WORST: dict[str, dict[str, float]] = {}
+OUTCOMES: dict[str, Counter] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -147,7 +164,7 @@ def figures():
                   + ", ".join(f"{k}={v:.4g}" for k, v in worst.items()), file=sys.stderr)
 
 
-def call(name: str, memory: Optional[Memory], fn: Callable, allowed: Tuple[type, ...]):
+def call(name: str, memory: Memory | None, fn: Callable, allowed: tuple[type, ...]):
     """fn(), its result or one of the `allowed` exceptions, and what it cost. Anything else
     propagates: a crash."""
     if memory is not None:
@@ -208,7 +225,7 @@ def mutations(draw, max_count: int = 8):
     return out
 
 
-def mutate(regions: Dict[int, bytes], edits) -> Dict[int, bytes]:
+def mutate(regions: dict[int, bytes], edits) -> dict[int, bytes]:
     """`regions` with `edits` applied (indices taken modulo what exists; words 8-aligned)."""
     out = {a: bytearray(d) for a, d in regions.items()}
     for edit in edits:
@@ -243,7 +260,7 @@ def put(buf: bytearray, off: int, fmt: str, value) -> None:
 #: Plausible values of every field the readers use, self-consistent (sections large enough,
 #: fields apart); fields not listed are 0, sizes not listed 64. Any consistent numbers do:
 #: the readers use only what the target publishes.
-SEED_OFFSETS: Dict[str, int] = {
+SEED_OFFSETS: dict[str, int] = {
     "runtime_state.size": 200_000, "runtime_state.finalizing": 40, "runtime_state.interpreters_head": 632,
     "interpreter_state.size": 100_000, "interpreter_state.id": 8, "interpreter_state.next": 0,
     "interpreter_state.threads_head": 72, "interpreter_state.threads_main": 80,
@@ -270,7 +287,7 @@ VERSIONS = sorted(DEBUG_SECTIONS)
 HEXVERSION = {v: (v[0] << 24) | (v[1] << 16) | 0xF0 for v in VERSIONS}
 
 
-def debug_offsets_fields(version) -> Dict[str, int]:
+def debug_offsets_fields(version) -> dict[str, int]:
     """Every field of `version`'s table with its seed value."""
     out = {}
     for name in DEBUG_OFFSETS_LAYOUTS[version]:
@@ -282,7 +299,7 @@ def debug_offsets_fields(version) -> Dict[str, int]:
     return out
 
 
-def debug_offsets_bytes(version, values: Dict[str, int]) -> bytes:
+def debug_offsets_bytes(version, values: dict[str, int]) -> bytes:
     """_Py_DebugOffsets of `version` as a target lays it out: cookie, then uint64 fields."""
     table = DEBUG_OFFSETS_LAYOUTS[version]
     buf = bytearray(table["_end"])
@@ -320,7 +337,7 @@ class CodeSpec:
     qualname: str
     filename: str
     firstlineno: int
-    entries: Tuple[Tuple[int, int, int], ...]     # (form, code units, line delta) per entry
+    entries: tuple[tuple[int, int, int], ...]     # (form, code units, line delta) per entry
 
 
 @dataclass(frozen=True)
@@ -330,7 +347,7 @@ class FrameSpec:
     owner: int         # 0: a Python frame, >= owner_no_code: an entry frame without code
 
 
-def encode_linetable(entries, firstlineno: int) -> Tuple[bytes, List[int], List[Optional[int]]]:
+def encode_linetable(entries, firstlineno: int) -> tuple[bytes, list[int], list[int | None]]:
     """A 3.11+ co_linetable from (form, units, delta) entries, with the (ends, lines) it
     stands for. Forms: 0 short, 10 one-line (delta 0..2), 13 no-column, 14 long, 15 none."""
     out = bytearray()
@@ -352,7 +369,9 @@ def encode_linetable(entries, firstlineno: int) -> Tuple[bytes, List[int], List[
             varint((-delta << 1) | 1 if delta < 0 else delta << 1)
             line += delta
             if form == 14:
-                varint(0); varint(1); varint(2)
+                varint(0)
+                varint(1)
+                varint(2)
             entry = line
         elif form == 10:
             line += delta % 3
@@ -383,10 +402,10 @@ def str_object(lay: FrameLayout, text: str) -> bytes:
 
 
 def stack_image(lay: FrameLayout, codes: Sequence[CodeSpec], stack: Sequence[FrameSpec],
-                tag: int = 0) -> Tuple[Dict[int, bytes], Tuple[Tuple[str, str, int, int], ...]]:
+                tag: int = 0) -> tuple[dict[int, bytes], tuple[tuple[str, str, int, int], ...]]:
     """Memory regions of one thread state and its frames, and the stack the reader must give
     for it: (qualname, filename, line, firstlineno) from the innermost frame."""
-    regions: Dict[int, bytes] = {}
+    regions: dict[int, bytes] = {}
     for name in TYPE_NAMES:
         t = bytearray(lay.tp_name + 8)
         put(t, lay.tp_name, "<Q", type_address(name) + 0x80)
@@ -456,7 +475,7 @@ def frame_specs(lay: FrameLayout):
 #: Reads and bytes one stack() may cost: up to four walks of MAX_DEPTH frames (two attempts,
 #: each read twice) and the decoding of their code objects (12 reads each at most), all
 #: within frames.READ_BUDGET bytes.
-def stack_ceiling(lay: FrameLayout) -> Tuple[int, int]:
+def stack_ceiling(lay: FrameLayout) -> tuple[int, int]:
     return 4 * (MAX_DEPTH + 2) + MAX_DEPTH * 12, frames.READ_BUDGET
 
 
@@ -464,7 +483,7 @@ STACK_ALLOWED = (TornStack, ProbeUnavailable)
 ALL_LAYOUTS = sorted(set(STATIC_FRAME_LAYOUTS) | set(VERSIONS))
 
 
-def read_stack(name: str, lay: FrameLayout, regions: Dict[int, bytes], tstate: int = TSTATE):
+def read_stack(name: str, lay: FrameLayout, regions: dict[int, bytes], tstate: int = TSTATE):
     reads, nbytes = stack_ceiling(lay)
     memory = Memory(regions, nbytes)
     reader = StackReader.reading(memory.pread, lay)
@@ -532,7 +551,7 @@ def test_location_table_with_endless_varints():
     assert isinstance(read_stack("stack-varint", lay, regions), TornStack)
 
 
-def deep_stack(lay: FrameLayout, depth: int, table_size: int) -> Dict[int, bytes]:
+def deep_stack(lay: FrameLayout, depth: int, table_size: int) -> dict[int, bytes]:
     """`depth` frames, each with a code object of its own, all sharing one location table
     of `table_size` bytes: little target memory that costs depth * table_size to decode."""
     regions, _ = stack_image(lay, [CodeSpec("f", "f.py", 1, ((0, 1, 0),) * (table_size // 2))],
@@ -588,7 +607,7 @@ def offsets_values(version):
                            small | hostile | st.integers(0, (1 << 64) - 1), max_size=6)
 
 
-def check_parsed(offs: Dict[str, int]) -> None:
+def check_parsed(offs: dict[str, int]) -> None:
     """What validate_debug_offsets promises of what it let through."""
     for name, width in FIELD_WIDTHS.items():
         if name in offs:
@@ -598,7 +617,7 @@ def check_parsed(offs: Dict[str, int]) -> None:
             assert offs[name] + width <= size, name
 
 
-def use_offsets(version, offs: Dict[str, int]) -> None:
+def use_offsets(version, offs: dict[str, int]) -> None:
     """Everything built from parsed offsets: each raises only what it documents."""
     out, _ = call("gil-layout", None, lambda: layout_from_debug_offsets(offs, layouts.CONDVARS[25]),
                   (ValueError,))
@@ -612,14 +631,14 @@ def use_offsets(version, offs: Dict[str, int]) -> None:
         read_stack(f"stack-offsets {version}", fl, seed_stack(version))
 
 
-@functools.lru_cache(maxsize=None)
-def _seed_stack(version) -> Tuple[Tuple[int, bytes], ...]:
+@functools.cache
+def _seed_stack(version) -> tuple[tuple[int, bytes], ...]:
     regions, _ = stack_image(seed_frame_layout(version), [CodeSpec("f", "f.py", 1, ((0, 1, 0),))],
                              [FrameSpec(0, 0, 0)] * 3)
     return tuple(regions.items())
 
 
-def seed_stack(version) -> Dict[int, bytes]:
+def seed_stack(version) -> dict[int, bytes]:
     """A valid three-frame stack of `version`'s seed layout (read with other layouts)."""
     return dict(_seed_stack(version))
 
@@ -693,10 +712,10 @@ def seed_thread_layout(version) -> ThreadStateLayout:
         debug_offsets_bytes(version, debug_offsets_fields(version)), version))
 
 
-def thread_image(lay: ThreadStateLayout, flags: Sequence[Tuple[bool, bool]], size: int = 480):
+def thread_image(lay: ThreadStateLayout, flags: Sequence[tuple[bool, bool]], size: int = 480):
     """An interpreter whose thread list holds one state per (holds_gil, gil_requested), and
     the ThreadStates a walk must give for it."""
-    regions: Dict[int, bytes] = {}
+    regions: dict[int, bytes] = {}
     head = bytearray(lay.threads_head + 8)
     put(head, lay.threads_head, "<Q", TSTATES if flags else 0)
     regions[INTERP] = bytes(head)
@@ -716,7 +735,7 @@ def thread_image(lay: ThreadStateLayout, flags: Sequence[Tuple[bool, bool]], siz
     return regions, expected
 
 
-def walk_ceiling(walker: ThreadWalker) -> Tuple[int, int]:
+def walk_ceiling(walker: ThreadWalker) -> tuple[int, int]:
     """Reads and bytes of one states() or waiting(): the head, and per state its span and a
     TID read outside it."""
     return 1 + 2 * MAX_THREADS, 8 + MAX_THREADS * (walker.span + 8)
@@ -765,7 +784,7 @@ def test_thread_walker_on_mutated_lists(version, flags, edits):
         assert isinstance(waiters, tuple) and len(waiters) <= MAX_THREADS
 
 
-def thread_location(version, lay: Optional[ThreadStateLayout], libc_version: str = "2.36") -> GilLocation:
+def thread_location(version, lay: ThreadStateLayout | None, libc_version: str = "2.36") -> GilLocation:
     ident = PythonIdentity("cpython", f"{version[0]}.{version[1]}.0", False, "/x", RUNTIME, "glibc",
                            libc_version)
     return GilLocation(1, RUNTIME + 8000, DEFAULT_LAYOUT, ident, "debug_offsets", 0, INTERP, lay)
@@ -835,7 +854,7 @@ def test_thread_ids_before_debug_offsets(version, edits, libc, tstate):
 LIBC = 0x7F00_0000_0000
 
 
-def libc_image(versions: Sequence[str], relocated: bool) -> Dict[int, bytes]:
+def libc_image(versions: Sequence[str], relocated: bool) -> dict[int, bytes]:
     """A 64-bit ELF image as ld.so maps it: ELF header, PT_LOAD and PT_DYNAMIC, the dynamic
     section (DT_STRTAB, DT_VERDEF, DT_VERDEFNUM), the version definitions and their names."""
     strtab = bytearray(b"\0")
@@ -888,7 +907,7 @@ def test_mapped_libc_version_definitions(versions, relocated, edits):
 
 # ------------------------------------------------------------------ ELF: a libpython file
 
-def libpython_file(soname: str, runtime: Tuple[int, int], build_id: bytes, extra_symbols: int) -> bytes:
+def libpython_file(soname: str, runtime: tuple[int, int], build_id: bytes, extra_symbols: int) -> bytes:
     """A minimal libpython-like ELF64 shared object: two PT_LOADs (the second writable), a
     PT_DYNAMIC with DT_SONAME, a PT_NOTE with the GNU build id, and section headers for
     .dynsym (_PyRuntime, Py_Version, `extra_symbols` more), .dynstr, .dynamic and .shstrtab.
@@ -974,7 +993,7 @@ def test_libpython_elf_file(elf_dir, soname, runtime, build_id, extra, edits, cu
 INTERPS = 0x7400_0000
 
 
-def memfd_of(regions: Dict[int, bytes]) -> int:
+def memfd_of(regions: dict[int, bytes]) -> int:
     """A sparse memfd holding `regions` at their addresses: what location.py's fd-based
     readers (pread_exact) read. Unlike /proc/PID/mem, holes read as zeros and the end as EOF."""
     fd = os.memfd_create("fuzz-target", os.MFD_CLOEXEC)

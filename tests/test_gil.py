@@ -23,11 +23,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from workloads import kill_quietly, pyenv_pythons, start_workload  # noqa: E402
 
 from exporter import gil  # noqa: E402
-from exporter.gil import (  # noqa: E402
-    CONDVARS, DEBUG_COOKIE, DEBUG_OFFSETS_LAYOUTS, DEFAULT_LAYOUT, KNOWN_GIL_OFFSETS, LAYOUTS,
-    GilLocation, GilReader, ProbeUnavailable, detect_free_threaded, futex_waiters, identify,
-    locate, parse_debug_offsets, version_from_hex, version_from_sys_version_buffer)
-from exporter.gil import elf, location as locate_module, memory  # noqa: E402
+from exporter.gil import (  # noqa: E402  # noqa: E402
+    CONDVARS,
+    DEBUG_COOKIE,
+    DEBUG_OFFSETS_LAYOUTS,
+    DEFAULT_LAYOUT,
+    KNOWN_GIL_OFFSETS,
+    LAYOUTS,
+    GilLocation,
+    GilReader,
+    ProbeUnavailable,
+    detect_free_threaded,
+    elf,
+    futex_waiters,
+    identify,
+    locate,
+    memory,
+    parse_debug_offsets,
+    version_from_hex,
+    version_from_sys_version_buffer,
+)
+from exporter.gil import location as locate_module
 
 GLIBC_225, GLIBC_241 = CONDVARS[25], CONDVARS[41]
 

@@ -21,7 +21,6 @@ import urllib.request
 
 import bcrypt
 import pytest
-
 from harness import exporter_command, write_config
 from test_web_security import _openssl, pki  # noqa: F401  (the module's CA and server cert)
 

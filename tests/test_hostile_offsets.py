@@ -16,10 +16,10 @@ import struct
 import subprocess
 import time
 
-import pytest
-
 import placements
+import pytest
 from harness import write_config
+
 from exporter import gil
 from exporter.gil import frames as gframes
 from exporter.gil import location as glocation

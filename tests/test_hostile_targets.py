@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from exporter.gil import elf as gil_elf
 from harness import write_config
 from workloads import pyenv_pythons, start_workload
+
+from exporter.gil import elf as gil_elf
 
 GIL_SERIES = ("pygil_gil_held_seconds_total", "pygil_gil_wait_seconds_total", "pygil_gil_contended_seconds_total",
               "pygil_gil_switches_total", "pygil_gil_switch_interval_seconds", "pygil_gil_waiting_threads")

@@ -15,7 +15,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-
 from workloads import pyenv_pythons, start_workload
 
 ROOT = Path(__file__).resolve().parent.parent

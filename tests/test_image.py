@@ -38,10 +38,9 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import placements
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-import placements
 from test_helm import CHART_META, defaults, merge, render, with_repository
 from workloads import pyenv_pythons, script, start_workload
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.kube import (ContainerRef, PodMeta, PodResolver, Workload, parse_cgroup, read_container_ref,
-                           workload_of)
+from exporter.kube import ContainerRef, PodMeta, PodResolver, Workload, parse_cgroup, read_container_ref, workload_of
 
 DATA = Path(__file__).parent / "data"
 CGROUP = DATA / "cgroup"

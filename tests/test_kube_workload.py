@@ -12,9 +12,8 @@ import json
 import os
 import shlex
 
-import pytest
-
 import harness
+import pytest
 from test_diagnose_pod import SA_PATH, FakePod
 from test_kube import DATA, NODE, TOKEN, FakeApiServer, api_tls  # noqa: F401 (fixture)
 from workloads import start_workload

@@ -16,12 +16,15 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-
 import workloads
 from harness import write_config
 from workloads import start_workload
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("GIL_EXPORTER_ARTIFACTS", tempfile.gettempdir()))
@@ -30,7 +33,7 @@ BADGE_RED = (0xC6, 0x28, 0x28)
 SPARK_BLUE = (0x15, 0x65, 0xC0)
 
 
-def screenshot(html_text: str, out: Path, size=(1600, 1000)) -> "Image":
+def screenshot(html_text: str, out: Path, size=(1600, 1000)) -> Image.Image:
     from PIL import Image
     if CHROMIUM is None:
         pytest.fail("chromium is missing: run tests/setup/chromium.sh")

@@ -10,12 +10,12 @@ import time
 
 import pytest
 from prometheus_client import CollectorRegistry
+from workloads import start_workload
 
 from exporter.collector import GilCollector
 from exporter.config import Config, Limits, Match, Sampling, Target
 from exporter.http import RenderedMetrics
 from exporter.monitor import Monitor, _window
-from workloads import start_workload
 
 WINDOW = 3.0
 PERIOD = 4.0

@@ -29,9 +29,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from harness import _URL, exporter_command, write_config
+from prometheus_client.parser import text_string_to_metric_families
 from workloads import pyenv_pythons, start_workload
 
 TRACE = ("ptrace,process_vm_writev,process_vm_readv,open,openat,close,dup,dup2,dup3,fcntl,"

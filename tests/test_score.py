@@ -24,10 +24,11 @@ for p in (str(ROOT), str(ROOT / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from workloads import pyenv_pythons, start_workload  # noqa: E402
+
 from exporter import procfs, score  # noqa: E402
 from exporter.monitor import _thread_figures  # noqa: E402
 from exporter.score import Figures, Verdict  # noqa: E402
-from workloads import pyenv_pythons, start_workload  # noqa: E402
 
 CONTENDED = ("cpu", "json", "starved")
 NOT_CONTENDED = ("hashlib", "zlib", "sleep", "single", "idle")

@@ -18,10 +18,10 @@ import subprocess
 import time
 
 import pytest
-
-from exporter import score
 from harness import exporter_command
 from servers import CASES, Load, start_case
+
+from exporter import score
 
 SECONDS = 4
 ATTEMPTS = 3

@@ -14,12 +14,12 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 import placements
 import profilers
+import pytest
 import workloads
 from harness import exporter_command
+
 from exporter import gil
 from exporter.gil import frames as gframes
 from exporter.stacks import StackSampler
@@ -292,6 +292,7 @@ def test_diagnose_stacks_only_reads(tmp_path):
     """Under strace: reading stacks opens /proc/PID/mem read-only and only preads it; no
     ptrace, no process_vm_writev, no write to the target, no signal to it."""
     import shutil
+
     from test_readonly import TRACE, parse_trace
     if shutil.which("strace") is None:
         pytest.skip("strace missing (tests/setup/tools.sh)")

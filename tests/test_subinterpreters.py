@@ -12,9 +12,9 @@ import re
 import subprocess
 import time
 
+import placements
 import pytest
 
-import placements
 from exporter import gil
 from exporter.attribution import ThreadSampler, render
 

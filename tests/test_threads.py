@@ -15,11 +15,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 import placements
+import pytest
 import workloads
 from harness import exporter_command
+
 from exporter import gil
 from exporter.attribution import OTHER, ThreadLabels, ThreadSampler, render
 from exporter.gil.layouts import PTHREAD_ID_OFFSETS, PTHREADS, pthread_for_glibc

@@ -9,11 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import placements
+import pytest
 import workloads
 from harness import exporter_command
+
 from exporter.top import parse_keys
 
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/tmux").exists(), reason="tmux missing (tests/setup/tools.sh)")

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from workloads import start_workload
 
 ROOT = Path(__file__).resolve().parent.parent

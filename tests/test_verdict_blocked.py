@@ -7,9 +7,8 @@ import json
 import subprocess
 import time
 
-import pytest
-
 import placements
+import pytest
 from harness import exporter_command
 from workloads import start_workload
 
@@ -85,7 +84,7 @@ targets:
 scan_interval_seconds: 1
 window_seconds: 3
 """)
-    with start_workload("frozen", threads=3) as frozen, start_workload("cpu", threads=3) as cpu:
+    with start_workload("frozen", threads=3), start_workload("cpu", threads=3):
         exp = exporter("--config", str(cfg))
 
         def both():

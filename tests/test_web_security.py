@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import base64
+import os
 import socket
 import ssl
 import subprocess
 import threading
-import os
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +15,6 @@ from pathlib import Path
 import bcrypt
 import pytest
 import yaml
-
 from harness import exporter_command, write_config
 from workloads import start_workload
 

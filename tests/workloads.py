@@ -297,7 +297,7 @@ forever()
 """
 
 
-def thread_ids(w: "Workload") -> dict[str, int]:
+def thread_ids(w: Workload) -> dict[str, int]:
     """{thread name: native TID} from the line a workload prints right after "ready"
     ("sleepers"). Read without select(): reading "ready" may have buffered it already."""
     line = w.proc.stdout.readline()
@@ -327,7 +327,7 @@ class Workload:
         if self.proc.stdout:
             self.proc.stdout.close()
 
-    def __enter__(self) -> "Workload":
+    def __enter__(self) -> Workload:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -13,18 +13,35 @@ are in docs/gil-internals.md. Split by idea:
 * ``threads``  - an interpreter's thread states (native TIDs; per-thread GIL flags on 3.15+).
 * ``frames``   - a thread's Python stack (3.11+): frame and code-object layouts, line tables.
 """
-from .elf import NotElf, clear_cache as clear_elf_cache
+from .elf import NotElf
+from .elf import clear_cache as clear_elf_cache
 from .identity import FUTEX_SYSCALL, Target, identify, identify_target, version_from_sys_version_buffer
-from .layouts import (CONDVARS, DEBUG_COOKIE, DEBUG_OFFSETS_LAYOUTS, DEBUG_OFFSETS_PREFIX,
-                      DEBUG_SECTIONS, DEFAULT_LAYOUT, KNOWN_GIL_OFFSETS, LAYOUTS, SINCE, BadOffsets,
-                      CondvarLayout, condvar_for_glibc, detect_free_threaded, gil_layout,
-                      layout_from_debug_offsets, parse_debug_offsets, parse_debug_offsets_prefix,
-                      supports, validate_debug_offsets, version_from_hex)
+from .layouts import (
+                      CONDVARS,
+                      DEBUG_COOKIE,
+                      DEBUG_OFFSETS_LAYOUTS,
+                      DEBUG_OFFSETS_PREFIX,
+                      DEBUG_SECTIONS,
+                      DEFAULT_LAYOUT,
+                      KNOWN_GIL_OFFSETS,
+                      LAYOUTS,
+                      SINCE,
+                      BadOffsets,
+                      CondvarLayout,
+                      condvar_for_glibc,
+                      detect_free_threaded,
+                      gil_layout,
+                      layout_from_debug_offsets,
+                      parse_debug_offsets,
+                      parse_debug_offsets_prefix,
+                      supports,
+                      validate_debug_offsets,
+                      version_from_hex,
+)
 from .location import INTERVAL_MAX_US, INTERVAL_MIN_US, futex_waiters, locate, locate_all, other_gils
 from .memory import start_time
 from .reader import GilReader, layout_struct
-from .records import (GilLayout, GilLocation, GilReading, ProbeUnavailable, PythonIdentity,
-                      ThreadStateLayout)
+from .records import GilLayout, GilLocation, GilReading, ProbeUnavailable, PythonIdentity, ThreadStateLayout
 from .threads import ThreadState, ThreadWalker
 
 __all__ = [

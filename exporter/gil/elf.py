@@ -11,7 +11,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable
 
 from .. import targetfile
 
@@ -32,15 +32,15 @@ class ElfInfo:
     machine: str             # "x86_64" | "aarch64" | other e_machine
     elfclass: int
     first_load_vaddr: int
-    rw_segments: Tuple[Tuple[int, int], ...]   # (vaddr, memsz) of writable PT_LOADs
-    runtime: Optional[Tuple[int, int]]         # (st_value, st_size) of a defined _PyRuntime
-    py_version: Optional[int]                  # st_value of Py_Version (3.11+)
+    rw_segments: tuple[tuple[int, int], ...]   # (vaddr, memsz) of writable PT_LOADs
+    runtime: tuple[int, int] | None         # (st_value, st_size) of a defined _PyRuntime
+    py_version: int | None                  # st_value of Py_Version (3.11+)
     soname: str
     interp: str                                # PT_INTERP (ld-musl-... on musl)
     build_id: str
 
 
-_cache: Dict[str, ElfInfo] = {}
+_cache: dict[str, ElfInfo] = {}
 _lock = threading.Lock()
 
 
@@ -193,7 +193,7 @@ PT_LOAD, PT_DYNAMIC = 1, 2
 DT_NULL, DT_STRTAB, DT_VERDEF, DT_VERDEFNUM = 0, 5, 0x6FFFFFFC, 0x6FFFFFFD
 
 
-def version_definitions(read: Callable[[int, int], bytes], start: int) -> Tuple[str, ...]:
+def version_definitions(read: Callable[[int, int], bytes], start: int) -> tuple[str, ...]:
     """Names of the symbol versions (GLIBC_2.41, ...) an ELF image defines, read from the
     target's memory: `read(address, size)` reads it, `start` is its mapping at file offset 0.
 
@@ -245,7 +245,7 @@ def version_definitions(read: Callable[[int, int], bytes], start: int) -> Tuple[
     return tuple(names)
 
 
-def glibc_minor(version_names: Tuple[str, ...]) -> Optional[int]:
+def glibc_minor(version_names: tuple[str, ...]) -> int | None:
     """Newest GLIBC_2.N version node. A glibc 2.M defines one node for every release up to M
     that added symbols, so this can trail M; it is exact at 2.41, the condvar change, which
     added symbols (so every glibc from 2.41 on defines GLIBC_2.41)."""

@@ -20,8 +20,8 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from .layouts import DEBUG_OFFSETS_LAYOUTS, BadOffsets, parse_debug_offsets, supports
 from .memory import USER_SPACE_END, Pread, open_mem, pread_of
@@ -107,7 +107,7 @@ class FrameLayout:
 #: 3.11 and 3.12, which have no _Py_DebugOffsets: offsetof() over the installed headers of
 #: 3.11.7 and 3.12.1 (Include/cpython/pystate.h, cpython/code.h, internal/pycore_frame.h,
 #: cpython/unicodeobject.h), checked against live processes in tests/test_stacks.py.
-STATIC_FRAME_LAYOUTS: Dict[Tuple[int, int], FrameLayout] = {
+STATIC_FRAME_LAYOUTS: dict[tuple[int, int], FrameLayout] = {
     (3, 11): FrameLayout(
         tstate_frame=56, cframe_frame=8, tstate_native_thread_id=160,
         frame_previous=48, frame_code=32, frame_instr=56, frame_owner=69,
@@ -128,14 +128,14 @@ STATIC_FRAME_LAYOUTS: Dict[Tuple[int, int], FrameLayout] = {
 #: the default build) and added FRAME_OWNED_BY_INTERPRETER = 3 before FRAME_OWNED_BY_CSTACK =
 #: 4; 3.15 dropped CSTACK. sizeof(PyCompactUnicodeObject) is sizeof(PyASCIIObject) + 16
 #: (utf8_length, utf8) where the offsets do not carry it.
-DEBUG_EXTRAS: Dict[Tuple[int, int], Dict[str, int]] = {
+DEBUG_EXTRAS: dict[tuple[int, int], dict[str, int]] = {
     (3, 13): dict(code_tag_bits=0, owner_no_code=3, owner_max=3),
     (3, 14): dict(code_tag_bits=3, owner_no_code=3, owner_max=4),
     (3, 15): dict(code_tag_bits=3, owner_no_code=3, owner_max=3),
 }
 
 
-def frame_layout_from_debug_offsets(offs: Dict[str, int], version: Tuple[int, int]) -> FrameLayout:
+def frame_layout_from_debug_offsets(offs: dict[str, int], version: tuple[int, int]) -> FrameLayout:
     """The FrameLayout of a 3.13+ target from its parsed and validated _Py_DebugOffsets
     (layouts.parse_debug_offsets, the one description of that struct)."""
     ascii_size = offs["unicode_object.asciiobject_size"]
@@ -165,7 +165,7 @@ def frame_layout_from_debug_offsets(offs: Dict[str, int], version: Tuple[int, in
 
 # ------------------------------------------------------------------ location table (3.11+)
 
-def _varint(table: bytes, i: int) -> Tuple[int, int]:
+def _varint(table: bytes, i: int) -> tuple[int, int]:
     b = table[i]
     i += 1
     val = b & 63
@@ -180,18 +180,18 @@ def _varint(table: bytes, i: int) -> Tuple[int, int]:
     return val, i
 
 
-def _svarint(table: bytes, i: int) -> Tuple[int, int]:
+def _svarint(table: bytes, i: int) -> tuple[int, int]:
     val, i = _varint(table, i)
     return (-(val >> 1) if val & 1 else val >> 1), i
 
 
-def parse_linetable(table: bytes, firstlineno: int) -> Tuple[List[int], List[Optional[int]]]:
+def parse_linetable(table: bytes, firstlineno: int) -> tuple[list[int], list[int | None]]:
     """Decode a 3.11+ co_linetable (CPython Objects/locations.md) into (ends, lines): entry k
     covers code units [ends[k-1], ends[k]) and has source line lines[k] (None: no location).
 
     Raises ValueError on a table that does not parse (a torn or wrong read)."""
-    ends: List[int] = []
-    lines: List[Optional[int]] = []
+    ends: list[int] = []
+    lines: list[int | None] = []
     line = firstlineno
     unit = 0
     i = 0
@@ -205,7 +205,7 @@ def parse_linetable(table: bytes, firstlineno: int) -> Tuple[List[int], List[Opt
             code = (first >> 3) & 15
             unit += (first & 7) + 1
             if code == 15:                    # no location
-                entry: Optional[int] = None
+                entry: int | None = None
             elif code == 14:                  # long form: line delta, end line, columns
                 delta, i = _svarint(table, i)
                 line += delta
@@ -233,7 +233,7 @@ def parse_linetable(table: bytes, firstlineno: int) -> Tuple[List[int], List[Opt
     return ends, lines
 
 
-def line_of(ends: Sequence[int], lines: Sequence[Optional[int]], unit: int) -> Optional[int]:
+def line_of(ends: Sequence[int], lines: Sequence[int | None], unit: int) -> int | None:
     """Source line of the instruction at code unit `unit`, None when it has no location."""
     k = bisect.bisect_right(ends, unit)
     return lines[k] if k < len(lines) else None
@@ -249,7 +249,7 @@ class Frame:
     firstlineno: int   # line of the `def`: with qualname and filename, names the function
 
     @property
-    def function(self) -> Tuple[str, str, int]:
+    def function(self) -> tuple[str, str, int]:
         return self.qualname, self.filename, self.firstlineno
 
 
@@ -259,8 +259,8 @@ class _Code:
     filename: str
     firstlineno: int
     units: int                     # length of the bytecode in code units
-    ends: Tuple[int, ...]
-    lines: Tuple[Optional[int], ...]
+    ends: tuple[int, ...]
+    lines: tuple[int | None, ...]
 
 
 # ------------------------------------------------------------------ reader
@@ -313,7 +313,7 @@ class StackReader:
             raise
 
     @classmethod
-    def reading(cls, pread: Pread, layout: FrameLayout, pid: int = 0) -> "StackReader":
+    def reading(cls, pread: Pread, layout: FrameLayout, pid: int = 0) -> StackReader:
         """A reader of the memory `pread` gives (os.pread's signature), with `layout`: what
         a parser test (tests/test_fuzz_readers.py) reads canned memory through."""
         reader = cls.__new__(cls)
@@ -322,10 +322,10 @@ class StackReader:
 
     def _start(self, pid: int, pread: Pread, layout: FrameLayout, fd: int) -> None:
         self.pid, self.fd, self._pread, self.layout = pid, fd, pread, layout
-        self._types: Dict[bytes, int] = {}      # b"code" / b"bytes" / b"str" -> type address
-        self._codes: Dict[Tuple[int, bytes], _Code] = {}
+        self._types: dict[bytes, int] = {}      # b"code" / b"bytes" / b"str" -> type address
+        self._codes: dict[tuple[int, bytes], _Code] = {}
         self._mask = ~self.layout.code_tag_bits & 0xFFFFFFFFFFFFFFFF
-        self._left: Optional[int] = None        # bytes stack() may still read (READ_BUDGET)
+        self._left: int | None = None        # bytes stack() may still read (READ_BUDGET)
 
     # -------------------------------------------------------------- raw reads
     def _read(self, addr: int, size: int, aligned: bool = True) -> bytes:
@@ -437,10 +437,10 @@ class StackReader:
         except TornStack:
             return 0
 
-    def _walk(self, tstate: int) -> List[Tuple[int, bytes]]:
+    def _walk(self, tstate: int) -> list[tuple[int, bytes]]:
         """(address, header bytes) of each frame from the innermost, following `previous`."""
         lay = self.layout
-        out: List[Tuple[int, bytes]] = []
+        out: list[tuple[int, bytes]] = []
         seen = set()
         addr = self.current_frame(tstate)
         while addr and len(out) < MAX_DEPTH:
@@ -452,7 +452,7 @@ class StackReader:
             addr = _U64.unpack_from(data, lay.frame_previous)[0]
         return out
 
-    def _same(self, walk: List[Tuple[int, bytes]], again: List[Tuple[int, bytes]]) -> bool:
+    def _same(self, walk: list[tuple[int, bytes]], again: list[tuple[int, bytes]]) -> bool:
         """Do two walks show the same frames: same addresses, links, code and owners, and the
         callers at the same instructions (the innermost one runs on)?"""
         if len(walk) != len(again):
@@ -465,7 +465,7 @@ class StackReader:
                 return False
         return True
 
-    def stack(self, tstate: int) -> Tuple[Frame, ...]:
+    def stack(self, tstate: int) -> tuple[Frame, ...]:
         """The thread's Python stack, innermost frame first. Raises TornStack when the frames
         read do not form a valid stack, ProbeUnavailable when the process is gone.
 
@@ -481,7 +481,7 @@ class StackReader:
         finally:
             self._left = None
 
-    def _stack(self, tstate: int) -> Tuple[Frame, ...]:
+    def _stack(self, tstate: int) -> tuple[Frame, ...]:
         lay = self.layout
         for attempt in range(2):
             walk = self._walk(tstate)
@@ -489,7 +489,7 @@ class StackReader:
                 break
         else:
             raise TornStack("stack changed during the read")
-        frames: List[Frame] = []
+        frames: list[Frame] = []
         unpack = _U64.unpack_from
         for addr, data in walk:
             owner = data[lay.frame_owner]
@@ -516,7 +516,7 @@ class StackReader:
         if fd >= 0:
             os.close(fd)
 
-    def __enter__(self) -> "StackReader":
+    def __enter__(self) -> StackReader:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,13 +11,20 @@ from __future__ import annotations
 import os
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import procfs, targetfile
 from . import elf
-from .layouts import (DEBUG_COOKIE, CondvarLayout, _EXE_RE, _LIBPY_RE, condvar_for_glibc,
-                      detect_free_threaded, version_from_hex)
+from .layouts import (
+    _EXE_RE,
+    _LIBPY_RE,
+    DEBUG_COOKIE,
+    CondvarLayout,
+    condvar_for_glibc,
+    detect_free_threaded,
+    version_from_hex,
+)
 from .memory import MapEntry, open_mem, pread_exact, proc_error, read_maps
 from .records import ProbeUnavailable, PythonIdentity
 
@@ -42,13 +49,13 @@ class Target:
     identity: PythonIdentity
     elf: elf.ElfInfo
     base: int
-    maps: Tuple[MapEntry, ...]
-    condvar: Optional[CondvarLayout]     # None: a libc whose condvar we do not read
+    maps: tuple[MapEntry, ...]
+    condvar: CondvarLayout | None     # None: a libc whose condvar we do not read
 
 
 # --------------------------------------------------------------------------- which file
 
-def mapped_file(pid: int, fd: int, mapping: MapEntry, exe_link: str = "") -> Tuple[str, str]:
+def mapped_file(pid: int, fd: int, mapping: MapEntry, exe_link: str = "") -> tuple[str, str]:
     """(host path, cache key) of the very file `pid` mapped at `mapping` (file offset 0).
 
     Candidates, best first: /proc/PID/map_files/START-END (the mapped file itself; needs
@@ -107,7 +114,7 @@ def mapped_file(pid: int, fd: int, mapping: MapEntry, exe_link: str = "") -> Tup
 
 # --------------------------------------------------------------------------- libc
 
-def _libc_mapping(maps: Sequence[MapEntry]) -> Tuple[str, Optional[MapEntry]]:
+def _libc_mapping(maps: Sequence[MapEntry]) -> tuple[str, MapEntry | None]:
     """("glibc" | "musl" | "unknown", the libc's mapping at file offset 0)."""
     for m in maps:
         name = os.path.basename(m.path.replace(_DELETED, ""))
@@ -120,7 +127,7 @@ def _libc_mapping(maps: Sequence[MapEntry]) -> Tuple[str, Optional[MapEntry]]:
     return "unknown", None
 
 
-def _glibc_condvar(pid: int, fd: int, mapping: MapEntry) -> Tuple[str, Optional[CondvarLayout]]:
+def _glibc_condvar(pid: int, fd: int, mapping: MapEntry) -> tuple[str, CondvarLayout | None]:
     """glibc's version and condvar layout, from the version nodes of the libc in the target's
     memory (the one it runs, even if an upgrade replaced the file)."""
     def read(addr: int, size: int) -> bytes:
@@ -155,9 +162,9 @@ def identify_target(pid: int) -> Target:
         os.close(fd)
 
 
-def _identify(pid: int, fd: int, maps: List[MapEntry], exe: str) -> Target:
+def _identify(pid: int, fd: int, maps: list[MapEntry], exe: str) -> Target:
     # Each file's mapping at file offset 0: where its ELF header (and load base) is.
-    first_map: Dict[str, MapEntry] = {}
+    first_map: dict[str, MapEntry] = {}
     for m in maps:
         if m.path.startswith("/") and m.offset == 0 and m.path not in first_map:
             first_map[m.path] = m
@@ -172,10 +179,10 @@ def _identify(pid: int, fd: int, maps: List[MapEntry], exe: str) -> Target:
               and _PYTHON_EXE_RE.search(os.path.basename(p.replace(_DELETED, "")))]
     looks_python = any(_LIBPY_RE.search(os.path.basename(p)) for p in first_map) or bool(
         exe and re.search(r"python", os.path.basename(exe)))
-    errors: List[str] = []
+    errors: list[str] = []
     infos = []
     chosen = None
-    replaced: Optional[ProbeUnavailable] = None
+    replaced: ProbeUnavailable | None = None
     for path in cands:
         m = first_map[path]
         try:
@@ -224,7 +231,7 @@ def _identify(pid: int, fd: int, maps: List[MapEntry], exe: str) -> Target:
 
 
 def _read_version(pid: int, fd: int, info: elf.ElfInfo, base: int, runtime_address: int,
-                  path: str) -> Tuple[str, Optional[int]]:
+                  path: str) -> tuple[str, int | None]:
     """Exact version from the target's memory; also _Py_DebugOffsets.free_threaded if present."""
     m = _LIBPY_RE.search(os.path.basename(info.soname or path)) or _EXE_RE.search(
         os.path.basename(path.replace(_DELETED, "")))

@@ -10,7 +10,6 @@ import os
 import re
 import struct
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
 
 from .records import GilLayout, ThreadStateLayout
 
@@ -26,13 +25,13 @@ class CondvarLayout:
 
 #: glibc 2.25 rewrote condvars (the layout below); 2.41 dropped __g_refs, which moved __wrefs
 #: and __g_signals up by 8 bytes. Keyed by the first glibc minor version with that layout.
-CONDVARS: Dict[int, CondvarLayout] = {
+CONDVARS: dict[int, CondvarLayout] = {
     25: CondvarLayout("glibc-2.25", wrefs=36, signals=40),
     41: CondvarLayout("glibc-2.41", wrefs=28, signals=32),
 }
 
 
-def condvar_for_glibc(minor: int) -> Optional[CondvarLayout]:
+def condvar_for_glibc(minor: int) -> CondvarLayout | None:
     """The condvar layout of glibc 2.<minor>, None before 2.25 (a layout we do not read)."""
     known = [k for k in CONDVARS if k <= minor]
     return CONDVARS[max(known)] if known else None
@@ -51,12 +50,12 @@ class PthreadLayout:
 #: Keyed, like CONDVARS, by the first glibc minor version with that layout. Measured live on
 #: glibc 2.36 and 2.43 (the only offset at which every thread's struct holds its own TID);
 #: the probe reads no glibc before 2.25. aarch64 puts the TCB after the struct: no row.
-PTHREADS: Dict[str, Dict[int, PthreadLayout]] = {
+PTHREADS: dict[str, dict[int, PthreadLayout]] = {
     "x86_64": {25: PthreadLayout("glibc-2.25", tid=720)},
 }
 
 
-def pthread_for_glibc(minor: int, arch: str = "x86_64") -> Optional[PthreadLayout]:
+def pthread_for_glibc(minor: int, arch: str = "x86_64") -> PthreadLayout | None:
     """The struct pthread layout of glibc 2.<minor> on `arch`, None when we have none."""
     rows = PTHREADS.get(arch, {})
     known = [k for k in rows if k <= minor]
@@ -67,7 +66,7 @@ def pthread_for_glibc(minor: int, arch: str = "x86_64") -> Optional[PthreadLayou
 
 #: Field offsets of struct _gil_runtime_state (LP64, 3.8 .. 3.15). Free-threaded builds
 #: (Py_GIL_DISABLED) put `int enabled` first, which moves every other field by 8.
-_GIL_FIELDS: Dict[bool, Dict[str, int]] = {
+_GIL_FIELDS: dict[bool, dict[str, int]] = {
     False: dict(interval=0, last_holder=8, locked=16, switch_number=24, cond=32, mutex=80, enabled=-1),
     True: dict(enabled=0, interval=8, last_holder=16, locked=24, switch_number=32, cond=40, mutex=88),
 }
@@ -81,7 +80,7 @@ def gil_layout(free_threaded: bool, condvar: CondvarLayout) -> GilLayout:
 
 
 #: Every GIL layout we read, keyed by (free-threaded build, condvar layout name).
-LAYOUTS: Dict[Tuple[bool, str], GilLayout] = {
+LAYOUTS: dict[tuple[bool, str], GilLayout] = {
     (ft, cv.name): gil_layout(ft, cv) for ft in (False, True) for cv in CONDVARS.values()}
 
 #: The layout of the default build on glibc 2.25 .. 2.40 (pyenv's builds on Debian 12 here).
@@ -90,7 +89,7 @@ DEFAULT_LAYOUT = LAYOUTS[(False, "glibc-2.25")]
 #: Offset of the main GIL inside _PyRuntime, measured on the pyenv builds (docs/gil-internals.md).
 #: Only a first guess for 3.8-3.12: it is always validated, and a search follows when validation
 #: fails. Keys: "major.minor" or an exact "major.minor.micro" override.
-KNOWN_GIL_OFFSETS: Dict[str, int] = {
+KNOWN_GIL_OFFSETS: dict[str, int] = {
     "3.8": 1152,
     "3.9": 352,
     "3.10": 352,
@@ -104,7 +103,7 @@ KNOWN_GIL_OFFSETS: Dict[str, int] = {
 #: PyThreadState.thread_id (unsigned long, the thread's pthread_t) where the thread state holds
 #: no native_thread_id (3.8-3.10; 3.11 and 3.12 have one: frames.STATIC_FRAME_LAYOUTS, 3.13+
 #: _Py_DebugOffsets). offsetof() over the installed headers of 3.8.18, 3.9.18 and 3.10.13.
-PTHREAD_ID_OFFSETS: Dict[Tuple[int, int], int] = {
+PTHREAD_ID_OFFSETS: dict[tuple[int, int], int] = {
     (3, 8): 176,
     (3, 9): 176,
     (3, 10): 176,
@@ -114,7 +113,7 @@ PTHREAD_ID_OFFSETS: Dict[Tuple[int, int], int] = {
 
 #: What CPython gives a reader from outside, by the first minor version that has it. Code asks
 #: supports(minor, feature) and never compares versions itself.
-SINCE: Dict[str, Tuple[int, int]] = {
+SINCE: dict[str, tuple[int, int]] = {
     "gil": (3, 8),                # the oldest GIL layout read (struct _gil_runtime_state)
     "stacks": (3, 11),            # _PyInterpreterFrame: stacks and PyThreadState.native_thread_id
     "own_gils": (3, 12),          # per-interpreter GILs; the main GIL is inside the interpreter
@@ -123,7 +122,7 @@ SINCE: Dict[str, Tuple[int, int]] = {
 }
 
 
-def supports(minor: Optional[Tuple[int, int]], feature: str) -> bool:
+def supports(minor: tuple[int, int] | None, feature: str) -> bool:
     """Does CPython `minor` ((3, 12)) have `feature` (a key of SINCE)? False when unknown."""
     return minor is not None and tuple(minor) >= SINCE[feature]
 
@@ -138,7 +137,7 @@ DEBUG_COOKIE = b"xdebugpy"
 # a field's offset inside the struct is 8 times its position. Only the sections up to the last
 # one used are listed. Checked against the values pyenv's 3.13.0 and Debian's 3.14.10 and
 # 3.15.2 carry (tests/test_stacks.py reads them live).
-Sections = Tuple[Tuple[str, Tuple[str, ...]], ...]
+Sections = tuple[tuple[str, tuple[str, ...]], ...]
 
 _DEBUG_313: Sections = (
     ("", ("cookie", "version", "free_threaded")),
@@ -164,8 +163,8 @@ _DEBUG_313: Sections = (
 )
 
 
-def _amend(table: Sections, before: Dict[str, Tuple[str, Tuple[str, ...]]] = None,
-           **sections: Tuple[str, ...]) -> Sections:
+def _amend(table: Sections, before: dict[str, tuple[str, tuple[str, ...]]] = None,
+           **sections: tuple[str, ...]) -> Sections:
     """`table` with the fields of some sections replaced, and new sections inserted before
     the named ones (before={"tuple_object": ("heap_type_object", fields)})."""
     out = []
@@ -202,13 +201,13 @@ _DEBUG_315 = _amend(
     type_object=("size", "tp_name", "tp_repr", "tp_flags", "tp_basicsize", "tp_dictoffset"),
     unicode_object=("size", "state", "length", "asciiobject_size", "compactunicodeobject_size"))
 
-DEBUG_SECTIONS: Dict[Tuple[int, int], Sections] = {
+DEBUG_SECTIONS: dict[tuple[int, int], Sections] = {
     (3, 13): _DEBUG_313, (3, 14): _DEBUG_314, (3, 15): _DEBUG_315}
 
 
-def debug_offsets_fields(sections: Sections) -> Dict[str, int]:
+def debug_offsets_fields(sections: Sections) -> dict[str, int]:
     """{"section.field": offset inside _Py_DebugOffsets, "_end": its size} of a table above."""
-    out: Dict[str, int] = {}
+    out: dict[str, int] = {}
     pos = 0
     for section, fields in sections:
         for f in fields:
@@ -219,12 +218,12 @@ def debug_offsets_fields(sections: Sections) -> Dict[str, int]:
 
 
 #: Offsets inside _Py_DebugOffsets of every field, by version (derived from DEBUG_SECTIONS).
-DEBUG_OFFSETS_LAYOUTS: Dict[Tuple[int, int], Dict[str, int]] = {
+DEBUG_OFFSETS_LAYOUTS: dict[tuple[int, int], dict[str, int]] = {
     v: debug_offsets_fields(s) for v, s in DEBUG_SECTIONS.items()}
 
 #: The first fields, identical in 3.13, 3.14 and 3.15. A version without a table is read
 #: through these alone plus a validated search (location.py): never a guess.
-DEBUG_OFFSETS_PREFIX: Dict[str, int] = {
+DEBUG_OFFSETS_PREFIX: dict[str, int] = {
     **{k: v for k, v in DEBUG_OFFSETS_LAYOUTS[(3, 13)].items()
        if k in ("version", "free_threaded", "runtime_state.size", "runtime_state.interpreters_head",
                 "interpreter_state.size", "interpreter_state.id", "interpreter_state.next",
@@ -242,13 +241,13 @@ RUNTIME_SIZE_MAX = 4 << 20
 
 #: Ceiling of a section's declared size (sizeof the struct). The runtime and interpreter
 #: structs measure 190-350 KiB in 3.13-3.15; the others less than 1 KiB.
-SECTION_MAX: Dict[str, int] = {"runtime_state": RUNTIME_SIZE_MAX, "interpreter_state": RUNTIME_SIZE_MAX}
+SECTION_MAX: dict[str, int] = {"runtime_state": RUNTIME_SIZE_MAX, "interpreter_state": RUNTIME_SIZE_MAX}
 SECTION_MAX_DEFAULT = 8 << 10
 
 #: Bytes the readers take at each field used (8: a pointer or 64-bit integer, 4: an int,
 #: 1: a char, 0: a position or size compared, never read past). A field is valid when
 #: offset + width <= its section's size.
-FIELD_WIDTHS: Dict[str, int] = {
+FIELD_WIDTHS: dict[str, int] = {
     "runtime_state.interpreters_head": 8,
     "interpreter_state.id": 8, "interpreter_state.next": 8, "interpreter_state.threads_head": 8,
     "interpreter_state.ceval_gil": 8,
@@ -274,7 +273,7 @@ class BadOffsets(ValueError):
     describe it: the reason is `bad_offsets`, and nothing is read through them."""
 
 
-def validate_debug_offsets(offs: Dict[str, int]) -> None:
+def validate_debug_offsets(offs: dict[str, int]) -> None:
     """Raise BadOffsets unless every section size used is within its ceiling and every field
     used lies inside its section. `offs` are parsed fields ("section.field": value)."""
     for name, width in FIELD_WIDTHS.items():
@@ -304,7 +303,7 @@ def validate_debug_offsets(offs: Dict[str, int]) -> None:
 #: (Py_BUILD_CORE: _PyRuntimeState.interpreters.head, PyInterpreterState.next, id,
 #: threads.head, ceval.gil and _gil). locate_all() only trusts them when they lead from the
 #: main interpreter to the very GIL that locate() found.
-INTERPRETER_LAYOUTS: Dict[Tuple[int, int], Dict[str, int]] = {
+INTERPRETER_LAYOUTS: dict[tuple[int, int], dict[str, int]] = {
     (3, 12): {"runtime_state.interpreters_head": 40, "interpreter_state.next": 0,
               "interpreter_state.id": 8, "interpreter_state.threads_head": 72,
               "interpreter_state.ceval_gil": 384, "interpreter_state.gil_runtime_state": 1040},
@@ -326,21 +325,21 @@ def version_from_hex(hexversion: int) -> str:
     return f"{base}{tag}{serial}"
 
 
-def _debug_offsets_key(data: bytes) -> Tuple[int, int]:
+def _debug_offsets_key(data: bytes) -> tuple[int, int]:
     if len(data) < 24 or data[:8] != DEBUG_COOKIE:
         raise ValueError("no _Py_DebugOffsets cookie")
     hexversion, = struct.unpack_from("<Q", data, 8)
     return (hexversion >> 24) & 0xFF, (hexversion >> 16) & 0xFF
 
 
-def _parse_with(data: bytes, table: Dict[str, int]) -> Dict[str, int]:
+def _parse_with(data: bytes, table: dict[str, int]) -> dict[str, int]:
     if len(data) < table["_end"]:
         raise ValueError("truncated _Py_DebugOffsets")
     return {name: struct.unpack_from("<Q", data, off)[0]
             for name, off in table.items() if not name.startswith("_")}
 
 
-def parse_debug_offsets(data: bytes, minor_version: Optional[Tuple[int, int]] = None) -> Dict[str, int]:
+def parse_debug_offsets(data: bytes, minor_version: tuple[int, int] | None = None) -> dict[str, int]:
     """Every field of the table of its version, from the bytes at the start of _PyRuntime,
     validated (validate_debug_offsets).
 
@@ -359,7 +358,7 @@ def parse_debug_offsets(data: bytes, minor_version: Optional[Tuple[int, int]] = 
     return offs
 
 
-def parse_debug_offsets_prefix(data: bytes) -> Dict[str, int]:
+def parse_debug_offsets_prefix(data: bytes) -> dict[str, int]:
     """The stable first fields of _Py_DebugOffsets, for any version that carries the cookie
     (validated as parse_debug_offsets does)."""
     _debug_offsets_key(data)
@@ -368,7 +367,7 @@ def parse_debug_offsets_prefix(data: bytes) -> Dict[str, int]:
     return offs
 
 
-def layout_from_debug_offsets(offs: Dict[str, int], condvar: CondvarLayout) -> GilLayout:
+def layout_from_debug_offsets(offs: dict[str, int], condvar: CondvarLayout) -> GilLayout:
     """GIL field offsets relative to the GIL struct, from parsed debug offsets.
 
     No offsets are published for interval and switch_number: in every LP64 layout interval
@@ -387,7 +386,7 @@ def layout_from_debug_offsets(offs: Dict[str, int], condvar: CondvarLayout) -> G
     return expected
 
 
-def thread_layout_from_debug_offsets(offs: Dict[str, int]) -> ThreadStateLayout:
+def thread_layout_from_debug_offsets(offs: dict[str, int]) -> ThreadStateLayout:
     return ThreadStateLayout(
         threads_head=offs["interpreter_state.threads_head"],
         next=offs["thread_state.next"], interp=offs["thread_state.interp"],
@@ -403,7 +402,7 @@ _EXE_RE = re.compile(r"python(\d+)?(?:\.(\d+))?([a-z]*)$")
 
 
 def detect_free_threaded(binary_path: str = "", soname: str = "",
-                         debug_free_threaded: Optional[int] = None,
+                         debug_free_threaded: int | None = None,
                          abiflags: str = "") -> bool:
     """True for a Py_GIL_DISABLED build.
 

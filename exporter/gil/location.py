@@ -17,13 +17,23 @@ import functools
 import os
 import struct
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 from .identity import FUTEX_SYSCALL, Target, identify_target
-from .layouts import (DEBUG_OFFSETS_LAYOUTS, DEBUG_OFFSETS_PREFIX, INTERPRETER_LAYOUTS,
-                      KNOWN_GIL_OFFSETS, RUNTIME_SIZE_MAX, BadOffsets, gil_layout,
-                      layout_from_debug_offsets, parse_debug_offsets, parse_debug_offsets_prefix,
-                      supports, thread_layout_from_debug_offsets)
+from .layouts import (
+    DEBUG_OFFSETS_LAYOUTS,
+    DEBUG_OFFSETS_PREFIX,
+    INTERPRETER_LAYOUTS,
+    KNOWN_GIL_OFFSETS,
+    RUNTIME_SIZE_MAX,
+    BadOffsets,
+    gil_layout,
+    layout_from_debug_offsets,
+    parse_debug_offsets,
+    parse_debug_offsets_prefix,
+    supports,
+    thread_layout_from_debug_offsets,
+)
 from .memory import WritableRanges, host_arch, open_mem, pread_exact, task_ids, task_syscalls
 from .records import GilLayout, GilLocation, ProbeUnavailable
 
@@ -48,7 +58,7 @@ _U32 = struct.Struct("<I")
 
 
 def futex_waiting_tids(pid: int, gil_address: int, layout: GilLayout,
-                       calls: Optional[Dict[int, tuple]] = None) -> List[int]:
+                       calls: dict[int, tuple] | None = None) -> list[int]:
     """TIDs of the threads of `pid` blocked in futex() on the GIL's condvar words, from
     /proc/PID/task/*/syscall (or `calls`, that file of every thread read already).
 
@@ -114,7 +124,7 @@ class RuntimeView:
         # `size` is the st_size of the target's own ELF file: capped, like every read size
         # that comes from the target.
         self.pid, self.fd, self.address, self.size = pid, fd, address, min(size, RUNTIME_SIZE_MAX)
-        self._data: Optional[bytes] = None
+        self._data: bytes | None = None
         self.interpreters: set = set()    # interpreters known from _Py_DebugOffsets
 
     def __contains__(self, addr: int) -> bool:
@@ -188,7 +198,7 @@ def validate(pid: int, fd: int, address: int, layout: GilLayout, maps: Sequence,
     prev_switch = None
     waiters_seen = 0
     good_holders = bad_locked = 0
-    checked: Dict[int, str] = {}
+    checked: dict[int, str] = {}
     for i in range(reads):
         if i:
             time.sleep(pause)
@@ -238,7 +248,7 @@ def validate(pid: int, fd: int, address: int, layout: GilLayout, maps: Sequence,
 
 # --------------------------------------------------------------------------- strategies
 
-def _main_interpreter(pid: int, fd: int, runtime_address: int, offs: Dict[str, int]) -> int:
+def _main_interpreter(pid: int, fd: int, runtime_address: int, offs: dict[str, int]) -> int:
     """interpreters.head is the newest interpreter; the main one is the last in the list."""
     interp, = _U64.unpack(pread_exact(fd, 8, runtime_address + offs["runtime_state.interpreters_head"], pid))
     for _ in range(256):
@@ -249,7 +259,7 @@ def _main_interpreter(pid: int, fd: int, runtime_address: int, offs: Dict[str, i
     raise ProbeUnavailable("validation_failed", f"pid {pid}: interpreter list does not end")
 
 
-def _search(pid: int, fd: int, target: Target, layout: GilLayout) -> List[int]:
+def _search(pid: int, fd: int, target: Target, layout: GilLayout) -> list[int]:
     """Offsets inside _PyRuntime whose bytes look like a GIL struct (cheap checks only)."""
     rt_addr = target.identity.runtime_address
     size = target.elf.runtime[1]
@@ -299,14 +309,14 @@ class _Locator:
         self.rt = ident.runtime_address
         self.rt_size = target.elf.runtime[1] or 0
         self.runtime = RuntimeView(pid, fd, self.rt, max(self.rt_size, 8))
-        self.why: List[str] = []
+        self.why: list[str] = []
 
-    def location(self, address: int, method: str, layout: Optional[GilLayout] = None,
+    def location(self, address: int, method: str, layout: GilLayout | None = None,
                  interpreter: int = 0, threads=None) -> GilLocation:
         return GilLocation(self.pid, address, layout or self.layout, self.target.identity, method,
                            self.rt_size, interpreter, threads)
 
-    def check(self, address: int, layout: Optional[GilLayout] = None, **kw) -> str:
+    def check(self, address: int, layout: GilLayout | None = None, **kw) -> str:
         try:
             return validate(self.pid, self.fd, address, layout or self.layout, self.target.maps,
                             self.runtime, **kw)
@@ -315,13 +325,13 @@ class _Locator:
                 raise
             return exc.detail
 
-    def require(self, address: int, layout: Optional[GilLayout] = None, prefix: str = "") -> None:
+    def require(self, address: int, layout: GilLayout | None = None, prefix: str = "") -> None:
         bad = self.check(address, layout)
         if bad:
             raise ValueError(prefix + bad)
 
     @_strategy("debug_offsets")
-    def debug_offsets(self, mm: Tuple[int, int]) -> GilLocation:
+    def debug_offsets(self, mm: tuple[int, int]) -> GilLocation:
         offs = read_debug_offsets(self.pid, self.fd, self.rt, mm)
         layout = layout_from_debug_offsets(offs, self.target.condvar)
         interp = _main_interpreter(self.pid, self.fd, self.rt, offs)
@@ -355,7 +365,7 @@ class _Locator:
         return self.location(good[0], "debug_offsets_search", interpreter=interp)
 
     @_strategy("offset_table")
-    def offset_table(self, mm: Tuple[int, int]) -> Optional[GilLocation]:
+    def offset_table(self, mm: tuple[int, int]) -> GilLocation | None:
         ident = self.target.identity
         off = KNOWN_GIL_OFFSETS.get(ident.version, KNOWN_GIL_OFFSETS.get(f"{mm[0]}.{mm[1]}"))
         if off is None or self.rt_size < off + self.layout.mutex + 40:
@@ -364,7 +374,7 @@ class _Locator:
         return self.location(self.rt + off, "offset_table")
 
     @_strategy("search")
-    def search(self, mm: Tuple[int, int]) -> GilLocation:
+    def search(self, mm: tuple[int, int]) -> GilLocation:
         cands = _search(self.pid, self.fd, self.target, self.layout)
         good = []
         for off in cands[:32]:
@@ -379,14 +389,14 @@ class _Locator:
         return self.location(self.rt + good[0], "search")
 
 
-def read_debug_offsets(pid: int, fd: int, runtime_address: int, minor: Tuple[int, int]) -> Dict[str, int]:
+def read_debug_offsets(pid: int, fd: int, runtime_address: int, minor: tuple[int, int]) -> dict[str, int]:
     """The target's _Py_DebugOffsets, parsed and validated (layouts.parse_debug_offsets): one
     read of the size of our own table for that version. Raises ValueError (BadOffsets)."""
     size = DEBUG_OFFSETS_LAYOUTS[minor]["_end"]
     return parse_debug_offsets(pread_exact(fd, size, runtime_address, pid), minor)
 
 
-def interpreters(pid: int, fd: int, runtime_address: int, offs: Dict[str, int]) -> List[Tuple[int, int]]:
+def interpreters(pid: int, fd: int, runtime_address: int, offs: dict[str, int]) -> list[tuple[int, int]]:
     """(address, id) of every interpreter of the process, newest first (the main one last)."""
     out = []
     interp, = _U64.unpack(pread_exact(fd, 8, runtime_address + offs["runtime_state.interpreters_head"], pid))
@@ -397,13 +407,13 @@ def interpreters(pid: int, fd: int, runtime_address: int, offs: Dict[str, int]) 
     return out
 
 
-def locate_all(pid: int) -> List[GilLocation]:
+def locate_all(pid: int) -> list[GilLocation]:
     """Every distinct GIL of the process, the main interpreter's first (other_gils())."""
     main = locate(pid)
     return [main] + other_gils(main)
 
 
-def other_gils(main: GilLocation, known: Optional[Dict[int, GilLocation]] = None) -> List[GilLocation]:
+def other_gils(main: GilLocation, known: dict[int, GilLocation] | None = None) -> list[GilLocation]:
     """The GILs of the subinterpreters that have one of their own, by interpreter id.
 
     Since 3.12 a subinterpreter may have its own GIL (concurrent.interpreters and
@@ -438,7 +448,7 @@ def other_gils(main: GilLocation, known: Optional[Dict[int, GilLocation]] = None
         runtime = RuntimeView(pid, fd, rt, max(main.runtime_size, 8))
         runtime.interpreters.update(a for a, _ in listed)
         maps = None
-        found: Dict[int, GilLocation] = {}
+        found: dict[int, GilLocation] = {}
         for interp, iid in listed:
             gil_ptr, = _U64.unpack(pread_exact(fd, 8, interp + offs["interpreter_state.ceval_gil"], pid))
             own = interp + offs["interpreter_state.gil_runtime_state"]

@@ -10,7 +10,8 @@ import contextlib
 import errno
 import functools
 import os
-from typing import Callable, Dict, List, Sequence, Union
+from collections.abc import Sequence
+from typing import Callable
 
 from exporter import procfs
 
@@ -28,7 +29,7 @@ MapEntry = procfs.MapEntry
 Pread = Callable[[int, int], bytes]
 
 
-def pread_of(source: Union[int, Pread]) -> Pread:
+def pread_of(source: int | Pread) -> Pread:
     """The Pread of an open /proc/PID/mem fd (or `source` itself when it is one already)."""
     return functools.partial(os.pread, source) if isinstance(source, int) else source
 
@@ -53,7 +54,7 @@ def proc_access(pid: int):
         raise proc_error(exc, pid) from exc
 
 
-def read_maps(pid: int) -> List[MapEntry]:
+def read_maps(pid: int) -> list[MapEntry]:
     with proc_access(pid):
         maps = procfs.maps(pid)
     if not maps:
@@ -70,12 +71,12 @@ def start_time(pid: int) -> int:
         return procfs.start_time(pid)
 
 
-def task_ids(pid: int) -> List[int]:
+def task_ids(pid: int) -> list[int]:
     with proc_access(pid):
         return procfs.task_ids(pid)
 
 
-def task_syscalls(pid: int) -> Dict[int, tuple]:
+def task_syscalls(pid: int) -> dict[int, tuple]:
     """/proc/PID/task/*/syscall of every thread (procfs.task_syscalls)."""
     with proc_access(pid):
         return procfs.task_syscalls(pid)

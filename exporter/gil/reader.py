@@ -4,11 +4,18 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import replace
-from typing import Callable, Optional, Tuple
+from typing import Callable
 
 from .identity import identify_target
-from .location import (INTERVAL_MAX_US, INTERVAL_MIN_US, TSTATE_INTERP_OFFSET, RuntimeView,
-                     futex_waiters, structural_ok, tstate_ok)
+from .location import (
+    INTERVAL_MAX_US,
+    INTERVAL_MIN_US,
+    TSTATE_INTERP_OFFSET,
+    RuntimeView,
+    futex_waiters,
+    structural_ok,
+    tstate_ok,
+)
 from .memory import WritableRanges, open_mem, pread_exact, proc_error, read_maps, start_time, task_ids
 from .records import GilLayout, GilLocation, GilReading, ProbeUnavailable
 from .threads import ThreadWalker
@@ -61,17 +68,17 @@ class GilReader:
                     location, runtime_size=identify_target(self.pid).elf.runtime[1])
             except ProbeUnavailable:
                 pass
-        self._writable: Optional[WritableRanges] = None
+        self._writable: WritableRanges | None = None
         self._interps: set = set()       # interpreters already verified (recheck)
         self.fd = open_mem(self.pid)
-        self.threads: Optional[ThreadWalker] = None
+        self.threads: ThreadWalker | None = None
         if location.threads is not None and location.interpreter:
             self.threads = ThreadWalker(self.fd, location.interpreter, location.threads)
         #: where read().waiters comes from: the threads' own flags (3.15+) or glibc's condvar count
         self.waiters_source = ("gil_requested" if self.threads and location.threads.has_gil_flags
                                else "condvar")
 
-    def read_raw(self) -> Tuple[int, int, int, int, int, int]:
+    def read_raw(self) -> tuple[int, int, int, int, int, int]:
         """(interval_us, last_holder, locked, switch_number, wrefs, enabled) with one pread;
         enabled is -1 on builds without the field."""
         if self.fd < 0:
@@ -100,7 +107,7 @@ class GilReader:
         return GilReading(interval, bool(locked), switch, waiters, holder,
                           None if enabled < 0 else enabled != 0)
 
-    def recheck(self, futex: bool = True, alive: Optional[Callable[[], bool]] = None) -> Tuple[str, int]:
+    def recheck(self, futex: bool = True, alive: Callable[[], bool] | None = None) -> tuple[str, int]:
         """Re-validate the location on the live process without sleeping.
 
         Returns (problem, futex_waiters): problem is "" when one snapshot of the struct
@@ -166,7 +173,7 @@ class GilReader:
         if fd >= 0:
             os.close(fd)
 
-    def __enter__(self) -> "GilReader":
+    def __enter__(self) -> GilReader:
         return self
 
     def __exit__(self, *exc) -> None:

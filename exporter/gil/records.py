@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 
 class ProbeUnavailable(Exception):
@@ -25,7 +24,7 @@ class PythonIdentity:
     libc_version: str = ""   # "2.36"; from the libc the target mapped, "" if unknown
 
     @property
-    def minor(self) -> Optional[Tuple[int, int]]:
+    def minor(self) -> tuple[int, int] | None:
         """(3, 11) for "3.11.7"; None when the version is unknown."""
         parts = self.version.split(".")[:2]
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
@@ -83,7 +82,7 @@ class GilLocation:
     method: str              # "debug_offsets" | "offset_table" | "search" | "debug_offsets_search"
     runtime_size: int = 0    # st_size of _PyRuntime (for re-validation)
     interpreter: int = 0     # address of the PyInterpreterState owning this GIL (0 if unknown)
-    threads: Optional[ThreadStateLayout] = None   # set where the build describes its thread states
+    threads: ThreadStateLayout | None = None   # set where the build describes its thread states
     interpreter_id: int = 0  # PyInterpreterState.id: 0 for the main interpreter
 
 
@@ -94,4 +93,4 @@ class GilReading:
     switch_number: int
     waiters: int
     holder: int
-    enabled: Optional[bool] = None   # free-threaded builds: is the GIL switched on; None otherwise
+    enabled: bool | None = None   # free-threaded builds: is the GIL switched on; None otherwise

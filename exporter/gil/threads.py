@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable
 
 from .frames import STATIC_FRAME_LAYOUTS
 from .layouts import PTHREAD_ID_OFFSETS, SECTION_MAX_DEFAULT, pthread_for_glibc
@@ -32,8 +32,8 @@ _ZERO = b"\0\0\0\0"
 class ThreadState:
     address: int
     native_thread_id: int
-    holds_gil: Optional[bool]        # None where the build does not describe it
-    gil_requested: Optional[bool]
+    holds_gil: bool | None        # None where the build does not describe it
+    gil_requested: bool | None
 
 
 class ThreadWalker:
@@ -43,7 +43,7 @@ class ThreadWalker:
     interpreter, a cycle or an unreadable pointer returns None rather than a wrong answer.
     """
 
-    def __init__(self, fd: Union[int, Pread], interpreter: int, layout: ThreadStateLayout) -> None:
+    def __init__(self, fd: int | Pread, interpreter: int, layout: ThreadStateLayout) -> None:
         self.fd = fd
         self._pread = pread_of(fd)
         self.interpreter = interpreter
@@ -57,10 +57,10 @@ class ThreadWalker:
                 or not 0 <= layout.threads_head < USER_SPACE_END or layout.native_thread_id >= MAX_SPAN:
             raise ProbeUnavailable("bad_offsets", f"thread-state offsets out of bounds: {layout}")
 
-    def _walk(self) -> Optional[List[Tuple[int, bytes]]]:
+    def _walk(self) -> list[tuple[int, bytes]] | None:
         """(address, bytes) of every thread state in list order, or None if the list changed."""
         lay = self.layout
-        out: List[Tuple[int, bytes]] = []
+        out: list[tuple[int, bytes]] = []
         try:
             if not 0 < self.head_address < USER_SPACE_END:
                 return None
@@ -81,7 +81,7 @@ class ThreadWalker:
             return None
         return out
 
-    def waiting(self) -> Optional[int]:
+    def waiting(self) -> int | None:
         """Threads waiting for the GIL now (gil_requested and not holds_gil), or None."""
         lay = self.layout
         walk = self._walk() if lay.has_gil_flags else None
@@ -90,7 +90,7 @@ class ThreadWalker:
         h, r = lay.holds_gil, lay.gil_requested
         return sum(1 for _a, d in walk if d[r:r + 4] != _ZERO and d[h:h + 4] == _ZERO)
 
-    def states(self) -> Optional[List[ThreadState]]:
+    def states(self) -> list[ThreadState] | None:
         """Every thread state of the interpreter now, or None if the list changed under us."""
         lay = self.layout
         walk = self._walk()
@@ -126,7 +126,7 @@ class ThreadIds:
     freed meanwhile can be junk, so callers check it against the process's tasks.
     """
 
-    def __init__(self, fd: Union[int, Pread], location: GilLocation) -> None:
+    def __init__(self, fd: int | Pread, location: GilLocation) -> None:
         self.fd = fd
         self._pread = pread_of(fd)
         ident = location.identity
@@ -169,7 +169,7 @@ class ThreadIds:
 
 
 #: reads /proc/PID/task/*/syscall once for every GIL of a sample that needs it
-Syscalls = Callable[[], Dict[int, tuple]]
+Syscalls = Callable[[], dict[int, tuple]]
 
 
 class GilThreads:
@@ -182,7 +182,7 @@ class GilThreads:
     3.15 the waiting threads found can be fewer than the condvar count.
     """
 
-    def __init__(self, fd: int, location: GilLocation, walker: Optional[ThreadWalker]) -> None:
+    def __init__(self, fd: int, location: GilLocation, walker: ThreadWalker | None) -> None:
         self.location = location
         self.pid = location.pid
         self.ids = ThreadIds(fd, location)
@@ -193,7 +193,7 @@ class GilThreads:
         """TID of the thread holding the GIL at `reading`; 0 when free or not readable."""
         return self.ids.tid(reading.holder) if reading.locked and reading.holder else 0
 
-    def waiting(self, reading: GilReading, syscalls: Syscalls, holder: int = 0) -> Tuple[int, ...]:
+    def waiting(self, reading: GilReading, syscalls: Syscalls, holder: int = 0) -> tuple[int, ...]:
         """TIDs of the threads waiting for the GIL about when `reading` was taken. These are
         read after the GIL: `holder` (its holder then) may have dropped it and queued again
         meanwhile, and is left out, as a thread seen both holding and requesting is on 3.15."""
