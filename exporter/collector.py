@@ -143,7 +143,9 @@ class GilCollector:
             else:
                 gils = [(labels, v.gil, f.waiting_threads if f is not None else None, v.score, v.score_method)]
             if v.held_off_cpu_seconds is not None and v.gil is not None and v.gil.samples > 0:
-                off_cpu.add_sample("pygil_gil_held_off_cpu_seconds_total", labels, v.held_off_cpu_seconds)
+                # the main interpreter's GIL: labelled so where the process has several
+                off_labels = {**labels, "interpreter": "0"} if v.interpreters else labels
+                off_cpu.add_sample("pygil_gil_held_off_cpu_seconds_total", off_labels, v.held_off_cpu_seconds)
             for ls, g, waiting_threads, value, method in gils:
                 if g is not None and g.samples > 0:
                     interval.add_sample("pygil_gil_switch_interval_seconds", ls, g.interval_seconds)

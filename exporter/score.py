@@ -440,7 +440,7 @@ def verdict(f: Figures, threshold: float = THRESHOLD, cmdline: str = "", probe: 
                            f"it was not measured: no /proc/PID/task/*/schedstat)",
                            ("Move the CPU-bound Python work to processes "
                             "(concurrent.futures.ProcessPoolExecutor, more worker processes), "
-                            "or off the threads that serve I/O.", switch) + _gain_advice(g)
+                            "or off the threads that serve I/O.", *_gain_advice(g), switch)
                            + probe_why, g)
         if f.top_thread_share >= STARVED_TOP_SHARE:
             return Verdict(True, "io_starved_by_cpu",
@@ -468,7 +468,7 @@ def verdict(f: Figures, threshold: float = THRESHOLD, cmdline: str = "", probe: 
                         "Or move the hot loop to native code that releases the GIL (NumPy, "
                         "Cython `with nogil`, a C/Rust extension), or run on a free-threaded "
                         "build (python3.13t and later).",
-                        switch) + _gain_advice(g) + probe_why, g)
+                        *_gain_advice(g), switch) + probe_why, g)
     if f.gils > 1 and (f.gils_held or 0.0) >= PARALLEL_FROM:
         return Verdict(False, "interpreters_parallel",
                        f"subinterpreters run in parallel, each on its own GIL: {f.gils_held:.1f} "
