@@ -83,12 +83,14 @@ def run_case(python: str, k: int, sleepers: int, seconds: float) -> dict:
     t = _start(python, k, sleepers, seconds)
     t.stdin.write("go\n")
     t.stdin.flush()
+    t_start, t_cpu0 = time.monotonic(), _cpu_seconds(t.pid)
     time.sleep(0.5)
     # the measurement fits well inside the run: locating takes a moment, and diagnose waits
     # up to one more window for enough GIL samples on a busy host
     r = subprocess.run(exporter_command() + ["diagnose", str(t.pid), "--json", "--seconds",
                                              str(max(2.0, seconds / 4))],
                        capture_output=True, text=True, timeout=120)
+    threads_used = (_cpu_seconds(t.pid) - t_cpu0) / (time.monotonic() - t_start)
     threaded = _finish([t])
     doc = json.loads(r.stdout)
     if "figures" not in doc:
@@ -110,7 +112,11 @@ def run_case(python: str, k: int, sleepers: int, seconds: float) -> dict:
         "case": f"{'mix' if sleepers else 'cpu'}-{k}", "kind": doc["verdict"]["kind"],
         "demand": fig["demand_threads"], "spare": fig["spare_cores"],
         "predicted": fig["gain_ratio"], "measured": measured,
-        "host_gave": used / wall, "threaded_units": threaded, "process_units": processed,
+        "host_gave": used / wall, "threads_used": threads_used,
+        # the same formula on the cores the host actually gave each run: what a busy host's
+        # figures are checked against
+        "predicted_given": max(1.0, min(fig["demand_threads"] or 0.0, used / wall) / max(threads_used, 1e-9)),
+        "threaded_units": threaded, "process_units": processed,
     }
 
 
@@ -126,21 +132,23 @@ def main() -> int:
     rows = []
     print(f"CPython {args.python}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at start")
     print("| case | kind | demand (threads) | spare (cores) | predicted × | measured × | "
-          "host gave (cores) | error vs measured |")
-    print("|---|---|---|---|---|---|---|---|")
+          "error | threads used (cores) | processes got (cores) | predicted on what the host gave × | error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for sleepers in (0, 1):
         for k in ks:
             try:
                 row = run_case(python, k, k * sleepers, args.seconds)
             except RuntimeError as e:
-                print(f"| {'mix' if sleepers else 'cpu'}-{k} | {e} |||||||", flush=True)
+                print(f"| {'mix' if sleepers else 'cpu'}-{k} | {e} ||||||||||", flush=True)
                 continue
             rows.append(row)
             pred, meas = row["predicted"], row["measured"]
             err = "n/a" if pred is None else f"{(pred - meas) / meas:+.0%}"
+            given = row["predicted_given"]
             print(f"| {row['case']} | {row['kind']} | {row['demand']:.2f} | {row['spare']:.2f} | "
-                  f"{'n/a' if pred is None else format(pred, '.2f')} | {meas:.2f} | "
-                  f"{row['host_gave']:.2f} | {err} |", flush=True)
+                  f"{'n/a' if pred is None else format(pred, '.2f')} | {meas:.2f} | {err} | "
+                  f"{row['threads_used']:.2f} | {row['host_gave']:.2f} | {given:.2f} | "
+                  f"{(given - meas) / meas:+.0%} |", flush=True)
     print(f"load {os.getloadavg()[0]:.1f} at the end")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
