@@ -6,7 +6,6 @@ landing page's per-process pages are looking at.
 from __future__ import annotations
 
 import math
-import random
 import threading
 import time
 from collections import deque
@@ -16,6 +15,7 @@ from exporter import gil, procfs
 from exporter.attribution import GilSeen, TaskBook, ThreadAttribution
 from exporter.gil.memory import task_syscalls
 from exporter.gil.threads import GilThreads
+from exporter.sampling import Ended, Jitter, SamplingLoop, unavailable
 from exporter.threadtable import ThreadTable, thread_table
 
 
@@ -43,8 +43,9 @@ class _Gil:
 
 
 class ThreadSampler:
-    """Samples who holds and who waits for every GIL of one process, from a daemon thread, and
-    reads its threads' names and CPU from /proc about once a second.
+    """Samples who holds and who waits for every GIL of one process, from a daemon thread (a
+    `sampling.SamplingLoop` it is the consumer of), and reads its threads' names and CPU from
+    /proc about once a second.
 
     start() returns at once (locating happens in the thread); table() may be called at any
     time; stop() ends the thread and returns the table. A process that exits ends the
@@ -58,12 +59,9 @@ class ThreadSampler:
     def __init__(self, pid: int, rate_hz: float = 100.0, jitter: float = 0.5,
                  locations: Optional[Sequence[gil.GilLocation]] = None,
                  read_gil: bool = True) -> None:
-        if not rate_hz > 0 or not 0 <= jitter < 1:
-            raise ValueError("rate_hz must be > 0 and jitter in [0, 1)")
+        self.schedule = Jitter(rate_hz, jitter)
         self.pid = pid
         self.read_gil = read_gil           # False: names and CPU only, target memory never read
-        self.period = 1.0 / rate_hz
-        self.jitter = jitter
         self.locations = list(locations) if locations else None
         self.attribution = ThreadAttribution()
         self.book = TaskBook()
@@ -71,28 +69,31 @@ class ThreadSampler:
         self.waiting_source = ""
         self.gils = 0
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._loop = SamplingLoop(self.schedule, self, "gil-threads")
         self._readers: List[_Gil] = []
-        self.sampler_cpu = 0.0
         self._tids: Set[int] = set()
         self._history: deque = deque(maxlen=self.HISTORY)   # (t, ThreadAttribution, TaskBook)
+        self._last_t: Optional[float] = None                # the last sample: when, what it saw
+        self._last_seen: Tuple[GilSeen, ...] = ()
+        self._next_tasks = 0.0
+
+    @property
+    def sampler_cpu(self) -> float:
+        """CPU time of the sampler thread, locating included (set when it ends)."""
+        return self._loop.cpu_seconds
 
     def start(self) -> "ThreadSampler":
-        self._thread = threading.Thread(target=self._run, name="gil-threads", daemon=True)
-        self._thread.start()
+        self._loop.start()
         return self
 
     def stop(self, limit: int = 0, timeout: float = 5.0) -> ThreadTable:
         """Stop sampling; waits up to `timeout` for the thread (0: not at all: a daemon
         thread ends by itself, even one that waited long in a read from the target)."""
-        self._stop.set()
-        if self._thread is not None and timeout > 0:
-            self._thread.join(timeout=timeout)
+        self._loop.stop(timeout)
         return self.table(limit)
 
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop.running()
 
     def table(self, limit: int = 0, window: Optional[float] = None) -> ThreadTable:
         """The table since the start, or over about the last `window` seconds (from the
@@ -109,8 +110,66 @@ class ThreadSampler:
         return thread_table(self.pid, att, book, limit, self.waiting_source, max(1, self.gils),
                             self.unavailable)
 
-    # ------------------------------------------------------------ the thread
-    def _open(self) -> None:
+    # ------------------------------------------------------------ the consumer of the loop
+    def open(self) -> None:
+        """A first read of the threads, then every GIL's reader. Without one to read (sampling
+        disabled, or locating failed), names and CPU still make a table until stopped, and
+        then Ended: there is nothing to sample."""
+        try:
+            self._tasks(time.monotonic())
+        except (procfs.ProcessGone, PermissionError) as exc:
+            self.unavailable = f"/proc/{self.pid}/task: {exc or 'process gone'}"
+            raise Ended from None
+        if not self.read_gil:
+            self.unavailable = "sampling.enabled is false in the config"
+            self._tasks_for(math.inf)
+            raise Ended
+        while True:
+            try:
+                self._open_readers()
+                break
+            except gil.ProbeUnavailable as exc:
+                self.unavailable = unavailable(exc)
+                # a busy host can fail live validation once; anything else will not change
+                if exc.reason != "validation_failed" or self._tasks_for(self.RELOCATE_AFTER):
+                    self._tasks_for(math.inf)
+                    raise Ended from None
+        self.unavailable = ""
+        self._next_tasks = time.monotonic() + self.TASKS_EVERY
+
+    def sample(self) -> None:
+        """Read every GIL, credit the stretch since the last sample to what that one saw,
+        and re-read the threads every TASKS_EVERY seconds."""
+        now = time.monotonic()
+        seen = self._read_gils()
+        self._credit(now)
+        self._last_t, self._last_seen = now, seen
+        if now >= self._next_tasks:
+            self._next_tasks = now + self.TASKS_EVERY
+            try:
+                self._tasks(now)
+            except (procfs.ProcessGone, PermissionError):
+                raise Ended from None
+
+    def end(self, why: Optional[gil.ProbeUnavailable]) -> None:
+        """Stopped, or the process is gone: the last stretch is credited, the threads read once
+        more."""
+        now = time.monotonic()
+        if why is not None and why.reason != "exited":
+            self.unavailable = self.unavailable or why.reason
+        self._credit(now)
+        try:
+            self._tasks(now)
+        except (procfs.ProcessGone, PermissionError):
+            pass
+
+    def close(self) -> None:
+        """The GILs' readers (the loop calls it once, in its thread; stop() ends sampling)."""
+        for g in self._readers:
+            g.close()
+
+    # ------------------------------------------------------------ its steps
+    def _open_readers(self) -> None:
         locations = self.locations or gil.locate_all(self.pid)
         readers: List[_Gil] = []
         try:
@@ -132,35 +191,6 @@ class ThreadSampler:
             self._history.append((now, self.attribution.copy(), self.book.copy()))
         self._tids = set(stats)
 
-    def _run(self) -> None:
-        cpu0 = time.thread_time()
-        try:
-            try:
-                self._tasks(time.monotonic())
-            except (procfs.ProcessGone, PermissionError) as exc:
-                self.unavailable = f"/proc/{self.pid}/task: {exc or 'process gone'}"
-                return
-            if not self.read_gil:
-                self.unavailable = "sampling.enabled is false in the config"
-                self._tasks_for(math.inf)
-                return
-            while True:
-                try:
-                    self._open()
-                    break
-                except gil.ProbeUnavailable as exc:
-                    self.unavailable = f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason
-                    # a busy host can fail live validation once; anything else will not change
-                    if exc.reason != "validation_failed" or self._tasks_for(self.RELOCATE_AFTER):
-                        self._tasks_for(math.inf)
-                        return
-            self.unavailable = ""
-            self._sample_until_stopped()
-        finally:
-            for g in self._readers:
-                g.close()
-            self.sampler_cpu = time.thread_time() - cpu0
-
     def _tasks_for(self, seconds: float) -> bool:
         """No GIL to read (yet): names and CPU still make a table. True once stopped (or the
         process is gone), False after `seconds`."""
@@ -169,7 +199,7 @@ class ThreadSampler:
             wait = min(self.TASKS_EVERY, end - time.monotonic())
             if wait <= 0:
                 return False
-            stopped = self._stop.wait(wait)
+            stopped = self._loop.wait(wait)
             try:
                 self._tasks(time.monotonic())
             except (procfs.ProcessGone, PermissionError):
@@ -177,43 +207,15 @@ class ThreadSampler:
             if stopped:
                 return True
 
-    def _sample_until_stopped(self) -> None:
-        rng = random.Random()
-        lo, span = self.period * (1 - self.jitter), 2 * self.period * self.jitter
-        max_gap = 3 * self.period * (1 + self.jitter)
-        last_t: Optional[float] = None
-        last_seen: Tuple[GilSeen, ...] = ()
-        next_tasks = time.monotonic() + self.TASKS_EVERY
-        while True:
-            stopping = self._stop.wait(lo + span * rng.random())
-            now = time.monotonic()
-            try:
-                seen = self._sample() if not stopping else last_seen
-            except gil.ProbeUnavailable as exc:
-                if exc.reason != "exited":
-                    self.unavailable = self.unavailable or exc.reason
-                seen = None
-            if last_t is not None:
-                with self._lock:
-                    self.attribution.credit(min(now - last_t, max_gap), last_seen)
-            if seen is None or stopping:
-                self._final_tasks(now)
-                return
-            last_t, last_seen = now, seen
-            if now >= next_tasks:
-                next_tasks = now + self.TASKS_EVERY
-                try:
-                    self._tasks(now)
-                except (procfs.ProcessGone, PermissionError):
-                    return
+    def _credit(self, now: float) -> None:
+        """Sample-and-hold: what the last sample saw, for the time since (a starved gap counts
+        at most the schedule's max_gap)."""
+        if self._last_t is not None:
+            with self._lock:
+                self.attribution.credit(min(now - self._last_t, self.schedule.max_gap),
+                                        self._last_seen)
 
-    def _final_tasks(self, now: float) -> None:
-        try:
-            self._tasks(now)
-        except (procfs.ProcessGone, PermissionError):
-            pass
-
-    def _sample(self) -> Tuple[GilSeen, ...]:
+    def _read_gils(self) -> Tuple[GilSeen, ...]:
         """Read every GIL once. Raises ProbeUnavailable when the process is gone."""
         calls: Dict[int, tuple] = {}
         fetched = [False]
