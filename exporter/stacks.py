@@ -136,6 +136,9 @@ class StackSampler:
         self._loop.start()
         return self
 
+    def running(self) -> bool:
+        return self._loop.running()
+
     def stop(self) -> StackProfile:
         self._loop.stop(timeout=5)
         self.close()
