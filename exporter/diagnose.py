@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from exporter import attribution, discover, pods, procfs, score, views
+from exporter import discover, pods, procfs, score, threadsampler, threadtable, views
 from exporter import stacks as holder_stacks
 from exporter import gil, syscalls
 from exporter.gil.threads import GilThreads
@@ -174,7 +174,7 @@ def _holders_blocked(pid: int, tries: int = 40, pause: float = 0.01) -> Counter:
     return seen
 
 
-def blocked_holder(pid: int, table: attribution.ThreadTable,
+def blocked_holder(pid: int, table: threadtable.ThreadTable,
                    profile: holder_stacks.StackProfile | None = None) -> score.Holder | None:
     """The thread found holding the GIL while off the CPU most often, read right after the
     measurement (the GIL's holder, then what it sits in); the per-thread table gives its name,
@@ -263,7 +263,7 @@ def render(figures: dict, v: score.Verdict) -> str:
     return "\n".join(lines)
 
 
-def _printable_table(table: attribution.ThreadTable) -> attribution.ThreadTable:
+def _printable_table(table: threadtable.ThreadTable) -> threadtable.ThreadTable:
     """The thread table with each thread's name (the target names its threads) escaped."""
     return dataclasses.replace(table, rows=tuple(dataclasses.replace(r, name=_printable(r.name))
                                                  for r in table.rows))
@@ -287,7 +287,7 @@ def run_diagnose(pid: int, seconds: float, rate_hz: float, as_json: bool, stacks
         return EXIT_ERROR
     # who holds and who waits for the GIL, per thread; with --stacks, the holder's Python
     # stack: each sampled by its own thread during the same window
-    threads = attribution.ThreadSampler(pid, rate_hz).start()
+    threads = threadsampler.ThreadSampler(pid, rate_hz).start()
     sampler = holder_stacks.StackSampler(pid, rate_hz).start() if stacks else None
     try:
         m = measure(pid, seconds, rate_hz)
@@ -308,7 +308,7 @@ def run_diagnose(pid: int, seconds: float, rate_hz: float, as_json: bool, stacks
     else:
         # JSON escapes by itself; the text is escaped wherever a target named something
         print(render(figures, v))
-        print("\n" + attribution.render(_printable_table(table)))
+        print("\n" + threadtable.render(_printable_table(table)))
         if profile is not None:
             print("\n" + holder_stacks.render(_printable_profile(profile)))
     if v.kind == "unknown":

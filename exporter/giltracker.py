@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from exporter import gil
-from exporter.attribution import ThreadLabels
+from exporter.threadlabels import ThreadLabels
 from exporter.config import Config
 from exporter.sampler import GilSampler, GilTotals
 from exporter.state import ProcessState, add_totals

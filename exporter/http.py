@@ -19,11 +19,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__, procfs, score
-from exporter.attribution import SamplerPool, ThreadTable
 from exporter.collector import exposition
 from exporter.connections import ConnectionServer, Request, ResponseWriter, ServerLimits
 from exporter.monitor import Monitor
 from exporter.redact import shown_cmdline
+from exporter.threadsampler import SamplerPool
+from exporter.threadtable import ThreadTable
 from exporter.views import status as process_verdict  # the verdict as diagnose gives it
 from exporter.webconfig import WebConfig, WebConfigFile
 

@@ -14,7 +14,7 @@ fresh one (refresh()). Nobody scraping: a pass every window_seconds / 2. Reading
 of every process every second, whatever the scrape interval, was most of the exporter's cost.
 
 Per thread (sampling.per_thread): each pass drains the held time per TID from the sampler
-and credits it to the process's `attribution.ThreadLabels` (the cap on thread label values),
+and credits it to the process's `threadlabels.ThreadLabels` (the cap on thread label values),
 in the same pass as the GIL totals it adds up to.
 """
 from __future__ import annotations

@@ -50,6 +50,7 @@ from . import procfs
 from .gil import GilLocation, GilReader, INTERVAL_MAX_US, INTERVAL_MIN_US, ProbeUnavailable
 from .gil.reader import FIELDS
 from .gil.threads import ThreadIds
+from .sampling import Jitter
 
 try:
     from . import _hotloop  # the loop below, in C (setup.py builds it when a compiler is there)
@@ -393,21 +394,17 @@ class GilSampler:
 
     # ----------------------------------------------------------------- schedule
     def _schedule(self, rate_hz: float, jitter: float) -> None:
-        if not rate_hz > 0:
-            raise ValueError("rate_hz must be > 0")
-        if not 0.0 <= jitter < 1.0:
-            raise ValueError("jitter must be in [0, 1)")
-        period = 1.0 / rate_hz
+        schedule = Jitter(rate_hz, jitter)   # raises ValueError for a rate or jitter out of range
         self._rate_hz = rate_hz
         self._jitter = jitter
-        self._period = period
+        self._period = schedule.period
         # One tuple, swapped whole; the sampling thread picks up a new one at its next tick.
         # (lo, span): next tick in period * [1 - jitter, 1 + jitter).
         # max_gap: longest gap between ticks counted on the sampled clock; beyond it the
         # sampler was starved and holding the old state would invent data.
         # hold: ticks a target stays at the full rate after a sample that saw a waiter.
-        self._params = (period * (1.0 - jitter), 2.0 * period * jitter,
-                        3.0 * period * (1.0 + jitter), max(1, round(self.hold_seconds * rate_hz)))
+        self._params = (schedule.lo, schedule.span, schedule.max_gap,
+                        max(1, round(self.hold_seconds * rate_hz)))
 
     @property
     def rate_hz(self) -> float:

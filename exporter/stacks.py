@@ -1,10 +1,10 @@
 """Which code holds the GIL while other threads wait for it (`gil-exporter diagnose PID --stacks`).
 
-A background thread reads the target's GIL at jittered times (as the daemon's sampler does).
-When it is held and at least one thread waits, it reads the Python stack of the holder
-(`last_holder`), then reads the GIL again: if another thread took it meanwhile, the stack may
-mix two threads' frames and the sample is dropped. Everything is read with os.pread on
-/proc/PID/mem: the target is never stopped, attached to or written.
+A background thread (sampling.SamplingLoop) reads the target's GIL at jittered times (as the
+daemon's sampler does). When it is held and at least one thread waits, it reads the Python
+stack of the holder (`last_holder`), then reads the GIL again: if another thread took it
+meanwhile, the stack may mix two threads' frames and the sample is dropped. Everything is read
+with os.pread on /proc/PID/mem: the target is never stopped, attached to or written.
 
 Each kept sample stands for an equal share of the contended time (the sampling times are
 random), so a function's share of the samples is its share of the time the GIL was held while
@@ -12,8 +12,6 @@ others waited: `own` when it was the innermost frame, `total` when it was anywhe
 """
 from __future__ import annotations
 
-import random
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 from exporter import gil
 from exporter.gil.frames import Frame, StackReader, TornStack
+from exporter.sampling import Jitter, SamplingLoop, unavailable
 
 NO_PYTHON_FRAME = "(no Python frame)"
 
@@ -97,7 +96,8 @@ class StackProfile:
 
 
 class StackSampler:
-    """Samples the GIL holder's stack of one process from a daemon thread.
+    """Samples the GIL holder's stack of one process from a daemon thread (a
+    `sampling.SamplingLoop` it is the consumer of).
 
     start() returns at once (locating the GIL happens in the thread); stop() returns the
     StackProfile. A process that exits or forbids access ends the sampling; the profile then
@@ -106,22 +106,16 @@ class StackSampler:
 
     def __init__(self, pid: int, rate_hz: float = 100.0, jitter: float = 0.5,
                  location: Optional[gil.GilLocation] = None) -> None:
-        if not rate_hz > 0 or not 0 <= jitter < 1:
-            raise ValueError("rate_hz must be > 0 and jitter in [0, 1)")
+        self.schedule = Jitter(rate_hz, jitter)
         self.pid = pid
-        self.period = 1.0 / rate_hz
-        self.jitter = jitter
         self.location = location
         self.version = location.identity.version if location else ""
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._started = self._ended = 0.0
+        self._loop = SamplingLoop(self.schedule, self, "gil-stacks")
         self.samples = self.held = self.contended = 0
         self.dropped: Counter = Counter()
         self.stacks: Counter = Counter()
         self.unavailable = ""
         self.stack_cpu = 0.0
-        self.sampler_cpu = 0.0
         self._gil: Optional[gil.GilReader] = None
         self._frames: Optional[StackReader] = None
 
@@ -139,47 +133,38 @@ class StackSampler:
             raise
 
     def start(self) -> "StackSampler":
-        self._thread = threading.Thread(target=self._run, name="gil-stacks", daemon=True)
-        self._thread.start()
+        self._loop.start()
         return self
 
+    def running(self) -> bool:
+        return self._loop.running()
+
     def stop(self) -> StackProfile:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._loop.stop(timeout=5)
         self.close()
         return self.profile()
+
+    def end(self, why: Optional[gil.ProbeUnavailable]) -> None:
+        """Stopped, or `why` ended the sampling: said only when no stack was kept."""
+        if why is not None and not self.kept:
+            self.unavailable = unavailable(why)
 
     def close(self) -> None:
         for r in (self._gil, self._frames):
             if r is not None:
                 r.close()
 
+    @property
+    def sampler_cpu(self) -> float:
+        """CPU time of the sampler thread from its first sample on (set when it ends)."""
+        return self._loop.sampling_cpu_seconds
+
     def profile(self) -> StackProfile:
-        end = self._ended or time.monotonic()
-        return StackProfile(self.pid, self.version, max(0.0, end - self._started) if self._started else 0.0,
+        started, ended = self._loop.started, self._loop.ended
+        end = ended or time.monotonic()
+        return StackProfile(self.pid, self.version, max(0.0, end - started) if started else 0.0,
                             self.samples, self.held, self.contended, dict(self.dropped),
                             dict(self.stacks), self.unavailable, self.stack_cpu, self.sampler_cpu)
-
-    def _run(self) -> None:
-        try:
-            self.open()
-        except gil.ProbeUnavailable as exc:
-            self.unavailable = f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason
-            return
-        self._started = time.monotonic()
-        cpu0 = time.thread_time()
-        rng = random.Random()
-        lo, span = self.period * (1 - self.jitter), 2 * self.period * self.jitter
-        try:
-            while not self._stop.wait(lo + span * rng.random()):
-                self.sample()
-        except gil.ProbeUnavailable as exc:
-            if not self.kept:
-                self.unavailable = f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason
-        finally:
-            self._ended = time.monotonic()
-            self.sampler_cpu = time.thread_time() - cpu0
 
     @property
     def kept(self) -> int:

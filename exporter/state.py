@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from exporter import gil, procfs
-from exporter.attribution import ThreadLabels
+from exporter.threadlabels import ThreadLabels
 from exporter.discover import Candidate
 from exporter.sampler import GilTotals
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from exporter import gil, procfs, syscalls
-from exporter.attribution import ThreadSampler
+from exporter.threadsampler import ThreadSampler
 from exporter.gil.frames import Frame, StackReader, TornStack
 from exporter.monitor import Monitor
 from exporter.views import ProcessView
@@ -92,7 +92,7 @@ def no_thread_shares(pid: int) -> Optional[Dict[int, Tuple[float, float]]]:
 
 
 class SampledShares:
-    """The ThreadShares of `top`: one `attribution.ThreadSampler` on the process being viewed
+    """The ThreadShares of `top`: one `threadsampler.ThreadSampler` on the process being viewed
     (and no other), shares over its last `window` seconds. close() stops the sampling; the
     view calls it when it leaves the process."""
 

@@ -70,7 +70,7 @@ UNIT_FILES = {
     "test_config.py", "test_docs.py", "test_monitor_figures.py", "test_monitor_units.py",
     "test_kube.py", "test_dockerfile.py", "test_helm.py", "test_passes.py",
     "test_procfs_parsers.py", "test_redact.py", "test_fuzz_readers.py", "test_architecture.py",
-    "test_lint.py", "test_gain.py",
+    "test_lint.py", "test_gain.py", "test_sampling.py",
 }
 FILE_TIERS = {
     "test_image.py": ("image", "slow"), "test_image_diagnose.py": ("image", "slow"),

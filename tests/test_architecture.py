@@ -24,6 +24,8 @@ STAGE_OF = {
     "exporter.pods": "discover",
     "exporter.gil": "probe", "exporter.sampler": "probe", "exporter._hotloop": "probe",
     "exporter.attribution": "probe", "exporter.stacks": "probe", "exporter.syscalls": "probe",
+    "exporter.threadtable": "probe", "exporter.threadlabels": "probe", "exporter.threadsampler": "probe",
+    "exporter.sampling": "probe",
     "exporter.score": "derive", "exporter.state": "derive", "exporter.passes": "derive",
     "exporter.giltracker": "derive", "exporter.views": "derive", "exporter.monitor": "derive",
     "exporter.collector": "export", "exporter.http": "export", "exporter.cli": "export",

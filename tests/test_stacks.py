@@ -327,7 +327,7 @@ def test_a_target_that_exits_mid_sampling_ends_the_sampling_quietly():
     finally:
         w.stop()                     # killed and reaped while the sampler runs
     time.sleep(0.5)
-    assert not sampler._thread.is_alive(), "the sampling thread ends on its own"
+    assert not sampler.running(), "the sampling thread ends on its own"
     prof = sampler.stop()
     assert prof.samples > 0 and prof.kept > 0 and not prof.unavailable, prof
     assert prof.top_functions(1)[0].qualname in ("hot", "cool")

@@ -16,7 +16,8 @@ import placements
 import pytest
 
 from exporter import gil
-from exporter.attribution import ThreadSampler, render
+from exporter.threadsampler import ThreadSampler
+from exporter.threadtable import render
 
 CASES = {  # interpreter name -> workload
     "3.12 pyenv": "subinterpreters_312",

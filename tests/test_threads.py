@@ -21,7 +21,10 @@ import workloads
 from harness import exporter_command
 
 from exporter import gil
-from exporter.attribution import OTHER, ThreadLabels, ThreadSampler, render
+from exporter.attribution import OTHER
+from exporter.threadlabels import ThreadLabels
+from exporter.threadsampler import ThreadSampler
+from exporter.threadtable import render
 from exporter.gil.layouts import PTHREAD_ID_OFFSETS, PTHREADS, pthread_for_glibc
 from exporter.gil.memory import task_syscalls
 from exporter.gil.threads import GilThreads
