@@ -11,8 +11,8 @@ process for `diagnose`, `top` and the landing page.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Set, Tuple
 
 from exporter import procfs
 
@@ -26,7 +26,7 @@ class GilSeen:
     interpreter: int              # the owning interpreter's id (0: the main interpreter)
     locked: bool
     holder: int                   # TID of the holder; 0 when free or not readable
-    waiting: Tuple[int, ...]      # TIDs waiting for it
+    waiting: tuple[int, ...]      # TIDs waiting for it
     waiters: int                  # the GIL's own count of waiters (condvar, or gil_requested)
 
 
@@ -42,11 +42,11 @@ class ThreadAttribution:
     def __init__(self) -> None:
         self.sampled = 0.0
         self.samples = 0
-        self.held: Dict[int, float] = {}
-        self.waiting: Dict[int, float] = {}
-        self.locked: Dict[int, float] = {}         # interpreter id -> seconds its GIL was held
-        self.waiters: Dict[int, float] = {}        # interpreter id -> thread-seconds its GIL's count gives
-        self.interpreter: Dict[int, int] = {}      # tid -> interpreter whose GIL it last held or awaited
+        self.held: dict[int, float] = {}
+        self.waiting: dict[int, float] = {}
+        self.locked: dict[int, float] = {}         # interpreter id -> seconds its GIL was held
+        self.waiters: dict[int, float] = {}        # interpreter id -> thread-seconds its GIL's count gives
+        self.interpreter: dict[int, int] = {}      # tid -> interpreter whose GIL it last held or awaited
 
     def credit(self, dt: float, seen: Iterable[GilSeen]) -> None:
         self.sampled += dt
@@ -63,7 +63,7 @@ class ThreadAttribution:
             if g.waiters:
                 self.waiters[g.interpreter] = self.waiters.get(g.interpreter, 0.0) + dt * g.waiters
 
-    def copy(self) -> "ThreadAttribution":
+    def copy(self) -> ThreadAttribution:
         out = ThreadAttribution()
         out.sampled, out.samples = self.sampled, self.samples
         out.held, out.waiting = dict(self.held), dict(self.waiting)
@@ -71,7 +71,7 @@ class ThreadAttribution:
         out.interpreter = dict(self.interpreter)
         return out
 
-    def since(self, earlier: "ThreadAttribution") -> "ThreadAttribution":
+    def since(self, earlier: ThreadAttribution) -> ThreadAttribution:
         """The time credited after `earlier` (a copy() of this one)."""
         out = ThreadAttribution()
         out.sampled, out.samples = self.sampled - earlier.sampled, self.samples - earlier.samples
@@ -92,15 +92,15 @@ class TaskBook:
     """
 
     def __init__(self) -> None:
-        self.t0: Optional[float] = None
-        self.t1: Optional[float] = None
-        self.base: Dict[int, float] = {}
-        self.last: Dict[int, float] = {}
-        self.used: Dict[int, float] = {}      # CPU seconds of earlier threads under a reused TID
-        self.names: Dict[int, str] = {}
-        self.alive: Set[int] = set()
+        self.t0: float | None = None
+        self.t1: float | None = None
+        self.base: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.used: dict[int, float] = {}      # CPU seconds of earlier threads under a reused TID
+        self.names: dict[int, str] = {}
+        self.alive: set[int] = set()
 
-    def observe(self, stats: Dict[int, procfs.TaskStat], now: float) -> None:
+    def observe(self, stats: dict[int, procfs.TaskStat], now: float) -> None:
         first = self.t0 is None
         if first:
             self.t0 = now
@@ -116,14 +116,14 @@ class TaskBook:
             self.names[tid] = st.name
         self.alive = set(stats)
 
-    def copy(self) -> "TaskBook":
+    def copy(self) -> TaskBook:
         out = TaskBook()
         out.t0, out.t1 = self.t0, self.t1
         out.base, out.last, out.used = dict(self.base), dict(self.last), dict(self.used)
         out.names, out.alive = dict(self.names), set(self.alive)
         return out
 
-    def since(self, earlier: "TaskBook") -> "TaskBook":
+    def since(self, earlier: TaskBook) -> TaskBook:
         """The CPU time used after `earlier` (a copy() of this one)."""
         out = self.copy()
         out.t0 = earlier.t1
@@ -133,7 +133,7 @@ class TaskBook:
             out.base[tid] = then if then is not None and then <= cpu else 0.0
         return out
 
-    def cpu(self, tid: int) -> Optional[float]:
+    def cpu(self, tid: int) -> float | None:
         """Share of one core the thread used over the measurement; None before two reads."""
         if self.t0 is None or self.t1 is None or self.t1 <= self.t0 or tid not in self.last:
             return None

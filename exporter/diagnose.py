@@ -16,11 +16,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from exporter import discover, pods, procfs, score, threadsampler, threadtable, views
+from exporter import discover, gil, pods, procfs, score, syscalls, threadsampler, threadtable, views
 from exporter import stacks as holder_stacks
-from exporter import gil, syscalls
-from exporter.gil.threads import GilThreads
 from exporter.config import Config, Limits, Match, Sampling, Target
+from exporter.gil.threads import GilThreads
 from exporter.monitor import Monitor
 from exporter.redact import shown_cmdline
 from exporter.views import ProcessView

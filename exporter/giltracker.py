@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from exporter import gil
-from exporter.threadlabels import ThreadLabels
 from exporter.config import Config
 from exporter.sampler import GilSampler, GilTotals
 from exporter.state import ProcessState, add_totals
+from exporter.threadlabels import ThreadLabels
 
 log = logging.getLogger(__name__)
 

@@ -43,11 +43,11 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Optional, Set, Tuple
 
 from . import procfs
-from .gil import GilLocation, GilReader, INTERVAL_MAX_US, INTERVAL_MIN_US, ProbeUnavailable
+from .gil import INTERVAL_MAX_US, INTERVAL_MIN_US, GilLocation, GilReader, ProbeUnavailable
 from .gil.reader import FIELDS
 from .gil.threads import ThreadIds
 from .sampling import Jitter
@@ -74,7 +74,7 @@ class GilTotals:
     interval_seconds: float     # current switch interval (sys.getswitchinterval() of the target)
     samples: int
     futex_waiters_checked: int  # last /proc futex cross-check (-1 if none yet)
-    enabled: Optional[bool] = None  # free-threaded builds: GIL switched on at the last sample
+    enabled: bool | None = None  # free-threaded builds: GIL switched on at the last sample
 
 
 # Per-target state is one tuple, replaced whole at every sample: the sampler thread is the
@@ -92,7 +92,7 @@ class _Target:
                  "checked", "stat", "core", "slot", "per_thread", "holder", "acc", "lock",
                  "ids", "tid_of")
 
-    def __init__(self, key: Hashable, reader: Optional[GilReader], check_at: float) -> None:
+    def __init__(self, key: Hashable, reader: GilReader | None, check_at: float) -> None:
         self.key = key
         self.reader = reader
         self.pid = reader.pid if reader is not None else 0
@@ -110,7 +110,7 @@ class _Target:
         self.futex = -1
         self.next_check = check_at
         self.bad_checks = 0
-        self.failure: Optional[str] = None
+        self.failure: str | None = None
         self.removed = False       # set (under the lock) before its reader is queued for closing
         self.start = 0             # tick index where the current stratum starts
         self.length = 1            # its length in ticks
@@ -118,17 +118,17 @@ class _Target:
         self.checked_wait = -1.0   # wait_seconds at the last re-validation
         self.checked_at = 0.0      # when the last futex cross-check was made
         self.checked = (0.0, 0)    # (time, samples) at the last re-validation
-        self.stat: Optional[procfs.StatFile] = None  # kept /proc/PID/stat: is it the same process
+        self.stat: procfs.StatFile | None = None  # kept /proc/PID/stat: is it the same process
         self.core = None           # the C loop's Core while it samples this target
         self.slot = (0, 0)         # (index, uid) in it
         # per thread: held seconds by holder address since the last drain (None: off), the
         # holder at the last sample, a lock that pairs acc with state, address -> TID
         self.per_thread = False
-        self.acc: Optional[dict] = None
+        self.acc: dict | None = None
         self.holder = 0
-        self.lock: Optional[threading.Lock] = None
-        self.ids: Optional[ThreadIds] = None
-        self.tid_of: Dict[int, int] = {}
+        self.lock: threading.Lock | None = None
+        self.ids: ThreadIds | None = None
+        self.tid_of: dict[int, int] = {}
 
     def still_readable(self) -> bool:
         """The PID still names this process (kept stat fd), and we may still read it: readlink
@@ -149,13 +149,13 @@ class _Target:
                 return state
         return self.state
 
-    def totals(self, state: Optional[tuple] = None) -> GilTotals:
+    def totals(self, state: tuple | None = None) -> GilTotals:
         _c, _l, _w, _s, interval, sampled, held, wait, contended, switches, samples, en = (
             self.snapshot() if state is None else state)
         return GilTotals(sampled, held, wait, contended, switches, interval / 1e6, samples, self.futex,
                          None if en < 0 else bool(en))
 
-    def take(self) -> Tuple[tuple, dict]:
+    def take(self) -> tuple[tuple, dict]:
         """(state, {holder address: held seconds since the last take}), consistently: the
         C loop's, plus what the Python side holds (the Python loop's, or left by _unhook)."""
         with self.lock:
@@ -170,12 +170,12 @@ class _Target:
                         acc[ptr] = acc.get(ptr, 0.0) + s
             return (self.state if state is None else state), acc
 
-    def tids(self, acc: dict, alive: Optional[Set[int]]) -> Dict[int, float]:
+    def tids(self, acc: dict, alive: set[int] | None) -> dict[int, float]:
         """`acc` by native TID: an address is read again when it is new or its cached thread is
         gone (a freed thread state may be reused by a new thread); a TID read that is no thread
         of the process is junk (0), unless that address was an ended thread's (its last held
         time). Called with the sampler's lock held, so the reader's fd is still open."""
-        out: Dict[int, float] = {}
+        out: dict[int, float] = {}
         if alive is None:
             try:
                 alive = set(procfs.task_ids(self.pid))
@@ -210,7 +210,7 @@ class _TickRing:
         self.idle = idle
         self.mask = size - 1
         self.clock = [0.0] * size
-        self.due: List[list] = [[] for _ in range(size)]
+        self.due: list[list] = [[] for _ in range(size)]
         self.j = 0               # index of the last tick (woken at or slept through)
         self.c = clock           # sampled clock at tick j (continued across restarts)
         self.last = now          # time of tick j
@@ -231,7 +231,7 @@ class _TickRing:
         self.due[slot] = []
         return batch
 
-    def at(self, tick: int, st: "_Target") -> None:
+    def at(self, tick: int, st: _Target) -> None:
         self.due[tick & self.mask].append(st)
 
     def clock_at(self, tick: int) -> float:
@@ -257,7 +257,7 @@ class _TickRing:
         self.plan = t
 
 
-def _read_gil(st: "_Target", failed: list) -> Optional[tuple]:
+def _read_gil(st: _Target, failed: list) -> tuple | None:
     """One sample of a target's GIL: (locked, waiters, switch, interval, enabled, holder), or
     None with the failure appended (a read error, a short read, an implausible `locked`)."""
     try:
@@ -276,7 +276,7 @@ def _read_gil(st: "_Target", failed: list) -> Optional[tuple]:
     return locked, _waiters(st, wrefs >> 3), switch, interval, enabled, holder
 
 
-def _waiters(st: "_Target", count: int) -> int:
+def _waiters(st: _Target, count: int) -> int:
     """The waiters: the condvar's count, unless the target has an exact source (3.15+:
     each thread state's gil_requested, read from the target's thread list: hostile memory)."""
     if st.waiting is None:
@@ -288,7 +288,7 @@ def _waiters(st: "_Target", count: int) -> int:
     return count if exact is None else exact
 
 
-def _account(st: "_Target", ring: _TickRing, hold: int, idle: int, rand, locked: int, waiters: int,
+def _account(st: _Target, ring: _TickRing, hold: int, idle: int, rand, locked: int, waiters: int,
              switch: int, interval: int, enabled: int, holder: int) -> None:
     """The accounting of one sample, as account() in _hotloop.c: the previous stratum's state
     until this stratum starts, then this one's; then the next stratum, from what was seen."""
@@ -364,7 +364,7 @@ class GilSampler:
 
     def __init__(self, rate_hz: float = 100.0, jitter: float = 0.5,
                  check_every: float = 5.0, idle_ticks: int = 1, hold_seconds: float = 0.25,
-                 native: Optional[bool] = None) -> None:
+                 native: bool | None = None) -> None:
         if int(idle_ticks) != idle_ticks or idle_ticks < 1:
             raise ValueError("idle_ticks must be a whole number >= 1")
         if native and _hotloop is None:
@@ -377,12 +377,12 @@ class GilSampler:
         self._schedule(rate_hz, jitter)
         self.check_every = check_every
         self._lock = threading.Lock()            # targets dict, active tuple, new and to-close lists
-        self._targets: Dict[Hashable, _Target] = {}
+        self._targets: dict[Hashable, _Target] = {}
         self._active: tuple = ()                 # targets still sampled (for re-validation)
-        self._new: List[_Target] = []            # added, not yet scheduled by the sampling thread
-        self._to_close: List[GilReader] = []
+        self._new: list[_Target] = []            # added, not yet scheduled by the sampling thread
+        self._to_close: list[GilReader] = []
         self._running = [False]
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._rng = random.Random()
         self.ticks = 0                  # ticks at which the thread woke
         self.reads = 0                  # target-samples taken
@@ -490,12 +490,12 @@ class GilSampler:
         if not self.is_alive():
             self._close_pending()
 
-    def totals(self, key: Hashable) -> Optional[GilTotals]:
+    def totals(self, key: Hashable) -> GilTotals | None:
         st = self._targets.get(key)
         return None if st is None else st.totals()
 
-    def drain(self, key: Hashable, alive: Optional[Set[int]] = None
-              ) -> Optional[Tuple[GilTotals, Dict[int, float]]]:
+    def drain(self, key: Hashable, alive: set[int] | None = None
+              ) -> tuple[GilTotals, dict[int, float]] | None:
         """(totals, {TID: held seconds since the last drain}) of a target added with
         per_thread (else the increments are {}); TID 0: a holder whose TID could not be read.
         Over all drains, the increments add up to totals.held_seconds. `alive`: the process's
@@ -509,7 +509,7 @@ class GilSampler:
             state, acc = st.take()
             return st.totals(state), (st.tids(acc, alive) if acc else {})
 
-    def failure(self, key: Hashable) -> Optional[str]:
+    def failure(self, key: Hashable) -> str | None:
         st = self._targets.get(key)
         return None if st is None else st.failure
 
@@ -569,7 +569,7 @@ class GilSampler:
         new and removed targets, failures, re-validation, closing readers."""
         core = self._core = _hotloop.Core(self.idle_ticks, self._clock, self._period * self._rng.random(),
                                           self._rng.getrandbits(64))
-        sampled: Dict[int, _Target] = {}   # core index -> target
+        sampled: dict[int, _Target] = {}   # core index -> target
         params = self._params
         running = self._running
         monotonic = time.monotonic
@@ -685,7 +685,7 @@ class GilSampler:
         self._clock = ring.c
         self._close_pending()
 
-    def _admit_new(self, ring: "_TickRing") -> None:
+    def _admit_new(self, ring: _TickRing) -> None:
         """Targets added since the last tick: a first stratum of one tick, sampled now."""
         with self._lock:
             new, self._new = self._new, []
@@ -694,7 +694,7 @@ class GilSampler:
                 st.start, st.length = ring.j, 1
                 ring.at(ring.j, st)
 
-    def _sample_due(self, ring: "_TickRing", hold: int, rand) -> list:
+    def _sample_due(self, ring: _TickRing, hold: int, rand) -> list:
         """Hot path: one pread per target due at this tick and time-weighted accounting; no
         lock but a per-thread target's own. Returns [(target, exception or None)] failed."""
         failed: list = []

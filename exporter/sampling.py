@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Callable, Protocol
 
 from exporter.gil import ProbeUnavailable
 
@@ -76,7 +76,7 @@ class Consumer(Protocol):
         """One sample (the return value is the consumer's own). Raises ProbeUnavailable when
         the target is gone or unreadable, Ended when there is nothing more to sample."""
 
-    def end(self, why: Optional[ProbeUnavailable]) -> None:
+    def end(self, why: ProbeUnavailable | None) -> None:
         """The sampling ended: stopped (`why` None), or open() or sample() raised `why`."""
 
     def close(self) -> None:
@@ -99,9 +99,9 @@ class SamplingLoop:
         self.started = self.ended = 0.0
         self.cpu_seconds = self.sampling_cpu_seconds = 0.0
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
-    def start(self) -> "SamplingLoop":
+    def start(self) -> SamplingLoop:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
         return self

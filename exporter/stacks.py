@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
 
 from exporter import gil
 from exporter.gil.frames import Frame, StackReader, TornStack
@@ -43,8 +42,8 @@ class StackProfile:
     samples: int             # GIL reads
     held: int                # ... with the GIL held
     contended: int           # ... held while at least one thread waited
-    dropped: Dict[str, int]  # contended samples whose stack was not kept, by reason
-    stacks: Dict[Tuple[Frame, ...], int] = field(default_factory=dict)  # innermost first
+    dropped: dict[str, int]  # contended samples whose stack was not kept, by reason
+    stacks: dict[tuple[Frame, ...], int] = field(default_factory=dict)  # innermost first
     unavailable: str = ""    # why no stack could be read at all ("" when stacks were read)
     stack_cpu_seconds: float = 0.0   # sampler CPU time spent reading stacks (kept or dropped)
     sampler_cpu_seconds: float = 0.0  # sampler thread CPU time in all (GIL reads and stacks)
@@ -54,17 +53,17 @@ class StackProfile:
         return sum(self.stacks.values())
 
     @property
-    def cpu_us_per_stack(self) -> Optional[float]:
+    def cpu_us_per_stack(self) -> float | None:
         n = self.contended
         return self.stack_cpu_seconds / n * 1e6 if n else None
 
-    def top_functions(self, n: int = 10) -> List[FunctionShare]:
+    def top_functions(self, n: int = 10) -> list[FunctionShare]:
         kept = self.kept
         if not kept:
             return []
         own: Counter = Counter()
         total: Counter = Counter()
-        lines: Dict[tuple, Counter] = {}
+        lines: dict[tuple, Counter] = {}
         for frames, count in self.stacks.items():
             if not frames:
                 own[(NO_PYTHON_FRAME, "", 0)] += count
@@ -105,7 +104,7 @@ class StackSampler:
     """
 
     def __init__(self, pid: int, rate_hz: float = 100.0, jitter: float = 0.5,
-                 location: Optional[gil.GilLocation] = None) -> None:
+                 location: gil.GilLocation | None = None) -> None:
         self.schedule = Jitter(rate_hz, jitter)
         self.pid = pid
         self.location = location
@@ -116,8 +115,8 @@ class StackSampler:
         self.stacks: Counter = Counter()
         self.unavailable = ""
         self.stack_cpu = 0.0
-        self._gil: Optional[gil.GilReader] = None
-        self._frames: Optional[StackReader] = None
+        self._gil: gil.GilReader | None = None
+        self._frames: StackReader | None = None
 
     # ------------------------------------------------------------ lifecycle
     def open(self) -> None:
@@ -132,7 +131,7 @@ class StackSampler:
             self._gil.close()
             raise
 
-    def start(self) -> "StackSampler":
+    def start(self) -> StackSampler:
         self._loop.start()
         return self
 
@@ -144,7 +143,7 @@ class StackSampler:
         self.close()
         return self.profile()
 
-    def end(self, why: Optional[gil.ProbeUnavailable]) -> None:
+    def end(self, why: gil.ProbeUnavailable | None) -> None:
         """Stopped, or `why` ended the sampling: said only when no stack was kept."""
         if why is not None and not self.kept:
             self.unavailable = unavailable(why)
@@ -171,7 +170,7 @@ class StackSampler:
         return sum(self.stacks.values())
 
     # ------------------------------------------------------------ one sample
-    def sample(self) -> Optional[Tuple[Frame, ...]]:
+    def sample(self) -> tuple[Frame, ...] | None:
         """Read the GIL once and, when contended, the holder's stack. Returns the stack kept,
         or None. Raises ProbeUnavailable when the target is gone or unreadable."""
         reading = self._gil.read()

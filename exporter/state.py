@@ -11,9 +11,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from exporter import gil, procfs
-from exporter.threadlabels import ThreadLabels
 from exporter.discover import Candidate
 from exporter.sampler import GilTotals
+from exporter.threadlabels import ThreadLabels
 
 #: Score history per process, for the landing page's sparkline: a point every
 #: SCORE_HISTORY_STEP seconds (the score is a window average already), 10 minutes of them

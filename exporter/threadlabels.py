@@ -4,13 +4,13 @@ per-thread counter, the rest adding up in `thread="other"`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Set, Tuple
+from typing import Callable
 
 from exporter.attribution import OTHER
 
 #: A thread on a per-thread counter: (group, TID). The group is the interpreter id on a process
 #: with several GILs (0 otherwise); TID 0 is a holder whose TID was not read.
-ThreadKey = Tuple[int, int]
+ThreadKey = tuple[int, int]
 
 
 class ThreadLabels:
@@ -36,17 +36,17 @@ class ThreadLabels:
             raise ValueError("max_threads must be >= 0 and window > 0")
         self.max_threads = max_threads
         self.window = window
-        self.other: Dict[int, float] = {}                # group -> value of thread="other"
-        self.labels: Dict[ThreadKey, str] = {}
-        self.since: Dict[ThreadKey, float] = {}          # when it got its label
-        self.values: Dict[Tuple[str, int], float] = {}   # (label, group) -> value, live labels
-        self.kept: Dict[Tuple[str, int], float] = {}     # ... of labels given up
-        self.recent: Dict[ThreadKey, float] = {}         # decayed held seconds
-        self.first_seen: Dict[int, float] = {}           # tid -> when first seen alive
-        self._last: Optional[float] = None
+        self.other: dict[int, float] = {}                # group -> value of thread="other"
+        self.labels: dict[ThreadKey, str] = {}
+        self.since: dict[ThreadKey, float] = {}          # when it got its label
+        self.values: dict[tuple[str, int], float] = {}   # (label, group) -> value, live labels
+        self.kept: dict[tuple[str, int], float] = {}     # ... of labels given up
+        self.recent: dict[ThreadKey, float] = {}         # decayed held seconds
+        self.first_seen: dict[int, float] = {}           # tid -> when first seen alive
+        self._last: float | None = None
 
-    def update(self, now: float, increments: Dict[ThreadKey, float],
-               names: Callable[[], Dict[int, str]], alive: Set[int]) -> Dict[Tuple[str, int], float]:
+    def update(self, now: float, increments: dict[ThreadKey, float],
+               names: Callable[[], dict[int, str]], alive: set[int]) -> dict[tuple[str, int], float]:
         """Credit `increments` (held seconds per thread since the last update) under the labels
         of the last update, then relabel; `names()` (read only when a thread is to get a label)
         gives the live threads' names by TID, `alive` their TIDs. Returns the counter value of
@@ -84,7 +84,7 @@ class ThreadLabels:
         while len(self.kept) > self.PERSIST:
             del self.kept[next(iter(self.kept))]
 
-    def _label_for(self, tid: int, names: Dict[int, str], alive: Set[int]) -> str:
+    def _label_for(self, tid: int, names: dict[int, str], alive: set[int]) -> str:
         name = names.get(tid, "")
         taken = {label for label, _g in self.values}
         same = sum(1 for t in alive if names.get(t) == name)
@@ -92,21 +92,21 @@ class ThreadLabels:
             return name
         return str(tid)
 
-    def _assign(self, key: ThreadKey, now: float, names: Dict[int, str], alive: Set[int]) -> None:
+    def _assign(self, key: ThreadKey, now: float, names: dict[int, str], alive: set[int]) -> None:
         label = self._label_for(key[1], names, alive)
         self.labels[key] = label
         self.since[key] = now
         self.values[(label, key[0])] = self.kept.pop((label, key[0]), 0.0)
 
-    def _promote(self, now: float, names: Callable[[], Dict[int, str]], alive: Set[int]) -> None:
+    def _promote(self, now: float, names: Callable[[], dict[int, str]], alive: set[int]) -> None:
         ready = sorted((k for k, r in self.recent.items() if r > 0 and k not in self.labels
                         and now - self.first_seen.get(k[1], now) >= self.window),
                        key=lambda k: (-self.recent[k], k))
         if not ready:
             return
-        known: Dict[int, str] = {}
+        known: dict[int, str] = {}
 
-        def named() -> Dict[int, str]:  # read only when a label is given (not per pass)
+        def named() -> dict[int, str]:  # read only when a label is given (not per pass)
             if not known:
                 known.update(names())
             return known

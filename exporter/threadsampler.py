@@ -9,7 +9,7 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from collections.abc import Sequence
 
 from exporter import gil, procfs
 from exporter.attribution import GilSeen, TaskBook, ThreadAttribution
@@ -19,7 +19,7 @@ from exporter.sampling import Ended, Jitter, SamplingLoop, unavailable
 from exporter.threadtable import ThreadTable, thread_table
 
 
-def _known_tids(pid: int) -> Set[int]:
+def _known_tids(pid: int) -> set[int]:
     try:
         return set(procfs.task_ids(pid))
     except (procfs.ProcessGone, OSError):
@@ -57,7 +57,7 @@ class ThreadSampler:
     HISTORY = 120          # snapshots kept for table(window=...): 2 minutes
 
     def __init__(self, pid: int, rate_hz: float = 100.0, jitter: float = 0.5,
-                 locations: Optional[Sequence[gil.GilLocation]] = None,
+                 locations: Sequence[gil.GilLocation] | None = None,
                  read_gil: bool = True) -> None:
         self.schedule = Jitter(rate_hz, jitter)
         self.pid = pid
@@ -70,11 +70,11 @@ class ThreadSampler:
         self.gils = 0
         self._lock = threading.Lock()
         self._loop = SamplingLoop(self.schedule, self, "gil-threads")
-        self._readers: List[_Gil] = []
-        self._tids: Set[int] = set()
+        self._readers: list[_Gil] = []
+        self._tids: set[int] = set()
         self._history: deque = deque(maxlen=self.HISTORY)   # (t, ThreadAttribution, TaskBook)
-        self._last_t: Optional[float] = None                # the last sample: when, what it saw
-        self._last_seen: Tuple[GilSeen, ...] = ()
+        self._last_t: float | None = None                # the last sample: when, what it saw
+        self._last_seen: tuple[GilSeen, ...] = ()
         self._next_tasks = 0.0
 
     @property
@@ -82,7 +82,7 @@ class ThreadSampler:
         """CPU time of the sampler thread, locating included (set when it ends)."""
         return self._loop.cpu_seconds
 
-    def start(self) -> "ThreadSampler":
+    def start(self) -> ThreadSampler:
         self._loop.start()
         return self
 
@@ -95,7 +95,7 @@ class ThreadSampler:
     def running(self) -> bool:
         return self._loop.running()
 
-    def table(self, limit: int = 0, window: Optional[float] = None) -> ThreadTable:
+    def table(self, limit: int = 0, window: float | None = None) -> ThreadTable:
         """The table since the start, or over about the last `window` seconds (from the
         snapshot kept every TASKS_EVERY seconds that is closest to that far back)."""
         with self._lock:
@@ -151,7 +151,7 @@ class ThreadSampler:
             except (procfs.ProcessGone, PermissionError):
                 raise Ended from None
 
-    def end(self, why: Optional[gil.ProbeUnavailable]) -> None:
+    def end(self, why: gil.ProbeUnavailable | None) -> None:
         """Stopped, or the process is gone: the last stretch is credited, the threads read once
         more."""
         now = time.monotonic()
@@ -171,7 +171,7 @@ class ThreadSampler:
     # ------------------------------------------------------------ its steps
     def _open_readers(self) -> None:
         locations = self.locations or gil.locate_all(self.pid)
-        readers: List[_Gil] = []
+        readers: list[_Gil] = []
         try:
             for loc in locations:
                 readers.append(_Gil(loc))
@@ -215,12 +215,12 @@ class ThreadSampler:
                 self.attribution.credit(min(now - self._last_t, self.schedule.max_gap),
                                         self._last_seen)
 
-    def _read_gils(self) -> Tuple[GilSeen, ...]:
+    def _read_gils(self) -> tuple[GilSeen, ...]:
         """Read every GIL once. Raises ProbeUnavailable when the process is gone."""
-        calls: Dict[int, tuple] = {}
+        calls: dict[int, tuple] = {}
         fetched = [False]
 
-        def syscalls() -> Dict[int, tuple]:
+        def syscalls() -> dict[int, tuple]:
             if not fetched[0]:
                 calls.update(task_syscalls(self.pid))
                 fetched[0] = True
@@ -256,7 +256,7 @@ class SamplerPool:
         self.max_samplers = max_samplers
         self.read_gil = read_gil
         self._lock = threading.Lock()
-        self._samplers: Dict[Tuple[int, int], Tuple[ThreadSampler, float]] = {}  # (pid, start) -> (sampler, last look)
+        self._samplers: dict[tuple[int, int], tuple[ThreadSampler, float]] = {}  # (pid, start) -> (sampler, last look)
 
     def table(self, pid: int, start_time: int, window: float, limit: int = 0,
               wait: float = 2.0, read_gil: bool = True) -> ThreadTable:

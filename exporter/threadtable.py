@@ -5,7 +5,6 @@ text for `diagnose`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
 
 from exporter.attribution import OTHER, TaskBook, ThreadAttribution
 
@@ -16,11 +15,11 @@ class ThreadShare:
     one core over the measurement (cpu); None where not measured."""
     tid: int                      # 0 for the row that folds the rest
     name: str
-    held: Optional[float]
-    waiting: Optional[float]
-    cpu: Optional[float]
+    held: float | None
+    waiting: float | None
+    cpu: float | None
     alive: bool = True            # False: the thread ended during the measurement
-    interpreter: Optional[int] = None   # id of the interpreter whose GIL it held or awaited
+    interpreter: int | None = None   # id of the interpreter whose GIL it held or awaited
     threads: int = 1              # threads folded into this row
 
 
@@ -32,9 +31,9 @@ class ThreadTable:
     samples: int
     waiting_source: str           # "gil_requested" (3.15+), "futex" (/proc syscall), "" not read
     gils: int                     # GILs sampled: more than 1 with subinterpreters of their own
-    rows: Tuple[ThreadShare, ...] = ()
+    rows: tuple[ThreadShare, ...] = ()
     unknown_held: float = 0.0     # share of sampled time held by a thread whose TID was not read
-    waiting_threads: Optional[float] = None   # mean waiters by the GILs' own counts
+    waiting_threads: float | None = None   # mean waiters by the GILs' own counts
     unavailable: str = ""         # why GIL shares are missing ("" when measured)
 
     def as_dict(self) -> dict:
@@ -46,7 +45,7 @@ class ThreadTable:
             "threads": [r.__dict__ for r in self.rows],
         }
 
-    def shares(self) -> Dict[int, Tuple[float, float]]:
+    def shares(self) -> dict[int, tuple[float, float]]:
         """{tid: (held, waiting)}: what top's `thread_shares` hook wants."""
         if not self.sampled_seconds:
             return {}
@@ -57,7 +56,7 @@ def _rank(r: ThreadShare) -> tuple:
     return (-(r.held or 0.0), -(r.waiting or 0.0), -(r.cpu or 0.0), r.tid)
 
 
-def thread_table(pid: int, attribution: Optional[ThreadAttribution], book: TaskBook,
+def thread_table(pid: int, attribution: ThreadAttribution | None, book: TaskBook,
                  limit: int = 0, waiting_source: str = "", gils: int = 1,
                  unavailable: str = "") -> ThreadTable:
     """Rows for every thread seen, most GIL time first; with `limit`, the rows past it are
@@ -96,7 +95,7 @@ def thread_table(pid: int, attribution: Optional[ThreadAttribution], book: TaskB
         unavailable or ("" if att else "no GIL samples"))
 
 
-def _pct(x: Optional[float]) -> str:
+def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x:.0%}"
 
 

@@ -17,12 +17,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable
 
 from exporter import gil, procfs, syscalls
-from exporter.threadsampler import ThreadSampler
 from exporter.gil.frames import Frame, StackReader, TornStack
 from exporter.monitor import Monitor
+from exporter.threadsampler import ThreadSampler
 from exporter.views import ProcessView
 
 EXIT_OK, EXIT_ERROR = 0, 2
@@ -41,16 +41,16 @@ class ProcessRow:
     target: str
     command: str
     threads: int
-    cores: Optional[float]      # CPU cores used over the window
-    score: Optional[float]      # contention score, None while unknown
-    waiting: Optional[float]    # mean threads waiting for the GIL
-    held: Optional[float]       # share of sampled time the GIL was held
+    cores: float | None      # CPU cores used over the window
+    score: float | None      # contention score, None while unknown
+    waiting: float | None    # mean threads waiting for the GIL
+    held: float | None       # share of sampled time the GIL was held
     probe: str                  # "ok" or why the GIL is not read
     python: str
     namespace: str = ""         # its pod's Kubernetes namespace, "" when not known
 
 
-def process_rows(views: List[ProcessView], namespace: Optional[str] = None) -> List[ProcessRow]:
+def process_rows(views: list[ProcessView], namespace: str | None = None) -> list[ProcessRow]:
     """One row per process, most contended first (unknown scores last, then by CPU); with
     `namespace`, only the processes of pods in that Kubernetes namespace."""
     rows = []
@@ -73,10 +73,10 @@ class ThreadRow:
     tid: int
     name: str
     state: str
-    cpu: Optional[float]           # share of one core since the previous refresh
+    cpu: float | None           # share of one core since the previous refresh
     holds_gil: bool                # the GIL's holder at this refresh
-    gil_held: Optional[float] = None     # per-thread shares: see ThreadShares
-    gil_waiting: Optional[float] = None
+    gil_held: float | None = None     # per-thread shares: see ThreadShares
+    gil_waiting: float | None = None
 
 
 #: The hook per-thread GIL shares come through (issue 9, part 1): given a pid, the share of the
@@ -84,10 +84,10 @@ class ThreadRow:
 #: None when they are not measured (then top shows no such columns: it never shows a share it
 #: did not measure). `SampledShares` samples the process being viewed; an object with a
 #: close() method is told when the view leaves that process.
-ThreadShares = Callable[[int], Optional[Dict[int, Tuple[float, float]]]]
+ThreadShares = Callable[[int], "dict[int, tuple[float, float]] | None"]
 
 
-def no_thread_shares(pid: int) -> Optional[Dict[int, Tuple[float, float]]]:
+def no_thread_shares(pid: int) -> dict[int, tuple[float, float]] | None:
     return None
 
 
@@ -99,9 +99,9 @@ class SampledShares:
     def __init__(self, rate_hz: float = 100.0, window: float = 5.0) -> None:
         self.rate_hz = rate_hz
         self.window = window
-        self._sampler: Optional[ThreadSampler] = None
+        self._sampler: ThreadSampler | None = None
 
-    def __call__(self, pid: int) -> Optional[Dict[int, Tuple[float, float]]]:
+    def __call__(self, pid: int) -> dict[int, tuple[float, float]] | None:
         if self._sampler is None or self._sampler.pid != pid:
             self.close()
             self._sampler = ThreadSampler(pid, self.rate_hz).start()
@@ -117,11 +117,11 @@ class ThreadCpu:
     """Per-thread CPU of one process between two reads of /proc/PID/task/*/stat."""
 
     def __init__(self) -> None:
-        self._last: Dict[int, Tuple[float, float]] = {}   # tid -> (monotonic time, CPU seconds)
+        self._last: dict[int, tuple[float, float]] = {}   # tid -> (monotonic time, CPU seconds)
         self._pid = 0
 
     def rows(self, pid: int, holder_tid: int = 0,
-             shares: Optional[Dict[int, Tuple[float, float]]] = None) -> List[ThreadRow]:
+             shares: dict[int, tuple[float, float]] | None = None) -> list[ThreadRow]:
         if pid != self._pid:
             self._last, self._pid = {}, pid
         now = time.monotonic()
@@ -144,7 +144,7 @@ class Holder:
     locked: bool
     waiters: int
     tid: int                    # 0 when the GIL is free or the holder's TID is unreadable
-    frame: Optional[Frame]      # innermost Python frame of the holder, None if not read
+    frame: Frame | None      # innermost Python frame of the holder, None if not read
 
 
 class HolderProbe:
@@ -154,8 +154,8 @@ class HolderProbe:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.status = "locating the GIL"
-        self._gil: Optional[gil.GilReader] = None
-        self._stacks: Optional[StackReader] = None
+        self._gil: gil.GilReader | None = None
+        self._stacks: StackReader | None = None
         self._closed = False
         self._lock = threading.Lock()     # the locating thread hands over the readers under it
         threading.Thread(target=self._open, name="top-locate", daemon=True).start()
@@ -168,7 +168,7 @@ class HolderProbe:
             self.status = f"GIL not readable: {exc.reason}"
             return
         try:
-            stacks: Optional[StackReader] = StackReader(loc)
+            stacks: StackReader | None = StackReader(loc)
         except gil.ProbeUnavailable:
             stacks = None         # before 3.11: the holder is known, not its TID or code
         with self._lock:
@@ -179,7 +179,7 @@ class HolderProbe:
         if stacks:
             stacks.close()
 
-    def read(self) -> Optional[Holder]:
+    def read(self) -> Holder | None:
         reader, stacks = self._gil, self._stacks
         if reader is None:
             return None
@@ -220,7 +220,7 @@ KEYS = {
 }
 
 
-def parse_keys(data: bytes) -> List[str]:
+def parse_keys(data: bytes) -> list[str]:
     """Key names in a chunk read from the terminal; unknown keys and sequences are skipped."""
     out = []
     i = 0
@@ -244,11 +244,11 @@ def parse_keys(data: bytes) -> List[str]:
 # ---------------------------------------------------------------- the view
 
 
-def _pct(x: Optional[float]) -> str:
+def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x:.0%}"
 
 
-def _num(x: Optional[float], fmt: str = ".2f") -> str:
+def _num(x: float | None, fmt: str = ".2f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
@@ -256,17 +256,17 @@ class TopView:
     """The state of the screen: the process list or one process's threads, and the keys."""
 
     def __init__(self, monitor: Monitor, thread_shares: ThreadShares = no_thread_shares,
-                 namespace: Optional[str] = None) -> None:
+                 namespace: str | None = None) -> None:
         self.monitor = monitor
         self.thread_shares = thread_shares
         self.namespace = namespace  # Kubernetes namespace shown, None: every process
-        self.namespaces: List[str] = []  # the namespaces of the processes seen at the last refresh
-        self.rows: List[ProcessRow] = []
+        self.namespaces: list[str] = []  # the namespaces of the processes seen at the last refresh
+        self.rows: list[ProcessRow] = []
         self.selected = 0           # pid of the selected process (kept across re-sorting)
-        self.opened: Optional[ProcessRow] = None
-        self.threads: List[ThreadRow] = []
-        self.holder: Optional[Holder] = None
-        self._holder_probe: Optional[HolderProbe] = None
+        self.opened: ProcessRow | None = None
+        self.threads: list[ThreadRow] = []
+        self.holder: Holder | None = None
+        self._holder_probe: HolderProbe | None = None
         self._cpu = ThreadCpu()
         self.gone = ""
 
@@ -315,7 +315,7 @@ class TopView:
 
     def next_namespace(self) -> None:
         """Every process, then each namespace seen in turn, then every process again."""
-        order: List[Optional[str]] = [None, *self.namespaces]
+        order: list[str | None] = [None, *self.namespaces]
         if self.namespace not in order:
             order.append(self.namespace)
         self.namespace = order[(order.index(self.namespace) + 1) % len(order)]
@@ -436,8 +436,8 @@ class TopView:
 # ---------------------------------------------------------------- the loop
 
 
-def run_top(config, refresh: float = 1.0, namespace: Optional[str] = None,
-            pod_labels: Optional[Callable] = None) -> int:
+def run_top(config, refresh: float = 1.0, namespace: str | None = None,
+            pod_labels: Callable | None = None) -> int:
     """`pod_labels`: the daemon's pod lookup (cli._pod_resolver), for the namespace filter."""
     try:
         from rich.console import Console

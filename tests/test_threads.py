@@ -22,12 +22,12 @@ from harness import exporter_command
 
 from exporter import gil
 from exporter.attribution import OTHER
-from exporter.threadlabels import ThreadLabels
-from exporter.threadsampler import ThreadSampler
-from exporter.threadtable import render
 from exporter.gil.layouts import PTHREAD_ID_OFFSETS, PTHREADS, pthread_for_glibc
 from exporter.gil.memory import task_syscalls
 from exporter.gil.threads import GilThreads
+from exporter.threadlabels import ThreadLabels
+from exporter.threadsampler import ThreadSampler
+from exporter.threadtable import render
 
 
 def _interpreters() -> dict:
