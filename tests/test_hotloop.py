@@ -37,7 +37,7 @@ print(json.dumps({"native": s.native, "built": sampler._hotloop is not None, "sa
 
 def _fresh_tree(tmp_path: Path) -> Path:
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
         "*.so", "build", "*.egg-info", ".venv*", "__pycache__", ".git", ".pytest_cache", ".hypothesis",
         "results"))
     return src
