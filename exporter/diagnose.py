@@ -160,10 +160,8 @@ def _holders_blocked(pid: int, tries: int = 40, pause: float = 0.01) -> Counter:
         for _ in range(tries):
             tid = threads.holder(reader.read())
             if tid:
-                number, wchan = procfs.thread_blocked_in(pid, tid)
-                if number is not None or wchan:
-                    where = (f"{syscalls.name(number)}()" if number is not None
-                             else f"kernel wait {wchan}")
+                where = syscalls.describe(*procfs.thread_blocked_in(pid, tid))
+                if where:
                     seen[(tid, where)] += 1
             time.sleep(pause)
     except (gil.ProbeUnavailable, OSError):

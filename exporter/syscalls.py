@@ -34,3 +34,11 @@ def name(number: int, machine: str | None = None) -> str:
     """The call's name on `machine` (this host's by default); `syscall N` when not listed."""
     table = TABLES.get(machine or platform.machine(), {})
     return table.get(number, f"syscall {number}")
+
+
+def describe(number: int | None, wchan: str = "", machine: str | None = None) -> str:
+    """What a thread sits in, as `procfs.thread_blocked_in` read it: `clock_nanosleep()`, or
+    `kernel wait WCHAN` when no system call was readable, or "" when neither was."""
+    if number is not None:
+        return f"{name(number, machine)}()"
+    return f"kernel wait {wchan}" if wchan else ""

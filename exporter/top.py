@@ -407,8 +407,7 @@ class TopView:
             state = next((t.state for t in self.threads if t.tid == h.tid), "")
             blocked = ""
             if state in BLOCKED_STATES:  # holding the GIL while asleep or in the kernel
-                number, wchan = procfs.thread_blocked_in(r.pid, h.tid)
-                call = (syscalls.name(number) + "()" if number is not None else wchan)
+                call = syscalls.describe(*procfs.thread_blocked_in(r.pid, h.tid))
                 blocked = f", BLOCKED ({state}{' in ' + call if call else ''})"
             lines.append(Text(f"GIL: held by {who}{f' ({name})' if name else ''}{where}{blocked}, "
                               f"{h.waiters} thread(s) waiting", style="bold red" if blocked else None))

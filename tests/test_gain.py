@@ -85,6 +85,9 @@ def test_syscall_names():
     assert syscalls.name(202, "x86_64") == "futex" and syscalls.name(98, "aarch64") == "futex"
     assert syscalls.name(9999, "x86_64") == "syscall 9999"
     assert syscalls.name(0, "riscv64") == "syscall 0"
+    assert syscalls.describe(230, "", "x86_64") == "clock_nanosleep()"
+    assert syscalls.describe(None, "do_sys_poll") == "kernel wait do_sys_poll"
+    assert syscalls.describe(None, "") == ""
 
 
 def test_one_busy_thread_gets_processes_advice_not_threads():

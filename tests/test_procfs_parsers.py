@@ -21,10 +21,15 @@ def _with_groups(n: int) -> bytes:
     return b"".join(lines)
 
 
-def _fd(tmp_path: Path, data: bytes) -> int:
+def _read_status(tmp_path: Path, data: bytes) -> tuple[int, int]:
+    """read_ctx_switches on a kept fd of a file holding `data`, as procfs keeps a thread's."""
     path = tmp_path / "status"
     path.write_bytes(data)
-    return os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return procfs.read_ctx_switches(fd)
+    finally:
+        os.close(fd)
 
 
 def test_status_fixture():
@@ -43,11 +48,7 @@ def test_a_cut_status_is_incomplete_not_a_number(cut):
 def test_a_status_longer_than_one_read_is_read_whole(tmp_path):
     big = _with_groups(65536)
     assert len(big) > procfs.STATUS_READ
-    fd = _fd(tmp_path, big)
-    try:
-        assert procfs.read_ctx_switches(fd) == (1234, 56)
-    finally:
-        os.close(fd)
+    assert _read_status(tmp_path, big) == (1234, 56)
 
 
 def test_the_cut_that_raised_before(tmp_path):
@@ -58,19 +59,11 @@ def test_the_cut_that_raised_before(tmp_path):
     pad = procfs.STATUS_READ - (len(base) - len(tail))
     padded = base.replace(b"Groups:\t\n", b"Groups:\t" + b"1 " * (pad // 2) + b" " * (pad % 2) + b"\n")
     assert padded[:procfs.STATUS_READ].endswith(b"nonvoluntary_ctxt_switches:")
-    fd = _fd(tmp_path, padded)
-    try:
-        assert procfs.read_ctx_switches(fd) == (1234, 56)
-    finally:
-        os.close(fd)
+    assert _read_status(tmp_path, padded) == (1234, 56)
 
 
 def test_a_status_without_the_lines_counts_nothing(tmp_path):
-    fd = _fd(tmp_path, b"Name:\tx\nState:\tS (sleeping)\n")
-    try:
-        assert procfs.read_ctx_switches(fd) == (0, 0)
-    finally:
-        os.close(fd)
+    assert _read_status(tmp_path, b"Name:\tx\nState:\tS (sleeping)\n") == (0, 0)
 
 
 # --------------------------------------------------------------------------- a whole procfs tree
