@@ -23,7 +23,6 @@ ALLOWED = {
     "exporter.sampler:GilSampler": "being split",
     "exporter.gil.identity:_identify": "being split",
     "exporter.gil.location:validate": "being split",
-    "exporter.config:_schema_errors": "being split",
     "exporter.connections:ConnectionServer": "being split",
     "exporter.diagnose:measure": "being split",
     "exporter.http:process_page": "being split",
