@@ -160,11 +160,7 @@ def _load(path: str | None):
 
 
 def run_daemon(args) -> int:
-    from prometheus_client import CollectorRegistry
-
-    from exporter.collector import GilCollector, sampler_loop
     from exporter.config import ConfigError
-    from exporter.http import ExporterServer
     from exporter.monitor import Monitor
     from exporter.webconfig import WebConfigError, WebConfigFile
 
@@ -179,33 +175,65 @@ def run_daemon(args) -> int:
         return 0
 
     monitor = Monitor(config, pod_resolver=_pod_resolver())
-    registry = CollectorRegistry(auto_describe=False)
-    collector = GilCollector(monitor)
-    registry.register(collector)
     try:
-        server = ExporterServer(args.listen, registry, monitor, args.metrics_path, web, collector,
-                                _web_options(args))
+        server = _server(args, monitor, web)
     except OSError as e:
         print(f"gil-exporter: cannot listen on {args.listen[0]}:{args.listen[1]}: {e.strerror or e}",
               file=sys.stderr)
         return 2
-
-    # Signal handlers only set flags: taking a lock in a handler (Event.set) can deadlock the
-    # main thread if the signal lands while that thread holds the same lock.
-    pending = {"stop": False, "reload": False}
-
-    def on_stop(signum, frame):
-        pending["stop"] = True
-
-    def on_hup(signum, frame):
-        pending["reload"] = True
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
+    signals = _Signals()
+    signals.install()
 
     monitor.start()
     server.start()
+    _announce(args, server, monitor)
+    _run_until_stopped(args, monitor, signals)
+
+    log.info("shutting down")
+    server.stop()
+    monitor.stop()
+    return 0
+
+
+def _server(args, monitor, web):
+    """The HTTP server over a registry holding the one collector; raises OSError if it cannot listen."""
+    from prometheus_client import CollectorRegistry
+
+    from exporter.collector import GilCollector
+    from exporter.http import ExporterServer
+
+    registry = CollectorRegistry(auto_describe=False)
+    collector = GilCollector(monitor)
+    registry.register(collector)
+    return ExporterServer(args.listen, registry, monitor, args.metrics_path, web, collector,
+                          _web_options(args))
+
+
+class _Signals:
+    """What SIGTERM/SIGINT (stop) and SIGHUP (reload) asked for. The handlers only set flags:
+    taking a lock in a handler (Event.set) can deadlock the main thread if the signal lands
+    while that thread holds the same lock."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.reload = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop(self, signum, frame) -> None:
+        self.stop = True
+
+    def _on_hup(self, signum, frame) -> None:
+        self.reload = True
+
+
+def _announce(args, server, monitor) -> None:
+    """Where the pages and metrics are, on the log and on stderr, and which loop samples."""
+    from exporter.collector import sampler_loop
+
     host, port = server.address
     shown = f"[{host}]" if ":" in host else host
     url = f"{server.scheme}://{shown}:{port}"
@@ -217,10 +245,15 @@ def run_daemon(args) -> int:
     log.info("sampler loop: %s%s", sampler_loop(monitor),
              "" if monitor.sampler is not None else " (sampling.enabled: false: not sampling)")
 
-    while not pending["stop"]:
+
+def _run_until_stopped(args, monitor, signals: _Signals) -> None:
+    """Wait for a stop signal, reloading the config on each SIGHUP (a bad one keeps the running one)."""
+    from exporter.config import ConfigError
+
+    while not signals.stop:
         time.sleep(0.1)
-        if pending["reload"]:
-            pending["reload"] = False
+        if signals.reload:
+            signals.reload = False
             try:
                 new = _load(args.config)
             except ConfigError as e:
@@ -228,11 +261,6 @@ def run_daemon(args) -> int:
                 continue
             monitor.reload(new)
             log.info("config reloaded from %s", args.config or "defaults")
-
-    log.info("shutting down")
-    server.stop()
-    monitor.stop()
-    return 0
 
 
 def _web_options(args):

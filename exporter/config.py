@@ -411,96 +411,102 @@ class _Locator:
         return value_line
 
 
-def _where(path: tuple[Any, ...]) -> str:
-    return _fmt_path(path) or "the top level"
-
-
 def _schema_errors(data: Any, loc: _Locator) -> Iterator[tuple[int, int, str]]:
     """Yield (line, rank, message) for every schema violation."""
     homes = _known_key_homes()
     for err in _validator().iter_errors(data):
         path = tuple(err.absolute_path)
-        name = _fmt_path(path)
         kind = err.validator
-        inst = err.instance
-        from_else = "else" in err.schema_path
-
-        if kind == "additionalProperties" and isinstance(inst, dict):
-            allowed = list(err.schema.get("properties", {}))
-            for key in inst:
-                if key in allowed:
-                    continue
-                where = f"in {name}" if name else "at the top level"
-                msg = f"unknown key {_q(key)} {where}"
-                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-                if close:
-                    msg += f' (did you mean "{close[0]}"?)'
-                elif key in homes:
-                    msg += f" ({key} belongs in {homes[key]})"
-                else:
-                    msg += " (allowed: " + ", ".join(allowed) + ")"
-                yield loc.key(path + (key,)), 0, msg
-            continue
-
-        if kind == "required" and isinstance(inst, dict):
-            for key in err.validator_value:
-                if key in inst:
-                    continue
-                where = f"in {name}" if name else "at the top level"
-                msg = f'missing required key "{key}" {where}'
-                if key == "match":
-                    msg += " (or set python_only: true to select every CPython process)"
-                yield loc.key(path), 9 if from_else else 1, msg
-            continue
-
-        if kind == "type":
-            types = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
-            expected = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
-            if not path:
-                msg = f'the top level must be a mapping with a "targets" list, not {_describe(inst)}'
-            else:
-                msg = f"{name}: expected {expected}, got {_describe(inst)}"
-                if "string" in types and inst is not None and not isinstance(inst, (str, dict, list)):
-                    msg += " (quote it)"
-            yield loc.value(path, inst), 2, msg
-            continue
-
-        line = loc.value(path, inst)
-        last = path[-1] if path else None
-        if kind == "minItems":
-            if path == ("targets",):
-                msg = "targets: the list is empty; give at least one target"
-            else:
-                msg = f"{name}: needs at least {err.validator_value} item(s)"
-        elif kind == "minProperties":
-            if last == "match":
-                msg = f"{name}: no matchers given; use at least one of " + ", ".join(MATCHER_KEYS)
-            else:
-                msg = f"{name}: must not be empty"
-        elif kind == "minLength":
-            msg = f"{name}: must not be empty"
-        elif kind == "maxLength":
-            msg = f"{name}: longer than {err.validator_value} characters"
-            if last == "comm":
-                msg += " (the kernel truncates /proc/PID/comm to 15 characters)"
-        elif kind == "pattern":
-            if last == "pidfile":
-                msg = f"{name}: must be an absolute path, got {_q(inst)}"
-            elif last == "name":
-                msg = f"{name}: must not contain control characters"
-            else:
-                msg = f"{name}: {_q(inst)} does not match {_q(err.validator_value)}"
-        elif kind == "minimum":
-            msg = f"{name}: must be at least {_num(err.validator_value)}, got {_num(inst)}"
-        elif kind == "exclusiveMinimum":
-            msg = f"{name}: must be greater than {_num(err.validator_value)}, got {_num(inst)}"
-        elif kind == "maximum":
-            msg = f"{name}: must be at most {_num(err.validator_value)}, got {_num(inst)}"
-        elif kind == "exclusiveMaximum":
-            msg = f"{name}: must be less than {_num(err.validator_value)}, got {_num(inst)}"
+        if kind == "additionalProperties" and isinstance(err.instance, dict):
+            yield from _unknown_keys(err, path, loc, homes)
+        elif kind == "required" and isinstance(err.instance, dict):
+            yield from _missing_keys(err, path, loc)
+        elif kind == "type":
+            yield loc.value(path, err.instance), 2, _wrong_type(err, path)
         else:
-            msg = f"{name or 'configuration'}: {err.message}"
-        yield line, 3, msg
+            yield loc.value(path, err.instance), 3, _bad_value(err, path)
+
+
+def _in(path: tuple[Any, ...]) -> str:
+    """Where a key is missing or unknown, as the messages say it."""
+    return f"in {_fmt_path(path)}" if path else "at the top level"
+
+
+def _unknown_keys(err, path: tuple[Any, ...], loc: _Locator,
+                  homes: dict[str, str]) -> Iterator[tuple[int, int, str]]:
+    """One error per key the schema does not know, with the key meant or where it belongs."""
+    allowed = list(err.schema.get("properties", {}))
+    for key in err.instance:
+        if key in allowed:
+            continue
+        msg = f"unknown key {_q(key)} {_in(path)}"
+        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+        if close:
+            msg += f' (did you mean "{close[0]}"?)'
+        elif key in homes:
+            msg += f" ({key} belongs in {homes[key]})"
+        else:
+            msg += " (allowed: " + ", ".join(allowed) + ")"
+        yield loc.key(path + (key,)), 0, msg
+
+
+def _missing_keys(err, path: tuple[Any, ...], loc: _Locator) -> Iterator[tuple[int, int, str]]:
+    """One error per required key that is absent; an else branch's requirement ranks last."""
+    rank = 9 if "else" in err.schema_path else 1
+    for key in err.validator_value:
+        if key in err.instance:
+            continue
+        msg = f'missing required key "{key}" {_in(path)}'
+        if key == "match":
+            msg += " (or set python_only: true to select every CPython process)"
+        yield loc.key(path), rank, msg
+
+
+def _wrong_type(err, path: tuple[Any, ...]) -> str:
+    inst = err.instance
+    types = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
+    if not path:
+        return f'the top level must be a mapping with a "targets" list, not {_describe(inst)}'
+    expected = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
+    msg = f"{_fmt_path(path)}: expected {expected}, got {_describe(inst)}"
+    if "string" in types and inst is not None and not isinstance(inst, (str, dict, list)):
+        msg += " (quote it)"
+    return msg
+
+
+def _bad_value(err, path: tuple[Any, ...]) -> str:
+    """A value of the right type out of its bounds (size, length, pattern, range)."""
+    name = _fmt_path(path)
+    kind, bound, inst = err.validator, err.validator_value, err.instance
+    last = path[-1] if path else None
+    if kind == "minItems":
+        if path == ("targets",):
+            return "targets: the list is empty; give at least one target"
+        return f"{name}: needs at least {bound} item(s)"
+    if kind == "minProperties":
+        if last == "match":
+            return f"{name}: no matchers given; use at least one of " + ", ".join(MATCHER_KEYS)
+        return f"{name}: must not be empty"
+    if kind == "minLength":
+        return f"{name}: must not be empty"
+    if kind == "maxLength":
+        msg = f"{name}: longer than {bound} characters"
+        if last == "comm":
+            msg += " (the kernel truncates /proc/PID/comm to 15 characters)"
+        return msg
+    if kind == "pattern":
+        if last == "pidfile":
+            return f"{name}: must be an absolute path, got {_q(inst)}"
+        if last == "name":
+            return f"{name}: must not contain control characters"
+        return f"{name}: {_q(inst)} does not match {_q(bound)}"
+    if kind in _RANGE_WORDS:
+        return f"{name}: must be {_RANGE_WORDS[kind]} {_num(bound)}, got {_num(inst)}"
+    return f"{name or 'configuration'}: {err.message}"
+
+
+_RANGE_WORDS = {"minimum": "at least", "exclusiveMinimum": "greater than",
+                "maximum": "at most", "exclusiveMaximum": "less than"}
 
 
 # --------------------------------------------------------------------------------------------
