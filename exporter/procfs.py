@@ -386,19 +386,27 @@ def raise_fd_limit() -> int:
 class ThreadFiles:
     """/proc/PID/task/TID/status and .../schedstat of every thread of one process, kept open.
 
-    A reading is one pread per file. The thread list is read again only when the thread
+    A reading is one pread of schedstat per thread; status (four times its cost: the kernel
+    formats some fifty lines) is read again only for a thread whose schedstat line changed.
+    That skips nothing: every context switch moves that line (switching a thread out adds
+    its run time to the first figure, switching it in adds to the third), so an unchanged
+    line means unchanged switch counts. A kernel that keeps no schedstat ("0 0 0", or no
+    file) gets every status read. The thread list is read again only when the thread
     count (from /proc/PID/stat) changed or a thread ended: a kept fd of an ended thread
     fails with ESRCH, so the same count with no such failure means the same threads.
     Beyond the fd budget (see raise_fd_limit) it opens each file per reading instead.
     Used from one thread at a time.
     """
 
-    __slots__ = ("pid", "fds", "kept")
+    __slots__ = ("pid", "fds", "kept", "last", "status_reads")
 
     def __init__(self, pid: int):
         self.pid = pid
         self.fds: dict[int, tuple[int, int]] = {}  # tid -> (status fd, schedstat fd or -1)
         self.kept = True
+        # tid -> (its last schedstat line, the switch counts read with it, its figures)
+        self.last: dict[int, tuple[bytes, tuple[int, int], tuple[int, int]]] = {}
+        self.status_reads = 0  # status files read, for the bench and the tests
 
     def read(self, threads: int = -1) -> tuple[dict[int, tuple[int, int]], dict[int, tuple[int, int]]]:
         """Per thread (voluntary, involuntary) context switches, and (ns on a CPU, ns runnable
@@ -421,22 +429,38 @@ class ThreadFiles:
             raise ProcessGone(self.pid)
         return ctx, sched
 
-    @staticmethod
-    def _read(items, ctx: dict, sched: dict) -> list[int]:
+    def _read(self, items, ctx: dict, sched: dict) -> list[int]:
         ended = []
         pread = os.pread
+        last = self.last
+        reads = 0
         for tid, (status, schedstat) in items:
             try:
-                ctx[tid] = read_ctx_switches(status)
-                if schedstat >= 0:
-                    run, delay, _slices = pread(schedstat, 128, 0).split()
-                    sched[tid] = (int(run), int(delay))
+                if schedstat < 0:
+                    ctx[tid] = read_ctx_switches(status)
+                    reads += 1
+                    continue
+                line = pread(schedstat, 128, 0)
+                seen = last.get(tid)
+                if seen is not None and seen[0] == line:
+                    ctx[tid] = seen[1]
+                    sched[tid] = seen[2]
+                    continue
+                run, delay, slices = line.split()
+                ctx[tid] = counts = read_ctx_switches(status)
+                reads += 1
+                sched[tid] = figures = (int(run), int(delay))
+                if slices != b"0" or figures != (0, 0):  # "0 0 0": the kernel keeps no schedstat
+                    last[tid] = (line, counts, figures)
             except ProcessLookupError:
                 ended.append(tid)
                 ctx.pop(tid, None)
+                sched.pop(tid, None)
+        self.status_reads += reads
         return ended
 
     def _drop(self, tid: int) -> None:
+        self.last.pop(tid, None)
         status, schedstat = self.fds.pop(tid)
         os.close(status)
         _kept[0] -= 1

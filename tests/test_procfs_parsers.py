@@ -294,3 +294,36 @@ def test_no_module_but_procfs_opens_a_proc_path():
             if (path.name, head) != _OWN_FDS:
                 found.append(f"{path.relative_to(root.parent)}:{line}: {head}")
     assert found == []
+
+
+def test_status_is_read_again_only_when_schedstat_moved(tmp_path):
+    """ThreadFiles reads a thread's status only when its schedstat line changed (every
+    context switch moves it); a kernel that keeps no schedstat ("0 0 0") gets every read."""
+    import shutil
+    root = tmp_path / "proc"
+    shutil.copytree(TREE, root, symlinks=True)
+    task = root / "4242" / "task" / "4242"
+    status = (task / "status").read_text()
+    before = procfs.PROC
+    procfs.set_root(str(root))
+    files = procfs.ThreadFiles(4242)
+    try:
+        ctx, _ = files.read(2)
+        assert ctx[4242] == (1000, 50) and files.status_reads == 2
+        # A status that changed under an unchanged schedstat line is not read: the kernel
+        # moves both together, so the fixture's change is one no kernel makes.
+        (task / "status").write_text(status.replace("voluntary_ctxt_switches:\t1000",
+                                                    "voluntary_ctxt_switches:\t1001"))
+        ctx, _ = files.read(2)
+        assert ctx[4242] == (1000, 50) and files.status_reads == 3  # 4243: no schedstat
+        (task / "schedstat").write_text("2000100000 300000000 1501\n")
+        ctx, sched = files.read(2)
+        assert ctx[4242] == (1001, 50) and sched[4242] == (2000100000, 300000000)
+        assert files.status_reads == 5
+        (task / "schedstat").write_text("0 0 0\n")
+        files.read(2)
+        files.read(2)
+        assert files.status_reads == 9
+    finally:
+        files.close()
+        procfs.set_root(before)
