@@ -19,16 +19,15 @@ MAX_FUNCTION = 60
 MAX_CLASS = 250
 
 ALLOWED = {
-    "exporter.monitor:Monitor": "being split",
-    "exporter.sampler:GilSampler": "being split",
-    "exporter.gil.identity:_identify": "being split",
-    "exporter.gil.location:validate": "being split",
-    "exporter.connections:ConnectionServer": "being split",
-    "exporter.diagnose:measure": "being split",
-    "exporter.http:process_page": "being split",
-    "exporter.http:ExporterServer._handler": "being split",
-    "exporter.score:verdict": "being split",
-    "exporter.webconfig:_tls": "being split",
+    "exporter.monitor:Monitor": "not split yet (issue 17): scanning and the per-process reading go to their own module",
+    "exporter.gil.identity:_identify": "not split yet (issue 17): still one idea, to be cut into named steps",
+    "exporter.gil.location:validate": "not split yet (issue 17): still one idea, to be cut into named steps",
+    "exporter.connections:ConnectionServer": "not split yet (issue 17): still one idea, to be cut into named steps",
+    "exporter.diagnose:measure": "not split yet (issue 17): still one idea, to be cut into named steps",
+    "exporter.http:process_page": "not split yet (issue 17): still one idea, to be cut into named steps",
+    "exporter.http:ExporterServer._handler": "not split yet (issue 17): still one idea, to be cut into named steps",
+    "exporter.score:verdict": "not split yet (issue 17): still one idea, to be cut into named steps",
+    "exporter.webconfig:_tls": "not split yet (issue 17): still one idea, to be cut into named steps",
 }
 
 
