@@ -239,8 +239,10 @@ def _announce(args, server, monitor) -> None:
     url = f"{server.scheme}://{shown}:{port}"
     log.info("gil-exporter %s listening; landing page %s/ metrics %s%s; config: %s",
              __version__, url, url, args.metrics_path, args.config or "every CPython process")
-    print(f"gil-exporter {__version__}: landing page {url}/  metrics {url}{args.metrics_path}",
-          file=sys.stderr, flush=True)
+    # One write: print() writes the line and its newline apart, and a log line from the monitor
+    # thread could land between them.
+    sys.stderr.write(f"gil-exporter {__version__}: landing page {url}/  metrics {url}{args.metrics_path}\n")
+    sys.stderr.flush()
     # Which loop samples the GILs: "python" means the install had no C compiler (1.9x the CPU).
     log.info("sampler loop: %s%s", sampler_loop(monitor),
              "" if monitor.sampler is not None else " (sampling.enabled: false: not sampling)")

@@ -15,7 +15,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
-_URL = re.compile(r"metrics (https?://\S+?)(/\S*)\s*$", re.M)
+# Not anchored at the line's end: another thread's log line may follow on the same line.
+_URL = re.compile(r"\bmetrics (https?://[^\s/]+)/")
 
 
 def exporter_command() -> list[str]:
