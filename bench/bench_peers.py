@@ -7,8 +7,9 @@ threads (niced to 19, so they take only what the exporters leave: their GILs are
 contended all the time, and the exporters' CPU is not held back by them); the others'
 threads sleep in 1 s loops. Started side by side, against the same processes:
 
-  process-exporter   prometheus-process-exporter, one group per process
-                     ("{{.Comm}}:{{.PID}}"), its default flags
+  process-exporter, one group        prometheus-process-exporter, one group for every worker
+  process-exporter, one group per process   the same, "{{.Comm}}:{{.PID}}" (the like-for-like
+                     setup: gil-exporter publishes every process), its default flags
   gil-exporter off   sampling.enabled: false (/proc figures only)
   gil-exporter on    sampling at the default rate (100 Hz)
   ... in the image   the same config, in the container image built from the Dockerfile, run as
@@ -16,19 +17,26 @@ threads sleep in 1 s loops. Started side by side, against the same processes:
                      filesystem, hostPID, uid 0 with only SYS_PTRACE and DAC_READ_SEARCH);
                      --no-image leaves it out
 
-The bench scrapes each one every --scrape-interval seconds (15 s, a usual Prometheus
-interval), as Prometheus would, and measures over --seconds (after a warm-up of one
-minute): CPU cores (utime + stime of the exporter from /proc/PID/stat), peak RSS
-(VmHWM), series per scrape and scrape latency. Start-up: from exec until every process
-is reported with gil_probe="ok" (off: until every process is reported), with the
-exporter's CPU seconds at that moment; for process-exporter until its first scrape
-reports every process. For each sampling gil-exporter, the GIL sampler thread's CPU per
-target-sample: that thread's run time (/proc/PID/task/TID/schedstat) over its read syscalls
-(/proc/PID/task/TID/io syscr: one pread of /proc/PID/mem per target-sample). The sampler thread
-is the one with the most reads (the threads carry no names on 3.11), and which loop it runs
-is the build_info's sampler_loop label.
+Each --scrape-interval (default 5 and 15 s) is a phase of its own: the exporters are started
+afresh (start-up is measured in each), then each is scraped every interval by its own scraper
+thread, as Prometheus would (a scrape that takes longer than the interval fails and is
+counted), and measured over --seconds after --warmup: CPU cores (utime + stime of the exporter
+from /proc/PID/stat), peak RSS (VmHWM), series per scrape, scrapes ok / failed and scrape
+latency. Start-up, one exporter at a time: from exec until every process is reported with
+gil_probe="ok" (off: until every process is reported), with the exporter's CPU seconds at that
+moment; for process-exporter until its first scrape reports every process. For each sampling
+gil-exporter, the GIL sampler thread's CPU per target-sample: that thread's run time
+(/proc/PID/task/TID/schedstat) over its read syscalls (/proc/PID/task/TID/io syscr: one pread of
+/proc/PID/mem per target-sample). The sampler thread is the one with the most reads (the
+threads carry no names on 3.11), and which loop it runs is the build_info's sampler_loop label.
 
-    .venv/bin/python bench/bench_peers.py --seconds 300 --runs 2
+--saturate N keeps N CPU hogs (sh loops) running through every phase: the saturated node of a
+busy cluster (2 cores at load ~150). At --saturate-nice 19 (the default) they take only what
+the exporters leave, as other pods do on a node whose cgroups weigh CPU by the pods' requests;
+at 0 every hog competes with each exporter thread as an equal (a bare host at that load).
+
+    .venv/bin/python bench/bench_peers.py                    # quiet host, 5 s and 15 s scrapes
+    .venv/bin/python bench/bench_peers.py --saturate 150     # the saturated node
 
 process-exporter is installed with apt-get when it is missing (needs root).
 """
@@ -44,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -51,6 +60,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TAG = "bench-peers-worker"
+PE_GROUPED = "process-exporter, one group"
+PE_PER_PROCESS = "process-exporter, one group per process"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 WORKER = """
@@ -190,6 +201,7 @@ class Peer:
     threads0: dict = field(default_factory=dict)
     threads1: dict = field(default_factory=dict)
     loop: str = ""        # build_info's sampler_loop
+    failed: int = 0       # scrapes while measuring that failed or took over the interval
 
     @property
     def pid(self) -> int:
@@ -201,9 +213,9 @@ class Peer:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=self.log, preexec_fn=_die_with_parent)
 
-    def get(self) -> tuple[float, str]:
+    def get(self, timeout: float = 30.0) -> tuple[float, str]:
         s = time.perf_counter()
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=30) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=timeout) as r:
             body = r.read().decode()
         return time.perf_counter() - s, body
 
@@ -257,8 +269,10 @@ def our_ready(body: str, n: int, sampling: bool) -> bool:
     return len(info) == n
 
 
-def pe_ready(body: str, n: int) -> bool:
-    return len(set(re.findall(r'namedprocess_namegroup_num_procs\{groupname="([^"]+)"\} 1', body))) == n
+def pe_ready(body: str, groups: int, n: int) -> bool:
+    """Every worker reported: `groups` groups holding `n` processes in all."""
+    found = re.findall(r'namedprocess_namegroup_num_procs\{groupname="([^"]+)"\} (\d+)', body)
+    return len(found) == groups and sum(int(c) for _, c in found) == n
 
 
 def _die_with_parent() -> None:
@@ -284,18 +298,41 @@ def exporter_command() -> list:
     return [str(script)] if script.exists() else [sys.executable, "-m", "exporter"]
 
 
-def run_once(args, pe_binary: str, python: str, tmp: Path) -> list:
+def scrape_loop(peer: Peer, interval: float, warmup_end: float, end: float,
+                measuring: threading.Event) -> None:
+    """Scrape `peer` every `interval` until `end`; scrapes while `measuring` are counted."""
+    next_scrape = time.monotonic()
+    while next_scrape < end:
+        counted = measuring.is_set()
+        try:
+            latency, body = peer.get(timeout=interval)
+        except OSError:  # refused, reset or past the interval (socket.timeout is an OSError)
+            if counted:
+                peer.failed += 1
+        else:
+            if counted:
+                peer.scrapes.append((latency, series(body)))
+            m = re.search(r'^pygil_exporter_build_info\{[^}]*sampler_loop="(\w+)"', body, re.M)
+            peer.loop = m.group(1) if m else peer.loop
+        next_scrape += interval
+        while next_scrape < time.monotonic():  # a scrape took longer than the interval: skip
+            next_scrape += interval
+        time.sleep(max(0.0, min(next_scrape, end) - time.monotonic()))
+
+
+def run_once(args, pe_binary: str, python: str, tmp: Path, interval: float) -> list:
     load_before = f"{loadavg()}; other work kept {host_busy():.2f} CPUs busy"  # before the spinners
     workers = start_workers(python, args.processes, args.threads, args.spinning)
     n = args.processes
     peers = []
     try:
-        pe_cfg = tmp / "process-exporter.yml"
-        pe_cfg.write_text(f'process_names:\n  - name: "{{{{.Comm}}}}:{{{{.PID}}}}"\n    cmdline:\n'
-                          f"    - '{TAG}$'\n")
-        port = free_port()
-        peers.append(Peer("process-exporter", [pe_binary, "-config.path", str(pe_cfg),
-                                               "-web.listen-address", f"127.0.0.1:{port}"], port))
+        for name, group in ((PE_GROUPED, "all"), (PE_PER_PROCESS, "{{.Comm}}:{{.PID}}")):
+            pe_cfg = tmp / f"process-exporter-{group == 'all'}.yml"
+            pe_cfg.write_text(f'process_names:\n  - name: "{group}"\n    cmdline:\n'
+                              f"    - '{TAG}$'\n")
+            port = free_port()
+            peers.append(Peer(name, [pe_binary, "-config.path", str(pe_cfg),
+                                     "-web.listen-address", f"127.0.0.1:{port}"], port))
         for sampling in (False, True):
             cfg = tmp / f"gil-exporter-{sampling}.yaml"
             cfg.write_text(config := f"""targets:
@@ -321,7 +358,7 @@ limits:
         # each scrape: it is ready at its first scrape that reports every process.
         for peer in peers:
             peer.start()
-            ours = peer.name != "process-exporter"
+            ours = not peer.name.startswith("process-exporter")
             sampling = "sampled" in peer.name
             pattern = re.compile(r"pid=(\d+) GIL at" if sampling else r"tracking pid=(\d+)")
             deadline = peer.started + args.startup_timeout
@@ -340,38 +377,32 @@ limits:
                     _, body = peer.get()
                 except OSError:
                     continue
-                if pe_ready(body, n):
+                if pe_ready(body, 1 if peer.name == PE_GROUPED else n, n):
                     peer.ready_s = time.monotonic() - peer.started
                     peer.ready_cpu = cpu_seconds(peer.proc.pid)
                     break
-        # Steady state: every peer scraped every scrape interval, as Prometheus would.
+        # Steady state: every peer scraped every scrape interval, as Prometheus would, each by
+        # its own scraper thread (a slow exporter delays only its own scrapes; a scrape that
+        # takes longer than the interval fails, as Prometheus's scrape_timeout would have it).
         warmup_end = time.monotonic() + args.warmup
-        next_scrape = time.monotonic()
-        measuring = False
-        end = None
-        while True:
-            now = time.monotonic()
-            if not measuring and now >= warmup_end:
-                measuring = True
-                for peer in peers:
-                    peer.cpu0, peer.t0 = cpu_seconds(peer.proc.pid), time.monotonic()
-                    peer.threads0 = thread_counters(peer.pid)
-                end = now + args.seconds
-            if measuring and now >= end:
-                break
-            if now >= next_scrape:
-                for peer in peers:
-                    latency, body = peer.get()
-                    if measuring:
-                        peer.scrapes.append((latency, series(body)))
-                    m = re.search(r'^pygil_exporter_build_info\{[^}]*sampler_loop="(\w+)"', body, re.M)
-                    peer.loop = m.group(1) if m else peer.loop
-                next_scrape += args.scrape_interval
-            time.sleep(max(0.0, min(next_scrape, end or next_scrape, warmup_end if not measuring else end)
-                           - time.monotonic()))
+        end = warmup_end + args.seconds
+        measuring = threading.Event()
+        scrapers = [threading.Thread(target=scrape_loop, args=(peer, interval, warmup_end, end, measuring),
+                                     daemon=True) for peer in peers]
+        for t in scrapers:
+            t.start()
+        time.sleep(max(0.0, warmup_end - time.monotonic()))
+        for peer in peers:
+            peer.cpu0, peer.t0 = cpu_seconds(peer.proc.pid), time.monotonic()
+            peer.threads0 = thread_counters(peer.pid)
+        measuring.set()
+        time.sleep(max(0.0, end - time.monotonic()))
+        for peer in peers:
+            peer.cpu1, peer.t1 = cpu_seconds(peer.proc.pid), time.monotonic()
+        for t in scrapers:
+            t.join(interval + 1)
         for peer in peers:
             peer.threads1 = thread_counters(peer.pid)
-            peer.cpu1, peer.t1 = cpu_seconds(peer.proc.pid), time.monotonic()
             peer.hwm_mb = status_kb(peer.proc.pid, "VmHWM") / 1024
             peer.rss_mb = status_kb(peer.proc.pid, "VmRSS") / 1024
         return [peers, load_before, loadavg()]
@@ -385,25 +416,36 @@ limits:
             p.stdout.close()
 
 
+def cores(p: Peer) -> float:
+    return (p.cpu1 - p.cpu0) / (p.t1 - p.t0)
+
+
 def table(peers: list) -> list:
-    pe = peers[0]
-    pe_cores = (pe.cpu1 - pe.cpu0) / (pe.t1 - pe.t0)
-    lines = ["| exporter | CPU cores | × process-exporter | peak RSS | × process-exporter | series | "
-             "scrape p50 | start-up: all ok after | CPU-s at start-up | sampler µs CPU per target-sample "
-             "(loop) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    grouped, per_process = peers[0], peers[1]
+    lines = ["| exporter | CPU cores | × process-exporter (grouped / per process) | peak RSS | "
+             "× process-exporter's (per process) | series | scrapes ok / failed | scrape p50 | "
+             "ready (all probes ok) | CPU-s to ready | sampler µs CPU per target-sample (loop) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in peers:
-        cores = (p.cpu1 - p.cpu0) / (p.t1 - p.t0)
+        c = cores(p)
+        ratio = "—" if p.name.startswith("process-exporter") else \
+            f"{c / cores(grouped):.2f} / {c / cores(per_process):.2f}"
         lat = statistics.median(s[0] for s in p.scrapes) * 1000 if p.scrapes else float("nan")
         nseries = statistics.median(s[1] for s in p.scrapes) if p.scrapes else 0
         ready = "not within the timeout" if p.ready_s is None else f"{p.ready_s:.1f} s"
         ready_cpu = "–" if p.ready_cpu is None else f"{p.ready_cpu:.2f}"
         cost = sampler_cost(p.threads0, p.threads1) if "sampled" in p.name else None
         per = "–" if cost is None else f"{cost[0]:.1f} ({p.loop}, {cost[1]:,} reads)"
-        lines.append(f"| {p.name} | {cores:.4f} | {cores / pe_cores:.2f} | {p.hwm_mb:.1f} MB | "
-                     f"{p.hwm_mb / pe.hwm_mb:.2f} | {nseries:,.0f} | {lat:.1f} ms | {ready} | {ready_cpu} | "
-                     f"{per} |")
+        lines.append(f"| {p.name} | {c:.4f} | {ratio} | {p.hwm_mb:.1f} MB | "
+                     f"{p.hwm_mb / per_process.hwm_mb:.2f} | {nseries:,.0f} | {len(p.scrapes)} / {p.failed} | "
+                     f"{lat:.1f} ms | {ready} | {ready_cpu} | {per} |")
     return lines
+
+
+def start_hogs(n: int, nice: int) -> list:
+    """n processes spinning in sh (a few hundred kB each), at `nice`: the saturated node."""
+    return [subprocess.Popen(["nice", "-n", str(nice), "sh", "-c", "while :; do :; done"],
+                             preexec_fn=_die_with_parent) for _ in range(n)]
 
 
 def main(argv=None) -> int:
@@ -413,11 +455,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=10)
     ap.add_argument("--spinning", type=int, default=10, help="processes with 3 spinning threads")
     ap.add_argument("--python", default="3.12", help="pyenv CPython version of the workers")
-    ap.add_argument("--scrape-interval", type=float, default=15.0)
-    ap.add_argument("--seconds", type=float, default=300.0, help="measured time per run")
-    ap.add_argument("--warmup", type=float, default=60.0)
+    ap.add_argument("--scrape-interval", type=float, nargs="+", default=[5.0, 15.0],
+                    help="one phase per interval, each with freshly started exporters")
+    ap.add_argument("--seconds", type=float, default=60.0, help="measured time per run and interval")
+    ap.add_argument("--warmup", type=float, default=20.0)
     ap.add_argument("--startup-timeout", type=float, default=90.0)
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--saturate", type=int, default=0, metavar="N",
+                    help="N CPU hogs running throughout (the saturated node: --saturate 150 on 2 cores)")
+    ap.add_argument("--saturate-nice", type=int, default=19,
+                    help="the hogs' nice value (19: they take what the exporters leave; 0: they compete "
+                         "with the exporters thread for thread)")
     ap.add_argument("--image", action=argparse.BooleanOptionalAction, default=True,
                     help="also the exporter from the container image (needs tests/setup/image.sh)")
     args = ap.parse_args(argv)
@@ -425,36 +473,56 @@ def main(argv=None) -> int:
     python = pyenv_python(args.python)
     pyver = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
                            capture_output=True, text=True).stdout.strip()
-    results = []
-    with tempfile.TemporaryDirectory() as d:
-        for i in range(args.runs):
-            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-            peers, load0, load1 = run_once(args, pe_binary, python, Path(d))
-            results.append(peers)
-            print(f"\nRun {i + 1} of {args.runs}, {when}: {args.processes} CPython {pyver} processes x "
-                  f"{args.threads} threads ({args.spinning} with 3 spinning threads), scraped every "
-                  f"{args.scrape_interval:g} s, {args.seconds:g} s measured; process-exporter "
-                  f"{process_exporter_version(pe_binary)}; {os.cpu_count()} CPUs; load average "
-                  f"{load0} before the workers started, {load1} at the end (the spinning threads add about "
-                  f"{3 * args.spinning})\n")
-            print("\n".join(table(peers)), flush=True)
-    if args.runs > 1:
-        print("\nSpread over the runs (min–max):\n")
-        print("| exporter | CPU cores | × process-exporter | peak RSS (MB) | CPU-s at start-up | start-up (s) |")
-        print("|---|---|---|---|---|---|")
-        for j, name in enumerate(p.name for p in results[0]):
-            rows = [r[j] for r in results]
-            cores = [(p.cpu1 - p.cpu0) / (p.t1 - p.t0) for p in rows]
-            ratio = [c / ((r[0].cpu1 - r[0].cpu0) / (r[0].t1 - r[0].t0)) for c, r in zip(cores, results)]
-            hwm = [p.hwm_mb for p in rows]
-            rc = [p.ready_cpu for p in rows if p.ready_cpu is not None]
-            rs = [p.ready_s for p in rows if p.ready_s is not None]
-
-            def span(xs, fmt):
-                return "–" if not xs else f"{min(xs):{fmt}}–{max(xs):{fmt}}"
-            print(f"| {name} | {span(cores, '.4f')} | {span(ratio, '.2f')} | {span(hwm, '.1f')} | "
-                  f"{span(rc, '.2f')} | {span(rs, '.1f')} |")
+    command = " ".join([".venv/bin/python", "bench/bench_peers.py"] + (argv if argv is not None else sys.argv[1:]))
+    print(f"command: {command}")
+    results: dict = {}
+    hogs = []
+    try:
+        if args.saturate:
+            hogs = start_hogs(args.saturate, args.saturate_nice)
+            time.sleep(5)  # the load average starts moving
+        with tempfile.TemporaryDirectory() as d:
+            for i in range(args.runs):
+                for interval in args.scrape_interval:
+                    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                    peers, load0, load1 = run_once(args, pe_binary, python, Path(d), interval)
+                    results.setdefault(interval, []).append(peers)
+                    hogged = (f"; {args.saturate} CPU hogs at nice {args.saturate_nice} throughout"
+                              if args.saturate else "")
+                    print(f"\nRun {i + 1} of {args.runs}, scraped every {interval:g} s, {when}: "
+                          f"{args.processes} CPython {pyver} processes x {args.threads} threads "
+                          f"({args.spinning} with 3 spinning threads){hogged}, {args.seconds:g} s measured "
+                          f"after {args.warmup:g} s; process-exporter {process_exporter_version(pe_binary)}; "
+                          f"{os.cpu_count()} CPUs; load average {load0} before the workers started, {load1} "
+                          f"at the end\n")
+                    print("\n".join(table(peers)), flush=True)
+    finally:
+        for h in hogs:
+            h.kill()
+        for h in hogs:
+            h.wait()
+    for interval, runs in results.items():
+        if len(runs) > 1:
+            spread(interval, runs)
     return 0
+
+
+def spread(interval: float, results: list) -> None:
+    print(f"\nSpread over the runs at {interval:g} s scrapes (min–max):\n")
+    print("| exporter | CPU cores | × process-exporter per process | peak RSS (MB) | CPU-s to ready | ready (s) |")
+    print("|---|---|---|---|---|---|")
+    for j, name in enumerate(p.name for p in results[0]):
+        rows = [r[j] for r in results]
+        cs = [cores(p) for p in rows]
+        ratio = [c / cores(r[1]) for c, r in zip(cs, results)]
+        hwm = [p.hwm_mb for p in rows]
+        rc = [p.ready_cpu for p in rows if p.ready_cpu is not None]
+        rs = [p.ready_s for p in rows if p.ready_s is not None]
+
+        def span(xs, fmt):
+            return "–" if not xs else f"{min(xs):{fmt}}–{max(xs):{fmt}}"
+        print(f"| {name} | {span(cs, '.4f')} | {span(ratio, '.2f')} | {span(hwm, '.1f')} | "
+              f"{span(rc, '.2f')} | {span(rs, '.1f')} |")
 
 
 if __name__ == "__main__":
