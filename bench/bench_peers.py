@@ -158,7 +158,7 @@ def host_busy(seconds: float = 3.0) -> float:
 
 
 def thread_counters(pid: int) -> dict:
-    """{TID: (run time in ns, read syscalls)} of every thread of `pid`."""
+    """{TID: (run time in ns, read syscalls, user ticks, system ticks)} of every thread of `pid`."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -166,19 +166,24 @@ def thread_counters(pid: int) -> dict:
                 run_ns = int(f.read().split()[0])
             with open(f"/proc/{pid}/task/{tid}/io") as f:
                 syscr = next(int(line.split()[1]) for line in f if line.startswith("syscr:"))
-        except (OSError, StopIteration):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                utime, stime = (int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])
+        except (OSError, StopIteration, ValueError):
             continue
-        out[int(tid)] = (run_ns, syscr)
+        out[int(tid)] = (run_ns, syscr, utime, stime)
     return out
 
 
-def sampler_cost(before: dict, after: dict) -> tuple[float, int] | None:
-    """(µs of run time per read, reads) of the thread that read most between the two."""
-    deltas = [(a[1] - before[t][1], a[0] - before[t][0]) for t, a in after.items() if t in before]
+def sampler_cost(before: dict, after: dict) -> tuple[float, int, float | None] | None:
+    """(µs of run time per read, reads, share of it in the kernel) of the thread that read
+    most between the two."""
+    deltas = [(a[1] - before[t][1], a[0] - before[t][0], a[2] - before[t][2], a[3] - before[t][3])
+              for t, a in after.items() if t in before]
     if not deltas:
         return None
-    reads, run_ns = max(deltas)
-    return (run_ns / 1e3 / reads, reads) if reads > 0 else None
+    reads, run_ns, user, system = max(deltas)
+    kernel = system / (user + system) if user + system else None
+    return (run_ns / 1e3 / reads, reads, kernel) if reads > 0 else None
 
 
 @dataclass
@@ -435,7 +440,8 @@ def table(peers: list) -> list:
         ready = "not within the timeout" if p.ready_s is None else f"{p.ready_s:.1f} s"
         ready_cpu = "–" if p.ready_cpu is None else f"{p.ready_cpu:.2f}"
         cost = sampler_cost(p.threads0, p.threads1) if "sampled" in p.name else None
-        per = "–" if cost is None else f"{cost[0]:.1f} ({p.loop}, {cost[1]:,} reads)"
+        per = "–" if cost is None else (f"{cost[0]:.1f} ({p.loop}, {cost[1]:,} reads"
+                                        + ("" if cost[2] is None else f", {cost[2]:.0%} in the kernel") + ")")
         lines.append(f"| {p.name} | {c:.4f} | {ratio} | {p.hwm_mb:.1f} MB | "
                      f"{p.hwm_mb / per_process.hwm_mb:.2f} | {nseries:,.0f} | {len(p.scrapes)} / {p.failed} | "
                      f"{lat:.1f} ms | {ready} | {ready_cpu} | {per} |")
