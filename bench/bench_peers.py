@@ -479,6 +479,9 @@ def main(argv=None) -> int:
     python = pyenv_python(args.python)
     pyver = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
                            capture_output=True, text=True).stdout.strip()
+    # The exporter from bytecode, as an installed one runs (pip compiles at install): a checkout
+    # run with PYTHONDONTWRITEBYTECODE would compile every module at every start.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "exporter")], check=True)
     command = " ".join([".venv/bin/python", "bench/bench_peers.py"] + (argv if argv is not None else sys.argv[1:]))
     print(f"command: {command}")
     results: dict = {}
