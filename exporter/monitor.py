@@ -26,9 +26,8 @@ import time
 from collections import Counter, deque
 from typing import Callable
 
-from exporter import passes, procfs, views
+from exporter import passes, procfs, tracking, views
 from exporter.config import Config
-from exporter.discover import Discoverer
 from exporter.giltracker import LOCATE_DEADLINE, GilTracker
 from exporter.passes import LEAD, ScrapeRhythm
 from exporter.sampler import GilSampler
@@ -56,12 +55,7 @@ class Monitor:
         self.config = config
         self.tick_seconds = tick_seconds
         self.errors: Counter = Counter()
-        self.dropped: dict[str, int] = {}
-        self._discoverer = Discoverer(config)
-        self._pod_resolver = pod_resolver
-        self._states: dict[tuple, ProcessState] = {}
         self._host: deque = deque()
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()           # a scrape wants a pass, or stop()
         self._passed = threading.Condition()     # notified after each pass
@@ -78,10 +72,19 @@ class Monitor:
         # locating the GILs (a worker with a deadline) and taking their totals for a pass
         self.tracker = GilTracker(config, self.sampler, self.errors, lambda key: key in self._states,
                                deadline=locate_deadline)
+        self._tracked = tracking.TrackedProcesses(config, self.tracker, self.errors, pod_resolver)
         self.ready = threading.Event()  # set after the first pass
         self.lead = LEAD  # how long before an expected scrape its pass happens
         self.generation = 0  # passes done: what /metrics shows changes only when this does
         self.tick_listeners: list[Callable[[], None]] = []
+
+    @property
+    def _states(self) -> dict[tuple, ProcessState]:
+        return self._tracked.states
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        return self._tracked.dropped
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -105,19 +108,14 @@ class Monitor:
         if self.sampler:
             self.sampler.stop()
         self.tracker.stop()  # joins no locator worker: one may be stuck in a target
-        with self._lock:
-            for state in self._states.values():
-                if state.stat is not None:
-                    state.stat.close()
-                if state.tasks is not None:
-                    state.tasks.close()
+        self._tracked.close()
 
     def reload(self, config: Config) -> None:
         """Apply a new, already validated config: the next tick rescans with it."""
-        with self._lock:
+        with self._tracked.lock:
             self.config = config
             self.tracker.config = config
-            self._discoverer = Discoverer(config)
+            self._tracked.reload(config)
             self._next_scan = 0.0
         self._wake.set()
         if self.sampler and config.sampling.rate_hz != self.sampler.rate_hz:
@@ -213,60 +211,12 @@ class Monitor:
         self.tracker.due(self._states)
 
     def _scan(self) -> None:
-        try:
-            result = self._discoverer.scan()
-        except Exception as e:
-            self.errors["scan"] += 1
-            log.error("scan failed: %s: %s", type(e).__name__, e)
-            return
-        self.dropped = dict(result.dropped)
-        seen = {c.key: c for c in result.candidates}
-        added = []
-        with self._lock:
-            for key in list(self._states):
-                state = self._states[key]
-                cand = seen.get(key)
-                if cand is None or cand.target != state.candidate.target:
-                    self._forget(key)
-        for key, cand in seen.items():
-            if key in self._states:
-                continue
-            try:
-                stat = procfs.StatFile(key[0], key[1])
-            except (procfs.ProcessGone, OSError):
-                continue  # gone since the scan
-            state = ProcessState(cand, kube=self._kube_labels(cand.info.pid), stat=stat,
-                                  tasks=procfs.ThreadFiles(key[0]))
-            with self._lock:
-                self._states[key] = state
-            added.append((key, state))
-            log.info("tracking pid=%d target=%s", cand.info.pid, cand.target)
+        added = self._tracked.scan()
         if added and self.generation:
             # A first reading now, so that the next pass makes a window.
             for key, state in added:
                 self._read_guarded(key, state)
             self.tracker.due(self._states)
-
-    def _kube_labels(self, pid: int) -> tuple:
-        if self._pod_resolver is None:
-            return ()
-        try:
-            return self._pod_resolver(pid)
-        except Exception as e:
-            self.errors["kube"] += 1
-            log.warning("pod lookup for pid %d failed: %s", pid, e)
-            return ()
-
-    def _forget(self, key) -> None:
-        # called with self._lock held
-        state = self._states.pop(key, None)
-        if state is not None:
-            log.info("untracking pid=%d target=%s", key[0], state.candidate.target)
-            if state.stat is not None:
-                state.stat.close()
-            if state.tasks is not None:
-                state.tasks.close()
-        self.tracker.forget(key, state)
 
     def _read_host(self, now: float) -> None:
         try:
@@ -304,8 +254,7 @@ class Monitor:
             stat = state.stat.read()
             per_thread, sched = state.tasks.read(stat.threads)
         except procfs.ProcessGone:
-            with self._lock:
-                self._forget(key)
+            self._tracked.forget(key)
             return
         except PermissionError:
             self.errors["procfs_permission"] += 1
@@ -337,7 +286,7 @@ class Monitor:
 
     def alive_keys(self) -> frozenset:
         """Keys of the tracked processes that are still running now (one pread each)."""
-        with self._lock:  # the monitor closes kept files under this lock only
+        with self._tracked.lock:  # kept files are closed under this lock only
             return frozenset(k for k, st in self._states.items()
                              if st.history and st.stat is not None and st.stat.alive())
 
@@ -345,7 +294,7 @@ class Monitor:
         """Views of the tracked processes; `alive` (from alive_keys()) skips the liveness reads."""
         if alive is None and check_alive:
             alive = self.alive_keys()  # gone since the last pass: never publish a dead process
-        with self._lock:
+        with self._tracked.lock:
             states = list(self._states.items())
         out = []
         for key, state in states:
