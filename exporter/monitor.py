@@ -5,7 +5,8 @@ reads every tracked process's /proc figures in passes, keeping the history of re
 which the window gauges are derived (state.py, views.py). A second background thread (the
 GilSampler) reads each target's GIL at ~100 Hz; the GilTracker (giltracker.py) locates the
 GILs on a worker with a deadline and hands each pass their totals. Scrapes never read target
-memory: they read the last pass, after one liveness read per process.
+memory: they read the last pass, after one liveness read per process. The table of tracked
+processes and the reading of each in a pass are tracking.py's; Monitor runs them.
 
 When passes happen (passes.py). Without a scraper to follow (`diagnose`, tests), every
 `tick_seconds`. Behind the HTTP server (follow_scrapes()), just before each expected scrape
@@ -26,13 +27,12 @@ import time
 from collections import Counter, deque
 from typing import Callable
 
-from exporter import passes, procfs, views
+from exporter import passes, procfs, tracking, views
 from exporter.config import Config
-from exporter.discover import Discoverer
 from exporter.giltracker import LOCATE_DEADLINE, GilTracker
 from exporter.passes import LEAD, ScrapeRhythm
 from exporter.sampler import GilSampler
-from exporter.state import SCORE_HISTORY_STEP, HostTick, ProcessState, Tick
+from exporter.state import ProcessState, Tick  # noqa: F401 (Tick: importers' old home)
 
 # the helpers' former names here (tests import them from this module)
 from exporter.state import add_totals as _add_totals  # noqa: F401
@@ -56,12 +56,6 @@ class Monitor:
         self.config = config
         self.tick_seconds = tick_seconds
         self.errors: Counter = Counter()
-        self.dropped: dict[str, int] = {}
-        self._discoverer = Discoverer(config)
-        self._pod_resolver = pod_resolver
-        self._states: dict[tuple, ProcessState] = {}
-        self._host: deque = deque()
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()           # a scrape wants a pass, or stop()
         self._passed = threading.Condition()     # notified after each pass
@@ -78,10 +72,21 @@ class Monitor:
         # locating the GILs (a worker with a deadline) and taking their totals for a pass
         self.tracker = GilTracker(config, self.sampler, self.errors, lambda key: key in self._states,
                                deadline=locate_deadline)
+        self._tracked = tracking.TrackedProcesses(config, self.tracker, self.errors, pod_resolver)
+        self._reader = tracking.ProcessReader(config, tick_seconds, self.tracker, self.errors,
+                                              gone=self._tracked.forget)
         self.ready = threading.Event()  # set after the first pass
         self.lead = LEAD  # how long before an expected scrape its pass happens
         self.generation = 0  # passes done: what /metrics shows changes only when this does
         self.tick_listeners: list[Callable[[], None]] = []
+
+    @property
+    def _states(self) -> dict[tuple, ProcessState]:
+        return self._tracked.states
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        return self._tracked.dropped
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -105,19 +110,15 @@ class Monitor:
         if self.sampler:
             self.sampler.stop()
         self.tracker.stop()  # joins no locator worker: one may be stuck in a target
-        with self._lock:
-            for state in self._states.values():
-                if state.stat is not None:
-                    state.stat.close()
-                if state.tasks is not None:
-                    state.tasks.close()
+        self._tracked.close()
 
     def reload(self, config: Config) -> None:
         """Apply a new, already validated config: the next tick rescans with it."""
-        with self._lock:
+        with self._tracked.lock:
             self.config = config
             self.tracker.config = config
-            self._discoverer = Discoverer(config)
+            self._reader.config = config
+            self._tracked.reload(config)
             self._next_scan = 0.0
         self._wake.set()
         if self.sampler and config.sampling.rate_hz != self.sampler.rate_hz:
@@ -183,9 +184,9 @@ class Monitor:
         try:
             now = time.monotonic()
             self._passes.append(now)
-            self._read_host(now)
+            self._reader.read_host(now)
             for key, state in list(self._states.items()):
-                self._read_guarded(key, state)
+                self._reader.read_guarded(key, state)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("pass: %d processes in %.1f ms; next scrape expected in %s s", len(self._states),
                           (time.monotonic() - now) * 1000,
@@ -213,131 +214,20 @@ class Monitor:
         self.tracker.due(self._states)
 
     def _scan(self) -> None:
-        try:
-            result = self._discoverer.scan()
-        except Exception as e:
-            self.errors["scan"] += 1
-            log.error("scan failed: %s: %s", type(e).__name__, e)
-            return
-        self.dropped = dict(result.dropped)
-        seen = {c.key: c for c in result.candidates}
-        added = []
-        with self._lock:
-            for key in list(self._states):
-                state = self._states[key]
-                cand = seen.get(key)
-                if cand is None or cand.target != state.candidate.target:
-                    self._forget(key)
-        for key, cand in seen.items():
-            if key in self._states:
-                continue
-            try:
-                stat = procfs.StatFile(key[0], key[1])
-            except (procfs.ProcessGone, OSError):
-                continue  # gone since the scan
-            state = ProcessState(cand, kube=self._kube_labels(cand.info.pid), stat=stat,
-                                  tasks=procfs.ThreadFiles(key[0]))
-            with self._lock:
-                self._states[key] = state
-            added.append((key, state))
-            log.info("tracking pid=%d target=%s", cand.info.pid, cand.target)
+        added = self._tracked.scan()
         if added and self.generation:
             # A first reading now, so that the next pass makes a window.
             for key, state in added:
-                self._read_guarded(key, state)
+                self._reader.read_guarded(key, state)
             self.tracker.due(self._states)
-
-    def _kube_labels(self, pid: int) -> tuple:
-        if self._pod_resolver is None:
-            return ()
-        try:
-            return self._pod_resolver(pid)
-        except Exception as e:
-            self.errors["kube"] += 1
-            log.warning("pod lookup for pid %d failed: %s", pid, e)
-            return ()
-
-    def _forget(self, key) -> None:
-        # called with self._lock held
-        state = self._states.pop(key, None)
-        if state is not None:
-            log.info("untracking pid=%d target=%s", key[0], state.candidate.target)
-            if state.stat is not None:
-                state.stat.close()
-            if state.tasks is not None:
-                state.tasks.close()
-        self.tracker.forget(key, state)
-
-    def _read_host(self, now: float) -> None:
-        try:
-            self._host.append(HostTick(now, tuple(procfs.host_cpu_times())))
-        except OSError as e:
-            self.errors["host"] += 1
-            log.error("reading host CPU times failed: %s", e)
-            return
-        self._trim(self._host, now)
-
-    def _trim(self, history: deque, now: float) -> None:
-        # Keep one sample older than the window so the window is always covered.
-        horizon = now - self.config.window_seconds - 2 * self.tick_seconds
-        while len(history) > 2 and history[1].t < horizon:
-            history.popleft()
-
-    def _read_guarded(self, key, state: ProcessState) -> None:
-        """One process's part of a pass: whatever it raises costs that process's figures only
-        (errors_total{reason="process"}); the other processes are read as ever."""
-        try:
-            self._read_process(key, state)
-            state.failing = ""
-        except Exception as e:
-            self.errors["process"] += 1
-            # Nothing stale is published: the process is back with its next good readings.
-            state.history = deque()
-            what = f"{type(e).__name__}: {e}"
-            if what != state.failing:  # once per kind of failure, not once per pass
-                log.error("pid=%d reading the process failed, its figures are left out: %s", key[0], what)
-                log.debug("process failure", exc_info=True)
-            state.failing = what
-
-    def _read_process(self, key, state: ProcessState) -> None:
-        try:
-            stat = state.stat.read()
-            per_thread, sched = state.tasks.read(stat.threads)
-        except procfs.ProcessGone:
-            with self._lock:
-                self._forget(key)
-            return
-        except PermissionError:
-            self.errors["procfs_permission"] += 1
-            return
-        voluntary, involuntary = state.ctx_totals(per_thread)
-        alive = set(per_thread) if state.per_thread else None
-        totals, gils, held = self.tracker.take(key, state, alive)
-        thread_held = None
-        if state.per_thread and state.labels is not None:
-            pid_names = key[0]
-            values = state.labels.update(time.monotonic(), held, lambda: _thread_names(pid_names),
-                                         set(per_thread))
-            thread_held = tuple(sorted((label, g, v) for (label, g), v in values.items()))
-        now = time.monotonic()
-        tick = Tick(now, stat.threads, stat.cpu_user, stat.cpu_system, voluntary, involuntary,
-                    totals, sched, gils, thread_held)
-        if state.history:
-            state.held_off_cpu += views.held_off_cpu_increment(state.history[-1], tick)
-        state.history.append(tick)
-        self._trim(state.history, now)
-        wall = time.time()
-        if not state.scores or wall - state.scores[-1][0] >= min(SCORE_HISTORY_STEP,
-                                                                  self.config.window_seconds / 2):
-            state.scores.append((wall, views.derive(state, self._host, self.config.window_seconds)[2]))
 
     # -- views for export ------------------------------------------------------
     def host(self) -> HostView:
-        return views.host_view(self._host, self.config.window_seconds)
+        return views.host_view(self._reader.host, self.config.window_seconds)
 
     def alive_keys(self) -> frozenset:
         """Keys of the tracked processes that are still running now (one pread each)."""
-        with self._lock:  # the monitor closes kept files under this lock only
+        with self._tracked.lock:  # kept files are closed under this lock only
             return frozenset(k for k, st in self._states.items()
                              if st.history and st.stat is not None and st.stat.alive())
 
@@ -345,7 +235,7 @@ class Monitor:
         """Views of the tracked processes; `alive` (from alive_keys()) skips the liveness reads."""
         if alive is None and check_alive:
             alive = self.alive_keys()  # gone since the last pass: never publish a dead process
-        with self._lock:
+        with self._tracked.lock:
             states = list(self._states.items())
         out = []
         for key, state in states:
@@ -353,16 +243,7 @@ class Monitor:
                 continue
             if alive is not None and key not in alive:
                 continue
-            out.append(views.build(state, self._host, self.config.window_seconds))
+            out.append(views.build(state, self._reader.host, self.config.window_seconds))
         out.sort(key=lambda v: (v.target, v.pid))
         return out
-
-
-def _thread_names(pid: int) -> dict[int, str]:
-    """TID -> name of every thread (read only when a thread is to get a label)."""
-    try:
-        return {tid: st.name for tid, st in procfs.task_stats(pid).items()}
-    except (procfs.ProcessGone, OSError):
-        return {}
-
 

@@ -29,6 +29,7 @@ STAGE_OF = {
     "exporter.samplernative": "probe",
     "exporter.score": "derive", "exporter.state": "derive", "exporter.passes": "derive",
     "exporter.giltracker": "derive", "exporter.views": "derive", "exporter.monitor": "derive",
+    "exporter.tracking": "derive",
     "exporter.collector": "export", "exporter.http": "export", "exporter.cli": "export",
     "exporter.diagnose": "export", "exporter.top": "export", "exporter.__main__": "export",
     "exporter.connections": "export", "exporter.redact": "export",

@@ -19,7 +19,6 @@ MAX_FUNCTION = 60
 MAX_CLASS = 250
 
 ALLOWED = {
-    "exporter.monitor:Monitor": "not split yet (issue 17): scanning and the per-process reading go to their own module",
     "exporter.gil.identity:_identify": "not split yet (issue 17): still one idea, to be cut into named steps",
     "exporter.gil.location:validate": "not split yet (issue 17): still one idea, to be cut into named steps",
     "exporter.connections:ConnectionServer": "not split yet (issue 17): still one idea, to be cut into named steps",
