@@ -84,7 +84,8 @@ def daemon_peak(python: str, targets: int, seconds: float) -> tuple[int, int, in
                                 stdout=subprocess.DEVNULL) for _ in range(targets)]
     tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     config = tmp / "config.yaml"
-    config.write_text("targets:\n  - name: workers\n    match:\n      cmdline: 'bench-memory-worker'\n")
+    config.write_text("targets:\n  - name: workers\n    match:\n      cmdline: 'bench-memory-worker'\n"
+                      f"limits:\n  max_targets: {targets + 10}\n  max_processes_per_target: {targets + 10}\n")
     log = open(tmp / "log", "w")
     daemon = subprocess.Popen([python, "-m", "exporter", "--config", str(config),
                                "--web.listen-address", "127.0.0.1:0"], cwd=ROOT,
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
         hwm, rss, ok = daemon_peak(args.python, args.targets, args.seconds)
         print(f"\ndaemon, {args.targets} targets x 10 threads, sampling at the default rate, after "
               f"{args.seconds:g} s: peak (VmHWM) {hwm / 1024:.1f} MB, now (VmRSS) {rss / 1024:.1f} MB, "
-              f"{ok} processes gil_probe=\"ok\"; the imports above: {rows[-1][1] / 1024:.1f} MB")
+              f"{ok} series with gil_probe=\"ok\"; the imports above: {rows[-1][1] / 1024:.1f} MB")
     return 0
 
 
