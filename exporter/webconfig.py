@@ -139,6 +139,32 @@ def _tls(lines: _Lines, base: str, tls, files: list) -> ssl.SSLContext | None:
     if tls is None:
         return None
     where = lambda *k: lines.at("tls_server_config", *k)  # noqa: E731
+    _tls_keys(tls, where)
+
+    def rel(p: str) -> str:
+        return _tls_file(p, base, files, where)
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(rel(tls["cert_file"]), rel(tls["key_file"]))
+    except (OSError, ssl.SSLError) as e:
+        raise WebConfigError(f"{where('cert_file')}: cannot load cert_file/key_file: {e}") from None
+    _tls_versions(ctx, tls, where)
+    prefer = tls.get("prefer_server_cipher_suites", True)
+    if not isinstance(prefer, bool):
+        raise WebConfigError(f"{where('prefer_server_cipher_suites')}: prefer_server_cipher_suites "
+                             f"must be true or false")
+    if prefer:
+        ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    else:
+        ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    _client_auth(ctx, tls, where, rel)
+    return ctx
+
+
+def _tls_keys(tls, where) -> None:
+    """tls_server_config is a mapping of known keys, with a certificate and its key."""
     if not isinstance(tls, dict):
         raise WebConfigError(f"{where()}: tls_server_config must be a mapping")
     for key in tls:
@@ -149,24 +175,23 @@ def _tls(lines: _Lines, base: str, tls, files: list) -> ssl.SSLContext | None:
     if not tls.get("cert_file") or not tls.get("key_file"):
         raise WebConfigError(f"{where()}: tls_server_config needs cert_file and key_file")
 
-    def rel(p: str) -> str:
-        full = p if os.path.isabs(p) else os.path.join(base, p)
-        files.append(full)
-        # ssl opens it with a plain open(): a FIFO there would block the start or the re-read
-        try:
-            os.close(targetfile.open_regular(full, follow_symlinks=True))
-        except targetfile.NotRegularFile as e:
-            raise WebConfigError(f"{where()}: {full}: {e.strerror}") from None
-        except OSError:
-            pass  # missing or unreadable: ssl's own error below names it
-        return full
 
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+def _tls_file(p: str, base: str, files: list, where) -> str:
+    """A file the TLS config names, relative to the web config's directory; noted in `files`
+    (re-read when they change)."""
+    full = p if os.path.isabs(p) else os.path.join(base, p)
+    files.append(full)
+    # ssl opens it with a plain open(): a FIFO there would block the start or the re-read
     try:
-        ctx.load_cert_chain(rel(tls["cert_file"]), rel(tls["key_file"]))
-    except (OSError, ssl.SSLError) as e:
-        raise WebConfigError(f"{where('cert_file')}: cannot load cert_file/key_file: {e}") from None
+        os.close(targetfile.open_regular(full, follow_symlinks=True))
+    except targetfile.NotRegularFile as e:
+        raise WebConfigError(f"{where()}: {full}: {e.strerror}") from None
+    except OSError:
+        pass  # missing or unreadable: ssl's own error names it
+    return full
+
+
+def _tls_versions(ctx: ssl.SSLContext, tls, where) -> None:
     for key in ("min_version", "max_version"):
         version = tls.get(key)
         if version is None:
@@ -180,14 +205,9 @@ def _tls(lines: _Lines, base: str, tls, files: list) -> ssl.SSLContext | None:
             raise WebConfigError(f"{where(key)}: {key} {version}: {e}") from None
     if ctx.maximum_version != ssl.TLSVersion.MAXIMUM_SUPPORTED and ctx.maximum_version < ctx.minimum_version:
         raise WebConfigError(f"{where('max_version')}: max_version is below min_version")
-    prefer = tls.get("prefer_server_cipher_suites", True)
-    if not isinstance(prefer, bool):
-        raise WebConfigError(f"{where('prefer_server_cipher_suites')}: prefer_server_cipher_suites "
-                             f"must be true or false")
-    if prefer:
-        ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-    else:
-        ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+
+
+def _client_auth(ctx: ssl.SSLContext, tls, where, rel) -> None:
     auth = tls.get("client_auth_type", "NoClientCert")
     if auth not in _CLIENT_AUTH:
         raise WebConfigError(f"{where('client_auth_type')}: client_auth_type must be one of "
@@ -201,7 +221,6 @@ def _tls(lines: _Lines, base: str, tls, files: list) -> ssl.SSLContext | None:
             raise WebConfigError(f"{where('client_ca_file')}: cannot load client_ca_file: {e}") from None
     elif auth in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert"):
         raise WebConfigError(f"{where('client_auth_type')}: client_auth_type {auth} needs client_ca_file")
-    return ctx
 
 
 def _users(lines: _Lines, users) -> dict:

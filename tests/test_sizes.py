@@ -26,7 +26,6 @@ ALLOWED = {
     "exporter.http:process_page": "not split yet (issue 17): still one idea, to be cut into named steps",
     "exporter.http:ExporterServer._handler": "not split yet (issue 17): still one idea, to be cut into named steps",
     "exporter.score:verdict": "not split yet (issue 17): still one idea, to be cut into named steps",
-    "exporter.webconfig:_tls": "not split yet (issue 17): still one idea, to be cut into named steps",
 }
 
 
