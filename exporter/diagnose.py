@@ -86,44 +86,14 @@ def measure(pid: int, seconds: float, rate_hz: float = 100.0) -> Measurement:
     monitor.start()
     exited = DiagnoseError(f"process {pid} exited during the measurement")
     try:
-        deadline = time.monotonic() + LOCATE_TIMEOUT
-        view = None
-        while True:  # until the GIL is located, or known unreadable
-            view = _view(monitor, key)
-            if _gone(pid, key):
-                raise exited
-            if view is not None and view.gil_probe != "pending":
-                break
-            if time.monotonic() > deadline:
-                raise DiagnoseError(f"the GIL of process {pid} could not be located within "
-                                    f"{LOCATE_TIMEOUT:.0f} s")
-            time.sleep(0.05)
+        view = _wait_for_probe(monitor, pid, key, exited)
         _check_python(view, info)
         probe = view.gil_probe
         time.sleep(seconds + tick)
         if probe != "ok":  # the /proc estimate: one window of /proc figures is all it needs
             view = _view(monitor, key)
-        else:  # wait for enough GIL samples, up to one more window
-            need = MIN_SAMPLED_FRACTION * seconds
-            deadline = time.monotonic() + seconds + 2 * tick
-            while True:
-                view = _view(monitor, key)
-                if _gone(pid, key):
-                    raise exited
-                if view is not None and view.gil_probe != "ok":
-                    raise DiagnoseError(
-                        f"the GIL probe of process {pid} failed during the measurement: "
-                        f"{view.gil_probe}" + (f" ({view.probe_detail})" if view.probe_detail else ""))
-                f = view.figures if view is not None else None
-                sampled = (f.gil_sampled_seconds or 0.0) if f is not None else 0.0
-                if f is not None and f.contended_ratio is not None and sampled >= need:
-                    break
-                if time.monotonic() > deadline:
-                    raise DiagnoseError(
-                        f"only {sampled:.1f} s of GIL samples of process {pid} arrived in "
-                        f"{2 * seconds:.0f} s (need {need:.1f} s): the host is too busy for the "
-                        f"sampler thread; try again, or with a longer --seconds")
-                time.sleep(tick / 2)
+        else:
+            view = _wait_for_samples(monitor, pid, key, seconds, tick, exited)
         if _gone(pid, key) or view is None:
             raise exited
         if view.figures is None:
@@ -131,6 +101,46 @@ def measure(pid: int, seconds: float, rate_hz: float = 100.0) -> Measurement:
         return Measurement(view, procfs.has_cap_sys_ptrace())
     finally:
         monitor.stop()
+
+
+def _wait_for_probe(monitor: Monitor, pid: int, key, exited: DiagnoseError) -> ProcessView:
+    """The view once the GIL is located, or known unreadable."""
+    deadline = time.monotonic() + LOCATE_TIMEOUT
+    while True:
+        view = _view(monitor, key)
+        if _gone(pid, key):
+            raise exited
+        if view is not None and view.gil_probe != "pending":
+            return view
+        if time.monotonic() > deadline:
+            raise DiagnoseError(f"the GIL of process {pid} could not be located within "
+                                f"{LOCATE_TIMEOUT:.0f} s")
+        time.sleep(0.05)
+
+
+def _wait_for_samples(monitor: Monitor, pid: int, key, seconds: float, tick: float,
+                      exited: DiagnoseError) -> ProcessView:
+    """The view once enough GIL samples arrived, waiting up to one more window."""
+    need = MIN_SAMPLED_FRACTION * seconds
+    deadline = time.monotonic() + seconds + 2 * tick
+    while True:
+        view = _view(monitor, key)
+        if _gone(pid, key):
+            raise exited
+        if view is not None and view.gil_probe != "ok":
+            raise DiagnoseError(
+                f"the GIL probe of process {pid} failed during the measurement: "
+                f"{view.gil_probe}" + (f" ({view.probe_detail})" if view.probe_detail else ""))
+        f = view.figures if view is not None else None
+        sampled = (f.gil_sampled_seconds or 0.0) if f is not None else 0.0
+        if f is not None and f.contended_ratio is not None and sampled >= need:
+            return view
+        if time.monotonic() > deadline:
+            raise DiagnoseError(
+                f"only {sampled:.1f} s of GIL samples of process {pid} arrived in "
+                f"{2 * seconds:.0f} s (need {need:.1f} s): the host is too busy for the "
+                f"sampler thread; try again, or with a longer --seconds")
+        time.sleep(tick / 2)
 
 
 def _check_python(view: ProcessView, info: procfs.ProcessInfo) -> None:
