@@ -234,16 +234,20 @@ def validate(pid: int, fd: int, address: int, layout: GilLayout, maps: Sequence,
         waiters_seen += wrefs >> 3
     if strict and not good_holders:
         return "no live thread state seen as last_holder"
-    if waiters_seen >= reads:     # on average >= 1 waiter: they must be futex-blocked here
-        # On an overloaded box a waiter whose timed wait expired can stay runnable (and
-        # counted in __wrefs) for a while before it runs: give it up to ~0.1 s.
-        for _ in range(25):
-            if futex_waiters(pid, address, layout) > 0:
-                break
-            time.sleep(pause)
-        else:
-            return "waiters counted but none futex-blocked on the condvar"
+    if waiters_seen >= reads and not _some_waiter_blocked(pid, address, layout, pause):
+        return "waiters counted but none futex-blocked on the condvar"
     return ""
+
+
+def _some_waiter_blocked(pid: int, address: int, layout: GilLayout, pause: float) -> bool:
+    """On average >= 1 waiter was counted: some thread must be futex-blocked on this condvar.
+    On an overloaded box a waiter whose timed wait expired can stay runnable (and counted in
+    __wrefs) for a while before it runs: give it up to ~0.1 s."""
+    for _ in range(25):
+        if futex_waiters(pid, address, layout) > 0:
+            return True
+        time.sleep(pause)
+    return False
 
 
 # --------------------------------------------------------------------------- strategies
