@@ -162,8 +162,10 @@ def identify_target(pid: int) -> Target:
         os.close(fd)
 
 
-def _identify(pid: int, fd: int, maps: list[MapEntry], exe: str) -> Target:
-    # Each file's mapping at file offset 0: where its ELF header (and load base) is.
+def _candidates(maps: list[MapEntry], exe: str) -> tuple[dict[str, MapEntry], list[str], bool]:
+    """(each file's mapping at file offset 0, the ELF files to look for _PyRuntime in, in
+    order, whether the process looks like a Python at all)."""
+    # The mapping at file offset 0: where a file's ELF header (and load base) is.
     first_map: dict[str, MapEntry] = {}
     for m in maps:
         if m.path.startswith("/") and m.offset == 0 and m.path not in first_map:
@@ -179,6 +181,11 @@ def _identify(pid: int, fd: int, maps: list[MapEntry], exe: str) -> Target:
               and _PYTHON_EXE_RE.search(os.path.basename(p.replace(_DELETED, "")))]
     looks_python = any(_LIBPY_RE.search(os.path.basename(p)) for p in first_map) or bool(
         exe and re.search(r"python", os.path.basename(exe)))
+    return first_map, cands, looks_python
+
+
+def _identify(pid: int, fd: int, maps: list[MapEntry], exe: str) -> Target:
+    first_map, cands, looks_python = _candidates(maps, exe)
     errors: list[str] = []
     infos = []
     chosen = None
