@@ -211,21 +211,8 @@ def thread_section(table: ThreadTable | None) -> str:
                                                 "<p>No thread could be read.</p>"))
 
 
-def process_page(monitor: Monitor, pid: int, metrics_path: str,
-                 threads: SamplerPool | None = None, show_cmdline: bool = False) -> str | None:
-    view = next((v for v in monitor.snapshot() if v.pid == pid), None)
-    if view is None:
-        return None
-    table = None
-    if threads is not None:
-        threads.configure(monitor.config.sampling.rate_hz, monitor.config.sampling.enabled)
-        try:
-            # a process whose locate blocked: the page's own sampler must not block too
-            table = threads.table(pid, procfs.start_time(pid), monitor.config.window_seconds,
-                                  limit=THREAD_ROWS, read_gil=view.gil_probe != "locate_timeout")
-        except (procfs.ProcessGone, PermissionError):
-            return None
-    status, verdict = process_verdict(view, procfs.has_cap_sys_ptrace())
+def _figure_rows(view) -> str:
+    """The figures table's rows of a process page."""
     f = view.figures
     interval = None if f is None or f.interval_seconds is None else f.interval_seconds * 1000
     figures = [
@@ -248,12 +235,37 @@ def process_page(monitor: Monitor, pid: int, metrics_path: str,
     ]
     rows = "\n".join(f'<tr><th class="l">{html.escape(k)}</th><td class="l">{html.escape(v)}</td></tr>'
                      for k, v in figures)
+    return rows
+
+
+def _verdict_html(status: str, verdict) -> str:
+    """The verdict section's text of a process page, as diagnose words it."""
     if verdict is None:
         said = "<p>No verdict yet: the GIL is being located or sampled over a first window.</p>"
     else:
         advice = "".join(f"<li>{html.escape(a)}</li>" for a in verdict.advice)
         said = (f"<p>{_badge(status)} <b>{html.escape(verdict.headline)}</b> "
                 f"(<code>{verdict.kind}</code>)</p>" + (f"<ul>{advice}</ul>" if advice else ""))
+    return said
+
+
+def process_page(monitor: Monitor, pid: int, metrics_path: str,
+                 threads: SamplerPool | None = None, show_cmdline: bool = False) -> str | None:
+    view = next((v for v in monitor.snapshot() if v.pid == pid), None)
+    if view is None:
+        return None
+    table = None
+    if threads is not None:
+        threads.configure(monitor.config.sampling.rate_hz, monitor.config.sampling.enabled)
+        try:
+            # a process whose locate blocked: the page's own sampler must not block too
+            table = threads.table(pid, procfs.start_time(pid), monitor.config.window_seconds,
+                                  limit=THREAD_ROWS, read_gil=view.gil_probe != "locate_timeout")
+        except (procfs.ProcessGone, PermissionError):
+            return None
+    status, verdict = process_verdict(view, procfs.has_cap_sys_ptrace())
+    rows = _figure_rows(view)
+    said = _verdict_html(status, verdict)
     runbook = "python-gil-probe-unavailable.md" if view.score_method == "procfs" \
         else "python-gil-contention.md"
     now = time.time()
