@@ -413,62 +413,13 @@ def verdict(f: Figures, threshold: float = THRESHOLD, cmdline: str = "", probe: 
                        f"switches/s" + (", host busy" if (f.host_idle_cpus or 0) < CAPPED_HOST_IDLE
                                         else "") + ")",
                        probe_why)
-    how = "measured from the GIL" if method == "gil_state" else "estimated from /proc"
-    if method == "gil_state" and f.gils > 1:
-        amount = (f"the GIL of interpreter {f.interpreter} contended {value:.0%} of the time "
-                  f"({how}; the most contended of {f.gils} interpreters with a GIL of their own)")
-    elif method == "gil_state":
-        amount = f"GIL contended {value:.0%} of the time ({how})"
-    else:  # evidence, not a fraction of time
-        amount = f"GIL contention score {value:.2f} ({how})"
+    amount = _amount(f, value, method)
     iv_text = _ms(iv) if f.interval_seconds else f"{_ms(iv)} unless changed"
     held_idle = f.held_ratio is None or f.held_ratio < IDLE_CORES
     if value < threshold and f.cpu_cores < IDLE_CORES and held_idle:
         return Verdict(False, "idle", f"idle: {cores} used, {threads}, {amount}", probe_why)
     if value >= threshold:
-        off = held_off_cpu(f)
-        if (method == "gil_state" and off is not None and f.held_ratio
-                and off >= BLOCKED_HELD_SHARE * f.held_ratio):
-            return _blocked(f, holder, amount, threads, cores, off)
-        g = gain(f) if method == "gil_state" else None
-        switch = (f"sys.setswitchinterval (now {iv_text}) only changes how often threads take "
-                  f"turns, not the total throughput; raising it lowers switching overhead, "
-                  f"lowering it improves latency.")
-        if f.top_thread_share is None:
-            return Verdict(True, "contended_unclassified",
-                           f"GIL contended: {amount}, {threads} on {cores} (which threads hold "
-                           f"it was not measured: no /proc/PID/task/*/schedstat)",
-                           ("Move the CPU-bound Python work to processes "
-                            "(concurrent.futures.ProcessPoolExecutor, more worker processes), "
-                            "or off the threads that serve I/O.", *_gain_advice(g), switch)
-                           + probe_why, g)
-        if f.top_thread_share >= STARVED_TOP_SHARE:
-            return Verdict(True, "io_starved_by_cpu",
-                           f"threads starved by one CPU-bound thread: {amount}; one thread did "
-                           f"{f.top_thread_share:.0%} of the CPU work, {threads} on {cores}",
-                           ("Move the CPU-bound work out of this process, or off the I/O threads "
-                            "and event loop onto a process pool: "
-                            "loop.run_in_executor(concurrent.futures.ProcessPoolExecutor(), fn, "
-                            "*args) from asyncio, or executor.submit from threads.",
-                            f"Every wake-up of an I/O thread waits up to the switch interval "
-                            f"({iv_text}) for the GIL: sys.setswitchinterval(0.001) gets them the "
-                            f"GIL sooner but costs more switching overhead in the CPU thread; it "
-                            f"is a mitigation, not a fix.") + _gain_advice(g) + probe_why, g)
-        server = _server(cmdline)
-        what = server[0] if server else "Python threads"
-        n = max(2, round(f.busy_threads or 2))
-        share = min(1.0, f.cpu_cores)
-        processes = (f"Threads add no CPU throughput here: {server[1]}." if server else
-                     "Threads add no CPU throughput here: move the CPU work to processes "
-                     "(concurrent.futures.ProcessPoolExecutor or multiprocessing.Pool).")
-        return Verdict(True, "cpu_threads_serialized",
-                       f"CPU-bound {what} serialized on the GIL: {n} threads share "
-                       f"~{share:.1f} core; {amount}",
-                       (processes,
-                        "Or move the hot loop to native code that releases the GIL (NumPy, "
-                        "Cython `with nogil`, a C/Rust extension), or run on a free-threaded "
-                        "build (python3.13t and later).",
-                        *_gain_advice(g), switch) + probe_why, g)
+        return _contended(f, holder, amount, threads, cores, iv_text, cmdline, method, probe_why)
     if f.gils > 1 and (f.gils_held or 0.0) >= PARALLEL_FROM:
         return Verdict(False, "interpreters_parallel",
                        f"subinterpreters run in parallel, each on its own GIL: {f.gils_held:.1f} "
@@ -486,3 +437,62 @@ def verdict(f: Figures, threshold: float = THRESHOLD, cmdline: str = "", probe: 
                        + probe_why)
     return Verdict(False, "no_contention", f"no GIL contention: {amount}, {threads}, {cores}",
                    _one_core_advice(f, cmdline, method) + probe_why)
+
+
+def _amount(f: Figures, value: float, method: str) -> str:
+    """How much the GIL is contended, in words, and how that was found."""
+    how = "measured from the GIL" if method == "gil_state" else "estimated from /proc"
+    if method == "gil_state" and f.gils > 1:
+        return (f"the GIL of interpreter {f.interpreter} contended {value:.0%} of the time "
+                f"({how}; the most contended of {f.gils} interpreters with a GIL of their own)")
+    if method == "gil_state":
+        return f"GIL contended {value:.0%} of the time ({how})"
+    return f"GIL contention score {value:.2f} ({how})"  # evidence, not a fraction of time
+
+
+def _contended(f: Figures, holder: Holder | None, amount: str, threads: str, cores: str, iv_text: str,
+               cmdline: str, method: str, probe_why: tuple) -> Verdict:
+    """The verdict on a process whose score is over the threshold: which kind of contention."""
+    off = held_off_cpu(f)
+    if (method == "gil_state" and off is not None and f.held_ratio
+            and off >= BLOCKED_HELD_SHARE * f.held_ratio):
+        return _blocked(f, holder, amount, threads, cores, off)
+    g = gain(f) if method == "gil_state" else None
+    switch = (f"sys.setswitchinterval (now {iv_text}) only changes how often threads take "
+              f"turns, not the total throughput; raising it lowers switching overhead, "
+              f"lowering it improves latency.")
+    if f.top_thread_share is None:
+        return Verdict(True, "contended_unclassified",
+                       f"GIL contended: {amount}, {threads} on {cores} (which threads hold "
+                       f"it was not measured: no /proc/PID/task/*/schedstat)",
+                       ("Move the CPU-bound Python work to processes "
+                        "(concurrent.futures.ProcessPoolExecutor, more worker processes), "
+                        "or off the threads that serve I/O.", *_gain_advice(g), switch)
+                       + probe_why, g)
+    if f.top_thread_share >= STARVED_TOP_SHARE:
+        return Verdict(True, "io_starved_by_cpu",
+                       f"threads starved by one CPU-bound thread: {amount}; one thread did "
+                       f"{f.top_thread_share:.0%} of the CPU work, {threads} on {cores}",
+                       ("Move the CPU-bound work out of this process, or off the I/O threads "
+                        "and event loop onto a process pool: "
+                        "loop.run_in_executor(concurrent.futures.ProcessPoolExecutor(), fn, "
+                        "*args) from asyncio, or executor.submit from threads.",
+                        f"Every wake-up of an I/O thread waits up to the switch interval "
+                        f"({iv_text}) for the GIL: sys.setswitchinterval(0.001) gets them the "
+                        f"GIL sooner but costs more switching overhead in the CPU thread; it "
+                        f"is a mitigation, not a fix.") + _gain_advice(g) + probe_why, g)
+    server = _server(cmdline)
+    what = server[0] if server else "Python threads"
+    n = max(2, round(f.busy_threads or 2))
+    share = min(1.0, f.cpu_cores)
+    processes = (f"Threads add no CPU throughput here: {server[1]}." if server else
+                 "Threads add no CPU throughput here: move the CPU work to processes "
+                 "(concurrent.futures.ProcessPoolExecutor or multiprocessing.Pool).")
+    return Verdict(True, "cpu_threads_serialized",
+                   f"CPU-bound {what} serialized on the GIL: {n} threads share "
+                   f"~{share:.1f} core; {amount}",
+                   (processes,
+                    "Or move the hot loop to native code that releases the GIL (NumPy, "
+                    "Cython `with nogil`, a C/Rust extension), or run on a free-threaded "
+                    "build (python3.13t and later).",
+                    *_gain_advice(g), switch) + probe_why, g)
