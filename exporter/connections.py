@@ -109,6 +109,85 @@ def _fd_room(wanted: int) -> int:
     return max(16, min(wanted, soft - 128))
 
 
+class _Workers:
+    """The fixed pool that answers complete requests, one each at a time, and the way back to
+    the acceptor for a kept-alive connection: a list under a lock, and a byte on a socket pair
+    whose read end the acceptor's selector watches (it wakes the acceptor)."""
+
+    def __init__(self, handle, limits: ServerLimits, stop: threading.Event):
+        self.handle = handle
+        self.limits = limits
+        self._stop = stop
+        self.jobs: queue.Queue = queue.Queue(limits.queue)
+        self._back: list[_Conn] = []  # kept-alive connections returned by the workers
+        self._back_lock = threading.Lock()
+        self.wake_r, self._wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def threads(self) -> list[threading.Thread]:
+        return [threading.Thread(target=self._work, name=f"http-{i}", daemon=True)
+                for i in range(self.limits.workers)]
+
+    def end(self) -> None:
+        """A None for each worker, as many as the queue has room for (the stop event ends the
+        rest at their next request)."""
+        for _ in range(self.limits.workers):
+            try:
+                self.jobs.put_nowait(None)
+            except queue.Full:
+                break
+
+    def close(self) -> None:
+        self.wake_r.close()
+        self._wake_w.close()
+
+    def wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def take_back(self) -> list[_Conn]:
+        """In the acceptor: the wake-up bytes dropped, and the connections handed back."""
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        with self._back_lock:
+            back, self._back = self._back, []
+        return back
+
+    def _work(self) -> None:
+        while True:
+            req = self.jobs.get()
+            if req is None or self._stop.is_set():
+                if req is not None:
+                    req.sock.close()
+                return
+            keep = False
+            try:
+                req.sock.setblocking(True)
+                keep = self.handle(req)
+            except Exception:  # noqa: BLE001 (one request's failure is that request's)
+                log.debug("request from %s failed", req.address[0], exc_info=True)
+            if not keep or self._stop.is_set():
+                try:
+                    req.sock.close()
+                except OSError:
+                    pass
+                continue
+            req.sock.setblocking(False)
+            now = time.monotonic()
+            conn = _Conn(req.sock, req.address, now, now + (self.limits.head_timeout if req.rest
+                                                             else self.limits.idle_timeout),
+                         buf=req.rest)
+            with self._back_lock:
+                self._back.append(conn)
+            self.wake()
+
+
 class ConnectionServer:
     """Listens on `address`; `handle(request) -> bool` runs in a worker and says whether the
     connection stays open. `tls()` gives the SSL context for a new connection (None: plain);
@@ -125,55 +204,37 @@ class ConnectionServer:
             self.listener.close()
             raise
         self.listener.setblocking(False)
-        self.handle = handle
         self.tls = tls
         self.limits = limits
         self.max_connections = _fd_room(limits.max_connections)
         self.server_address = self.listener.getsockname()
         self._sel = selectors.DefaultSelector()
         self._conns: dict[int, _Conn] = {}
-        self._jobs: queue.Queue = queue.Queue(limits.queue)
-        self._back: list[_Conn] = []  # kept-alive connections returned by the workers
-        self._back_lock = threading.Lock()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
         self._stop = threading.Event()
+        self._workers = _Workers(handle, limits, self._stop)
         self._threads: list[threading.Thread] = []
         self._accept_paused_until = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self._sel.register(self.listener, selectors.EVENT_READ, "listen")
-        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._sel.register(self._workers.wake_r, selectors.EVENT_READ, "wake")
         self._threads.append(threading.Thread(target=self._accept_loop, name="http", daemon=True))
-        for i in range(self.limits.workers):
-            self._threads.append(threading.Thread(target=self._work, name=f"http-{i}", daemon=True))
+        self._threads += self._workers.threads()
         for t in self._threads:
             t.start()
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
-        self._wake()
-        for _ in range(self.limits.workers):
-            try:
-                self._jobs.put_nowait(None)
-            except queue.Full:
-                break
+        self._workers.wake()
+        self._workers.end()
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))  # a worker stuck writing is a daemon
         for conn in list(self._conns.values()):
             self._close(conn)
         self.listener.close()
-        self._wake_r.close()
-        self._wake_w.close()
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+        self._workers.close()
 
     # -- the acceptor ----------------------------------------------------------------------
     def _accept_loop(self) -> None:
@@ -254,14 +315,7 @@ class ConnectionServer:
         return True
 
     def _take_back(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-        with self._back_lock:
-            back, self._back = self._back, []
-        for conn in back:
+        for conn in self._workers.take_back():
             if len(self._conns) >= self.max_connections:
                 self._evict_oldest()
             self._add(conn, selectors.EVENT_READ)
@@ -369,40 +423,11 @@ class ConnectionServer:
         del self._conns[conn.sock.fileno()]
         self._sel.unregister(conn.sock)
         try:
-            self._jobs.put_nowait(Request(conn.sock, conn.address, head, rest))
+            self._workers.jobs.put_nowait(Request(conn.sock, conn.address, head, rest))
         except queue.Full:
             self._conns[conn.sock.fileno()] = conn
             self._sel.register(conn.sock, selectors.EVENT_READ, conn)
             self._refuse(conn, 503, "Service Unavailable")
-
-    # -- the workers -----------------------------------------------------------------------
-    def _work(self) -> None:
-        while True:
-            req = self._jobs.get()
-            if req is None or self._stop.is_set():
-                if req is not None:
-                    req.sock.close()
-                return
-            keep = False
-            try:
-                req.sock.setblocking(True)
-                keep = self.handle(req)
-            except Exception:  # noqa: BLE001 (one request's failure is that request's)
-                log.debug("request from %s failed", req.address[0], exc_info=True)
-            if not keep or self._stop.is_set():
-                try:
-                    req.sock.close()
-                except OSError:
-                    pass
-                continue
-            req.sock.setblocking(False)
-            now = time.monotonic()
-            conn = _Conn(req.sock, req.address, now, now + (self.limits.head_timeout if req.rest
-                                                             else self.limits.idle_timeout),
-                         buf=req.rest)
-            with self._back_lock:
-                self._back.append(conn)
-            self._wake()
 
 
 class ResponseWriter:
