@@ -406,6 +406,104 @@ class WebOptions:
     allowed_hosts: tuple | None = ()  # names accepted in Host besides IP literals; None: no check
 
 
+class _Handler(BaseHTTPRequestHandler):
+    """The standard library's request handler, run by ExporterServer._serve on a head the
+    acceptor read: `self.server` is the ExporterServer, set there."""
+    server_version = f"gil-exporter/{__version__}"
+    protocol_version = "HTTP/1.1"
+
+    def _authorized(self) -> bool:
+        auth = self.server.web.current().auth
+        if auth is None:
+            return True
+        header = self.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                user = password = None
+            if user is not None and auth.check(user, password):
+                return True
+        self._send(401, "text/plain; charset=utf-8", b"unauthorized\n",
+                   (("WWW-Authenticate", 'Basic realm="gil-exporter"'),))
+        return False
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self._sent = False
+        try:
+            self._dispatch()
+        except Exception as e:  # noqa: BLE001 (one page's failure, not the connection's)
+            log.error("%s failed: %s: %s", self.path[:200], type(e).__name__, e)
+            if not self._sent:
+                self._send(500, "text/plain; charset=utf-8", b"internal error\n")
+            self.close_connection = True
+
+    def _dispatch(self):
+        server = self.server
+        if not server.hosts.allows(self.headers.get("Host")):
+            self._send(421, "text/plain; charset=utf-8",
+                       b"host not allowed: use an IP address, or a name given with "
+                       b"--web.allowed-hosts\n")
+            return
+        path = urlsplit(self.path).path
+        # /healthz says "ok" and nothing else: open, so that the kubelet's probes (which
+        # carry no credentials) keep working with basic auth on.
+        if path != "/healthz" and not self._authorized():
+            return
+        process = _PROCESS_PATH.fullmatch(path)
+        if path == server.metrics_path:
+            accept = self.headers.get("Accept", "")
+            try:
+                if server.rendered is not None:
+                    body, content_type = server.rendered.body(accept)
+                else:
+                    encoder, content_type = choose_encoder(accept)
+                    body = encoder(server.registry)
+            except Exception as e:
+                log.error("scrape failed: %s: %s", type(e).__name__, e)
+                self._send(500, "text/plain; charset=utf-8", b"scrape failed\n")
+                return
+            self._send(200, content_type, body)
+        elif path == "/healthz":
+            self._send(200, "text/plain; charset=utf-8", b"ok\n")
+        elif not server.options.pages and (path == "/" or process):
+            self._send(404, "text/plain; charset=utf-8",
+                       b"pages are switched off (--web.disable-pages)\n")
+        elif path == "/":
+            server.monitor.refresh()  # figures at most a tick old, as for a scrape
+            page = landing_page(server.monitor, server.metrics_path,
+                                server.options.show_cmdline).encode()
+            self._send(200, "text/html; charset=utf-8", page)
+        elif process:
+            server.monitor.refresh()
+            page = process_page(server.monitor, int(process.group(1)), server.metrics_path,
+                                server.threads, server.options.show_cmdline)
+            if page is None:
+                self._send(404, "text/plain; charset=utf-8", b"no such process\n")
+            else:
+                self._send(200, "text/html; charset=utf-8", page.encode())
+        else:
+            self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+    def do_HEAD(self):  # noqa: N802
+        self.do_GET()
+
+    def _send(self, code: int, content_type: str, body: bytes, extra=()) -> None:
+        self._sent = True
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (*extra, *self.server.web.current().headers):
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        log.debug("http %s %s", self.address_string(), fmt % args)
+
+
 class ExporterServer:
     """Serves one registry and the landing page; stops cleanly on request."""
 
@@ -425,7 +523,7 @@ class ExporterServer:
         # a WebConfigFile is re-read when it or a file it names changes (at most once a second)
         self.web = web if isinstance(web, WebConfigFile) else WebConfigFile.fixed(web or WebConfig())
         self.limits = limits
-        self.handler = self._handler()
+        self.handler = _Handler
         self.httpd = ConnectionServer(address, self._serve, tls=lambda: self.web.current().ssl_context,
                                       limits=limits)
 
@@ -447,105 +545,6 @@ class ExporterServer:
         h.close_connection = True
         h.handle_one_request()
         return not h.close_connection
-
-    def _handler(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            server_version = f"gil-exporter/{__version__}"
-            protocol_version = "HTTP/1.1"
-
-            def _authorized(self) -> bool:
-                auth = server.web.current().auth
-                if auth is None:
-                    return True
-                header = self.headers.get("Authorization", "")
-                scheme, _, value = header.partition(" ")
-                if scheme.lower() == "basic":
-                    try:
-                        user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
-                    except (binascii.Error, UnicodeDecodeError):
-                        user = password = None
-                    if user is not None and auth.check(user, password):
-                        return True
-                self._send(401, "text/plain; charset=utf-8", b"unauthorized\n",
-                           (("WWW-Authenticate", 'Basic realm="gil-exporter"'),))
-                return False
-
-            def do_GET(self):  # noqa: N802 (http.server's naming)
-                self._sent = False
-                try:
-                    self._dispatch()
-                except Exception as e:  # noqa: BLE001 (one page's failure, not the connection's)
-                    log.error("%s failed: %s: %s", self.path[:200], type(e).__name__, e)
-                    if not self._sent:
-                        self._send(500, "text/plain; charset=utf-8", b"internal error\n")
-                    self.close_connection = True
-
-            def _dispatch(self):
-                if not server.hosts.allows(self.headers.get("Host")):
-                    self._send(421, "text/plain; charset=utf-8",
-                               b"host not allowed: use an IP address, or a name given with "
-                               b"--web.allowed-hosts\n")
-                    return
-                path = urlsplit(self.path).path
-                # /healthz says "ok" and nothing else: open, so that the kubelet's probes (which
-                # carry no credentials) keep working with basic auth on.
-                if path != "/healthz" and not self._authorized():
-                    return
-                process = _PROCESS_PATH.fullmatch(path)
-                if path == server.metrics_path:
-                    accept = self.headers.get("Accept", "")
-                    try:
-                        if server.rendered is not None:
-                            body, content_type = server.rendered.body(accept)
-                        else:
-                            encoder, content_type = choose_encoder(accept)
-                            body = encoder(server.registry)
-                    except Exception as e:
-                        log.error("scrape failed: %s: %s", type(e).__name__, e)
-                        self._send(500, "text/plain; charset=utf-8", b"scrape failed\n")
-                        return
-                    self._send(200, content_type, body)
-                elif path == "/healthz":
-                    self._send(200, "text/plain; charset=utf-8", b"ok\n")
-                elif not server.options.pages and (path == "/" or process):
-                    self._send(404, "text/plain; charset=utf-8",
-                               b"pages are switched off (--web.disable-pages)\n")
-                elif path == "/":
-                    server.monitor.refresh()  # figures at most a tick old, as for a scrape
-                    page = landing_page(server.monitor, server.metrics_path,
-                                        server.options.show_cmdline).encode()
-                    self._send(200, "text/html; charset=utf-8", page)
-                elif process:
-                    server.monitor.refresh()
-                    page = process_page(server.monitor, int(process.group(1)), server.metrics_path,
-                                        server.threads, server.options.show_cmdline)
-                    if page is None:
-                        self._send(404, "text/plain; charset=utf-8", b"no such process\n")
-                    else:
-                        self._send(200, "text/html; charset=utf-8", page.encode())
-                else:
-                    self._send(404, "text/plain; charset=utf-8", b"not found\n")
-
-            def do_HEAD(self):  # noqa: N802
-                self.do_GET()
-
-            def _send(self, code: int, content_type: str, body: bytes, extra=()) -> None:
-                self._sent = True
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                for name, value in (*extra, *server.web.current().headers):
-                    self.send_header(name, value)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            def log_message(self, fmt, *args):
-                log.debug("http %s %s", self.address_string(), fmt % args)
-
-        return Handler
 
     def start(self) -> None:
         self.httpd.start()
