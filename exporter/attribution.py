@@ -85,7 +85,8 @@ class ThreadAttribution:
 
 
 class TaskBook:
-    """Names and CPU time of a process's threads over a measurement (procfs.task_stats).
+    """Names, CPU time and run delay of a process's threads over a measurement
+    (procfs.task_stats; the delay from procfs.task_schedstat, where the kernel has it).
 
     A thread first seen after the first read was born during the measurement: all its CPU time
     counts. A TID whose CPU time goes down is a new thread under a reused TID.
@@ -99,8 +100,13 @@ class TaskBook:
         self.used: dict[int, float] = {}      # CPU seconds of earlier threads under a reused TID
         self.names: dict[int, str] = {}
         self.alive: set[int] = set()
+        # seconds runnable but waiting for a CPU: first and last read per TID (schedstat)
+        self.delay_base: dict[int, float] = {}
+        self.delay_last: dict[int, float] = {}
 
-    def observe(self, stats: dict[int, procfs.TaskStat], now: float) -> None:
+    def observe(self, stats: dict[int, procfs.TaskStat], now: float,
+                delays: dict[int, float] | None = None) -> None:
+        """One read of the threads; `delays`: each thread's run delay so far, in seconds."""
         first = self.t0 is None
         if first:
             self.t0 = now
@@ -115,12 +121,18 @@ class TaskBook:
             self.last[tid] = st.cpu_seconds
             self.names[tid] = st.name
         self.alive = set(stats)
+        for tid, delay in (delays or {}).items():
+            before = self.delay_last.get(tid)
+            if before is None or delay < before:   # new, or a new thread under a reused TID
+                self.delay_base[tid] = delay if first and before is None else 0.0
+            self.delay_last[tid] = delay
 
     def copy(self) -> TaskBook:
         out = TaskBook()
         out.t0, out.t1 = self.t0, self.t1
         out.base, out.last, out.used = dict(self.base), dict(self.last), dict(self.used)
         out.names, out.alive = dict(self.names), set(self.alive)
+        out.delay_base, out.delay_last = dict(self.delay_base), dict(self.delay_last)
         return out
 
     def since(self, earlier: TaskBook) -> TaskBook:
@@ -131,6 +143,9 @@ class TaskBook:
         for tid, cpu in self.last.items():
             then = earlier.last.get(tid)
             out.base[tid] = then if then is not None and then <= cpu else 0.0
+        for tid, delay in self.delay_last.items():
+            then = earlier.delay_last.get(tid)
+            out.delay_base[tid] = then if then is not None and then <= delay else 0.0
         return out
 
     def cpu(self, tid: int) -> float | None:
@@ -138,3 +153,10 @@ class TaskBook:
         if self.t0 is None or self.t1 is None or self.t1 <= self.t0 or tid not in self.last:
             return None
         return (self.last[tid] - self.base[tid] + self.used.get(tid, 0.0)) / (self.t1 - self.t0)
+
+    def delay(self, tid: int) -> float | None:
+        """Share of one core the thread sat runnable but waiting for a CPU over the measurement;
+        None before two reads or without schedstat."""
+        if self.t0 is None or self.t1 is None or self.t1 <= self.t0 or tid not in self.delay_last:
+            return None
+        return (self.delay_last[tid] - self.delay_base[tid]) / (self.t1 - self.t0)

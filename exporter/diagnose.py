@@ -306,6 +306,7 @@ def run_diagnose(pid: int, seconds: float, rate_hz: float, as_json: bool, stacks
     finally:
         table = threads.stop(THREAD_ROWS)
         profile = sampler.stop() if sampler else None
+    m = dataclasses.replace(m, view=views.with_threads(m.view, table))
     figures, v = report(m, show_cmdline, blocked_holder(pid, table, profile))
     if as_json:
         out = {"figures": figures, "verdict": dataclasses.asdict(v), "threads": table.as_dict()}

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from exporter import __version__, procfs, score
+from exporter import __version__, procfs, score, views
 from exporter.collector import exposition
 from exporter.connections import ConnectionServer, Request, ResponseWriter, ServerLimits
 from exporter.monitor import Monitor
@@ -178,7 +178,8 @@ def _thread_rows(table: ThreadTable) -> str:
     rows = []
     for r in table.rows:
         name = r.name + ("" if r.alive else " (ended)") + (
-            " (held the GIL while blocked)" if score.thread_held_blocked(r.held, r.cpu) else "")
+            " (held the GIL while blocked)" if score.thread_held_blocked(r.held, r.cpu, r.run_delay)
+            else "")
         cells = [str(r.tid or ""), name, _fmt(r.held, ".0%"), _fmt(r.waiting, ".0%"), _fmt(r.cpu, ".0%")]
         if interp:
             cells.append("–" if r.interpreter is None else str(r.interpreter))
@@ -263,7 +264,8 @@ def process_page(monitor: Monitor, pid: int, metrics_path: str,
                                   limit=THREAD_ROWS, read_gil=view.gil_probe != "locate_timeout")
         except (procfs.ProcessGone, PermissionError):
             return None
-    status, verdict = process_verdict(view, procfs.has_cap_sys_ptrace())
+    status, verdict = process_verdict(views.with_threads(view, table), procfs.has_cap_sys_ptrace(),
+                                      views.table_holder(table))
     rows = _figure_rows(view)
     said = _verdict_html(status, verdict)
     runbook = "python-gil-probe-unavailable.md" if view.score_method == "procfs" \

@@ -46,6 +46,9 @@ class Figures:
     gils: int = 1
     interpreter: int | None = None
     gils_held: float | None = None
+    # The same lower bound as held_off_cpu(), thread by thread, where the GIL's holder at each
+    # sample was read (the per-thread table, threadtable.held_off_cpu); None when not.
+    held_off_cpu_threads: float | None = None
 
 
 @dataclass(frozen=True)
@@ -309,13 +312,19 @@ def held_off_cpu(f: Figures) -> float | None:
     thread's CPU and run delay together. None when the GIL was not read."""
     if f.held_ratio is None or f.gil_enabled is False:
         return None
-    return _clamp(f.held_ratio - _wanted_cores(f))
+    # Both are lower bounds: the larger holds. The process's counts the run delay of every
+    # thread, waiters included, which a loaded host makes large; the per-thread one does not.
+    by_threads = min(f.held_off_cpu_threads or 0.0, f.held_ratio)
+    return max(_clamp(f.held_ratio - _wanted_cores(f)), by_threads)
 
 
-def thread_held_blocked(held: float | None, cpu: float | None) -> bool:
+def thread_held_blocked(held: float | None, cpu: float | None,
+                        run_delay: float | None = None) -> bool:
     """One thread's shares over a window (of the sampled time, of one core): it held the GIL for
-    at least half that time while on no CPU, the same rule as the process's verdict."""
-    return bool(held) and cpu is not None and held - cpu >= BLOCKED_HELD_SHARE * held
+    at least half that time while on no CPU and waiting for none (`run_delay`, where measured),
+    the same rule as the process's verdict."""
+    return (bool(held) and cpu is not None
+            and held - cpu - (run_delay or 0.0) >= BLOCKED_HELD_SHARE * held)
 
 
 def gain(f: Figures) -> Gain | None:

@@ -186,8 +186,9 @@ class ThreadSampler:
 
     def _tasks(self, now: float) -> None:
         stats = procfs.task_stats(self.pid)
+        delays = {tid: wait / 1e9 for tid, (_run, wait) in procfs.task_schedstat(self.pid).items()}
         with self._lock:
-            self.book.observe(stats, now)
+            self.book.observe(stats, now, delays)
             self._history.append((now, self.attribution.copy(), self.book.copy()))
         self._tids = set(stats)
 

@@ -21,6 +21,7 @@ class ThreadShare:
     alive: bool = True            # False: the thread ended during the measurement
     interpreter: int | None = None   # id of the interpreter whose GIL it held or awaited
     threads: int = 1              # threads folded into this row
+    run_delay: float | None = None   # share of one core runnable but waiting for a CPU (schedstat)
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,16 @@ class ThreadTable:
     unknown_held: float = 0.0     # share of sampled time held by a thread whose TID was not read
     waiting_threads: float | None = None   # mean waiters by the GILs' own counts
     unavailable: str = ""         # why GIL shares are missing ("" when measured)
+    # A lower bound of the share of the sampled time the GIL was held while its holder was on
+    # no CPU and waited for none, thread by thread (None without GIL shares or schedstat).
+    held_off_cpu: float | None = None
 
     def as_dict(self) -> dict:
         return {
             "pid": self.pid, "seconds": self.seconds, "sampled_seconds": self.sampled_seconds,
             "samples": self.samples, "waiting_source": self.waiting_source, "gils": self.gils,
             "unknown_held": self.unknown_held, "waiting_threads": self.waiting_threads,
-            "unavailable": self.unavailable,
+            "unavailable": self.unavailable, "held_off_cpu": self.held_off_cpu,
             "threads": [r.__dict__ for r in self.rows],
         }
 
@@ -50,6 +54,17 @@ class ThreadTable:
         if not self.sampled_seconds:
             return {}
         return {r.tid: (r.held or 0.0, r.waiting or 0.0) for r in self.rows if r.tid}
+
+
+def held_off_cpu(rows: list[ThreadShare]) -> float | None:
+    """Held time beyond each holder's own CPU and run delay, summed over the threads: a holder
+    can hold the GIL while running or runnable at most that long, so the rest it held while
+    on no CPU. Tighter than the process's bound (score.held_off_cpu), which must also count
+    the run delay of threads that only waited. None when a delay was not measured."""
+    if any(r.held and r.cpu is not None and r.run_delay is None for r in rows):
+        return None
+    return sum(max(0.0, r.held - r.cpu - r.run_delay) for r in rows
+               if r.tid and r.held and r.cpu is not None and r.run_delay is not None)
 
 
 def _rank(r: ThreadShare) -> tuple:
@@ -73,8 +88,10 @@ def thread_table(pid: int, attribution: ThreadAttribution | None, book: TaskBook
             waiting = att.waiting.get(tid, 0.0) / att.sampled
         rows.append(ThreadShare(tid, book.names.get(tid, "?"), held, waiting, book.cpu(tid),
                                 tid in book.alive,
-                                att.interpreter.get(tid) if att is not None else None))
+                                att.interpreter.get(tid) if att is not None else None,
+                                run_delay=book.delay(tid)))
     rows.sort(key=_rank)
+    off = held_off_cpu(rows) if att is not None else None
     if limit and len(rows) > limit + 1:
         rest = rows[limit:]
 
@@ -83,7 +100,7 @@ def thread_table(pid: int, attribution: ThreadAttribution | None, book: TaskBook
         rows = rows[:limit] + [ThreadShare(
             0, f"{OTHER} ({len(rest)} threads)", total([r.held for r in rest]),
             total([r.waiting for r in rest]), total([r.cpu for r in rest]),
-            any(r.alive for r in rest), None, len(rest))]
+            any(r.alive for r in rest), None, len(rest), total([r.run_delay for r in rest]))]
     seconds = (book.t1 - book.t0) if book.t0 is not None and book.t1 is not None else 0.0
     waiting_threads = None
     if att is not None:
@@ -92,7 +109,7 @@ def thread_table(pid: int, attribution: ThreadAttribution | None, book: TaskBook
         pid, seconds, att.sampled if att else 0.0, att.samples if att else 0,
         waiting_source if att else "", gils, tuple(rows),
         att.held.get(0, 0.0) / att.sampled if att else 0.0, waiting_threads,
-        unavailable or ("" if att else "no GIL samples"))
+        unavailable or ("" if att else "no GIL samples"), off)
 
 
 def _pct(x: float | None) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from exporter import score
 from exporter.sampler import GilTotals
 from exporter.state import ProcessState, Tick, window
+from exporter.threadtable import ThreadTable
 
 
 @dataclass(frozen=True)
@@ -191,14 +192,31 @@ def verdict(view: ProcessView, can_ptrace: bool | None = None,
                          probe_detail=view.probe_detail, can_ptrace=can_ptrace, holder=holder)
 
 
-def status(view: ProcessView, can_ptrace: bool | None = None) -> tuple[str, score.Verdict | None]:
+def with_threads(view: ProcessView, table: ThreadTable | None) -> ProcessView:
+    """The view with what a per-thread table adds to its verdict: the held-off-CPU bound taken
+    thread by thread, over the table's time (the page's and diagnose's own sampling)."""
+    if view.figures is None or table is None or table.held_off_cpu is None:
+        return view
+    return replace(view, figures=replace(view.figures, held_off_cpu_threads=table.held_off_cpu))
+
+
+def table_holder(table: ThreadTable | None) -> score.Holder | None:
+    """The thread a per-thread table shows holding the GIL while off the CPU (the one that held
+    it most, rows being in that order), if any."""
+    r = next((r for r in table.rows if r.tid and score.thread_held_blocked(r.held, r.cpu, r.run_delay)),
+             None) if table is not None else None
+    return score.Holder(r.tid, r.name) if r is not None else None
+
+
+def status(view: ProcessView, can_ptrace: bool | None = None,
+           holder: score.Holder | None = None) -> tuple[str, score.Verdict | None]:
     """(status, Verdict or None) for a view: status is "contended", "ok", "unknown" or
     "measuring" (no score yet: the GIL is being located or not yet sampled over a window)."""
     f = view.figures
     if f is None or (view.score is None and view.score_method == "none"
                      and view.gil_enabled is not False):
         return "measuring", None
-    v = verdict(view, can_ptrace)
+    v = verdict(view, can_ptrace, holder)
     return ("contended" if v.contended else "unknown" if v.kind == "unknown" else "ok"), v
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from exporter import score, syscalls
+from exporter import score, syscalls, views
 from exporter.score import Figures
 
 
@@ -106,3 +106,75 @@ def test_a_thread_held_blocked_by_its_own_shares():
     assert not score.thread_held_blocked(0.34, 0.30)   # a CPU-bound worker taking turns
     assert not score.thread_held_blocked(0.0, 0.0) and not score.thread_held_blocked(None, 0.0)
     assert not score.thread_held_blocked(0.9, None)    # CPU not measured: no claim
+
+
+def test_a_holder_starved_of_cpu_is_not_blocked():
+    """A CPU-bound holder on a host too busy to run it holds the GIL while runnable: its run
+    delay covers the held time its CPU does not."""
+    assert score.thread_held_blocked(0.9, 0.35)                 # without schedstat: no way to tell
+    assert not score.thread_held_blocked(0.9, 0.35, 0.5)
+    assert score.thread_held_blocked(0.9, 0.0, 0.05)            # blocked, and only briefly runnable
+
+
+def test_the_per_thread_bound_decides_when_waiters_sat_runnable():
+    """A frozen holder beside waiters that woke every 5 ms and then waited for a CPU: the
+    process's bound (held time beyond every thread's CPU and run delay) drops under half the
+    held time, the per-thread one (each holder's own) does not, and the larger bound holds."""
+    frozen = score.Figures(threads=5, cpu_cores=0.02, voluntary_per_second=600,
+                           involuntary_per_second=50, host_cpus=2, gil_enabled=True,
+                           interval_seconds=0.005, held_ratio=0.98, waiting_threads=3.0,
+                           switches_per_second=8, contended_ratio=0.97, gil_sampled_seconds=3.0,
+                           run_delay_cores=0.7, busy_threads=3.0, top_thread_share=0.3,
+                           host_idle_cpus=0.0)
+    assert score.held_off_cpu(frozen) == pytest.approx(0.26)
+    assert score.verdict(frozen).kind != "gil_held_while_blocked"
+    both = score.Figures(**{**frozen.__dict__, "held_off_cpu_threads": 0.95})
+    assert score.held_off_cpu(both) == pytest.approx(0.95)
+    v = score.verdict(both, holder=score.Holder(42, "frozen-holder"))
+    assert v.kind == "gil_held_while_blocked" and "thread 42 (frozen-holder)" in v.headline, v
+    over = score.Figures(**{**frozen.__dict__, "held_off_cpu_threads": 1.5})
+    assert score.held_off_cpu(over) == pytest.approx(0.98)       # never more than the time held
+
+
+def _stat(name: str, cpu: float):
+    from exporter.procfs import TaskStat
+    return TaskStat(name, "S", cpu)
+
+
+def test_the_table_bounds_held_time_by_each_holders_own_cpu_and_delay():
+    """threadtable's bound over 3 s: a frozen holder (held all, no CPU, no delay), waiters that
+    sat runnable (delay, never held), and a CPU-bound thread held back by a busy host (held
+    time covered by its CPU and its run delay). The TaskBook's delay is over the same 3 s."""
+    from exporter.attribution import GilSeen, TaskBook, ThreadAttribution
+    from exporter.threadtable import thread_table
+    att = ThreadAttribution()
+    att.credit(2.0, [GilSeen(0, True, 11, (12, 13), 2)])   # 11 frozen, 12 and 13 waiting
+    att.credit(1.0, [GilSeen(0, True, 14, (12,), 1)])      # 14 CPU-bound, starved
+    book = TaskBook()
+    book.observe({t: _stat(f"t{t}", 1.0) for t in (11, 12, 13, 14)}, 10.0,
+                 {11: 5.0, 12: 5.0, 13: 5.0, 14: 5.0})
+    book.observe({11: _stat("t11", 1.0), 12: _stat("t12", 1.03), 13: _stat("t13", 1.03),
+                  14: _stat("t14", 1.4)}, 13.0, {11: 5.0, 12: 6.2, 13: 6.2, 14: 5.6})
+    assert book.delay(12) == pytest.approx(0.4) and book.delay(14) == pytest.approx(0.2)
+    table = thread_table(1, att, book)
+    rows = {r.tid: r for r in table.rows}
+    assert rows[11].held == pytest.approx(2 / 3) and rows[11].run_delay == pytest.approx(0.0)
+    # held 1/3, CPU 0.4/3, delay 0.6/3 of the 3 s: all covered
+    assert table.held_off_cpu == pytest.approx(2 / 3)
+    assert views.table_holder(table) == score.Holder(11, "t11")
+    earlier = book.copy()
+    book.observe({11: _stat("t11", 1.0), 14: _stat("t14", 1.0)}, 14.0, {11: 5.1, 14: 0.5})
+    later = book.since(earlier)        # 14 is a new thread under a reused TID: all its delay
+    assert later.delay(11) == pytest.approx(0.1) and later.delay(14) == pytest.approx(0.5)
+
+
+def test_the_table_makes_no_claim_without_run_delay():
+    from exporter.attribution import GilSeen, TaskBook, ThreadAttribution
+    from exporter.threadtable import thread_table
+    att = ThreadAttribution()
+    att.credit(1.0, [GilSeen(0, True, 11, (), 0)])
+    book = TaskBook()
+    book.observe({11: _stat("t11", 0.0)}, 0.0)
+    book.observe({11: _stat("t11", 0.0)}, 1.0)
+    table = thread_table(1, att, book)
+    assert table.rows[0].run_delay is None and table.held_off_cpu is None

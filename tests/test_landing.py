@@ -216,4 +216,5 @@ window_seconds: 3
         assert "(held the GIL while blocked)" in rows[holder][1], rows
         assert sum("blocked" in r[1] for r in rows.values()) == 1, rows
         assert "GIL held while its holder was off the CPU" in page
+        assert f"thread {holder} " in page, page    # the page's own table names the holder
         assert "ctypes.CDLL" in page

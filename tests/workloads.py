@@ -6,6 +6,7 @@ outside, exactly as the exporter does in production.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -408,6 +409,19 @@ def task_ctx_switches(pid: int) -> tuple[int, int]:
         except FileNotFoundError:
             continue
     return vol, invol
+
+
+@contextlib.contextmanager
+def cpu_hogs(n: int):
+    """n processes spinning on a CPU each (`python3 -c 'while 1: pass'`), a busy host for the
+    test's duration; ended by PID after."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(n)]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            kill_quietly(p.pid)
+            p.wait(timeout=10)
 
 
 def kill_quietly(pid: int) -> None:
