@@ -41,4 +41,5 @@ bash tests/setup/image.sh
 bash tests/setup/rootfs.sh
 bash tests/setup/chromium.sh
 
-exec .venv/bin/python -m pytest -v -p no:cacheprovider "$@"
+# --durations: where the suite's time goes, printed after every run (the 25 slowest steps)
+exec .venv/bin/python -m pytest -v -p no:cacheprovider --durations=25 "$@"
