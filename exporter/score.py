@@ -236,6 +236,10 @@ IDLE_CORES = 0.05
 #: gil_state: the GIL was held for at most this fraction of the CPU the process used: the rest
 #: ran in C code with the GIL released.
 RELEASED_HELD_PER_CORE = 0.5
+#: gil_state: ... and the work that wanted no GIL (the cores wanted, used or waited for, beyond
+#: the time held) came to at least half a core. An I/O-bound server spends its ~0.1 cores
+#: largely in the kernel's socket calls, with the GIL released too: nothing worth naming.
+RELEASED_MIN_CORES = 0.5
 #: procfs: more than about one core used means part of the work runs without the GIL.
 RELEASED_CORES = PARALLEL_FROM
 
@@ -272,8 +276,9 @@ def _ms(seconds: float) -> str:
 
 def _gil_released(f: Figures) -> bool:
     if f.held_ratio is not None:
-        return (f.cpu_cores >= 2 * IDLE_CORES
-                and _clamp(f.held_ratio) <= RELEASED_HELD_PER_CORE * min(f.cpu_cores, 1.0))
+        held = _clamp(f.held_ratio)
+        return (_wanted_cores(f) - held >= RELEASED_MIN_CORES
+                and held <= RELEASED_HELD_PER_CORE * min(f.cpu_cores, 1.0))
     return f.cpu_cores >= RELEASED_CORES and f.host_cpus > 1
 
 

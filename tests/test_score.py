@@ -402,6 +402,20 @@ LOADED = {
 }
 
 
+def test_an_io_bound_server_is_not_called_gil_released():
+    """uvicorn serving /io beside two CPU hogs (a fresh-clone run): 0.14 cores, the GIL held 6 %
+    of the time, the rest in the kernel's socket calls. Little CPU ran without the GIL, and
+    nothing wanted more: not "threads run in parallel", just no contention."""
+    io = fig(threads=3, cpu_cores=0.14, voluntary_per_second=900, involuntary_per_second=40,
+             gil_enabled=True, interval_seconds=0.005, held_ratio=0.064, waiting_threads=0.02,
+             switches_per_second=300, contended_ratio=0.02, busy_threads=1.58,
+             top_thread_share=0.79, run_delay_cores=0.05, host_idle_cpus=0.1)
+    assert score.verdict(io).kind == "no_contention"
+    # the same process wanting more than half a core beyond the GIL (hashlib on a loaded host)
+    busy = fig(**{**io.__dict__, "run_delay_cores": 1.0})
+    assert score.verdict(busy).kind == "gil_released"
+
+
 def test_verdict_on_a_loaded_host():
     assert score.verdict(LOADED["cpu"]).kind == "cpu_threads_serialized"
     assert score.verdict(LOADED["starved"]).kind == "io_starved_by_cpu"
