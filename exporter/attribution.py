@@ -84,25 +84,60 @@ class ThreadAttribution:
         return out
 
 
+class ThreadCounter:
+    """One cumulative per-thread counter (CPU seconds, run delay) over a measurement.
+
+    A thread first seen after the first read was born during the measurement: all of its count
+    is in. A TID whose count goes down is a new thread under a reused TID: the earlier
+    thread's part is kept in `used`.
+    """
+
+    def __init__(self) -> None:
+        self.base: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.used: dict[int, float] = {}
+
+    def observe(self, values: dict[int, float], first: bool) -> None:
+        for tid, value in values.items():
+            prev = self.last.get(tid)
+            if prev is None:
+                self.base[tid] = value if first else 0.0
+            elif value < prev:
+                self.used[tid] = self.used.get(tid, 0.0) + prev - self.base[tid]
+                self.base[tid] = 0.0
+            self.last[tid] = value
+
+    def copy(self) -> ThreadCounter:
+        out = ThreadCounter()
+        out.base, out.last, out.used = dict(self.base), dict(self.last), dict(self.used)
+        return out
+
+    def since(self, earlier: ThreadCounter) -> ThreadCounter:
+        """The count after `earlier` (a copy() of this one)."""
+        out = self.copy()
+        out.used = {}
+        for tid, value in self.last.items():
+            then = earlier.last.get(tid)
+            out.base[tid] = then if then is not None and then <= value else 0.0
+        return out
+
+    def total(self, tid: int) -> float | None:
+        if tid not in self.last:
+            return None
+        return self.last[tid] - self.base[tid] + self.used.get(tid, 0.0)
+
+
 class TaskBook:
     """Names, CPU time and run delay of a process's threads over a measurement
-    (procfs.task_stats; the delay from procfs.task_schedstat, where the kernel has it).
-
-    A thread first seen after the first read was born during the measurement: all its CPU time
-    counts. A TID whose CPU time goes down is a new thread under a reused TID.
-    """
+    (procfs.task_stats; the delay from procfs.task_schedstat, where the kernel has it)."""
 
     def __init__(self) -> None:
         self.t0: float | None = None
         self.t1: float | None = None
-        self.base: dict[int, float] = {}
-        self.last: dict[int, float] = {}
-        self.used: dict[int, float] = {}      # CPU seconds of earlier threads under a reused TID
+        self.cpu_seconds = ThreadCounter()
+        self.delay_seconds = ThreadCounter()   # runnable but waiting for a CPU (schedstat)
         self.names: dict[int, str] = {}
         self.alive: set[int] = set()
-        # seconds runnable but waiting for a CPU: first and last read per TID (schedstat)
-        self.delay_base: dict[int, float] = {}
-        self.delay_last: dict[int, float] = {}
 
     def observe(self, stats: dict[int, procfs.TaskStat], now: float,
                 delays: dict[int, float] | None = None) -> None:
@@ -111,52 +146,40 @@ class TaskBook:
         if first:
             self.t0 = now
         self.t1 = now
-        for tid, st in stats.items():
-            prev = self.last.get(tid)
-            if prev is None:
-                self.base[tid] = st.cpu_seconds if first else 0.0
-            elif st.cpu_seconds < prev:
-                self.used[tid] = self.used.get(tid, 0.0) + prev - self.base[tid]
-                self.base[tid] = 0.0
-            self.last[tid] = st.cpu_seconds
-            self.names[tid] = st.name
+        self.cpu_seconds.observe({tid: st.cpu_seconds for tid, st in stats.items()}, first)
+        self.delay_seconds.observe(delays or {}, first)
+        self.names.update((tid, st.name) for tid, st in stats.items())
         self.alive = set(stats)
-        for tid, delay in (delays or {}).items():
-            before = self.delay_last.get(tid)
-            if before is None or delay < before:   # new, or a new thread under a reused TID
-                self.delay_base[tid] = delay if first and before is None else 0.0
-            self.delay_last[tid] = delay
 
     def copy(self) -> TaskBook:
         out = TaskBook()
         out.t0, out.t1 = self.t0, self.t1
-        out.base, out.last, out.used = dict(self.base), dict(self.last), dict(self.used)
+        out.cpu_seconds, out.delay_seconds = self.cpu_seconds.copy(), self.delay_seconds.copy()
         out.names, out.alive = dict(self.names), set(self.alive)
-        out.delay_base, out.delay_last = dict(self.delay_base), dict(self.delay_last)
         return out
 
     def since(self, earlier: TaskBook) -> TaskBook:
-        """The CPU time used after `earlier` (a copy() of this one)."""
+        """The CPU time and delay after `earlier` (a copy() of this one)."""
         out = self.copy()
         out.t0 = earlier.t1
-        out.used = {}
-        for tid, cpu in self.last.items():
-            then = earlier.last.get(tid)
-            out.base[tid] = then if then is not None and then <= cpu else 0.0
-        for tid, delay in self.delay_last.items():
-            then = earlier.delay_last.get(tid)
-            out.delay_base[tid] = then if then is not None and then <= delay else 0.0
+        out.cpu_seconds = self.cpu_seconds.since(earlier.cpu_seconds)
+        out.delay_seconds = self.delay_seconds.since(earlier.delay_seconds)
         return out
+
+    def tids(self) -> set[int]:
+        return set(self.cpu_seconds.last)
 
     def cpu(self, tid: int) -> float | None:
         """Share of one core the thread used over the measurement; None before two reads."""
-        if self.t0 is None or self.t1 is None or self.t1 <= self.t0 or tid not in self.last:
-            return None
-        return (self.last[tid] - self.base[tid] + self.used.get(tid, 0.0)) / (self.t1 - self.t0)
+        return self._share(self.cpu_seconds, tid)
 
     def delay(self, tid: int) -> float | None:
         """Share of one core the thread sat runnable but waiting for a CPU over the measurement;
         None before two reads or without schedstat."""
-        if self.t0 is None or self.t1 is None or self.t1 <= self.t0 or tid not in self.delay_last:
+        return self._share(self.delay_seconds, tid)
+
+    def _share(self, counter: ThreadCounter, tid: int) -> float | None:
+        total = counter.total(tid)
+        if self.t0 is None or self.t1 is None or self.t1 <= self.t0 or total is None:
             return None
-        return (self.delay_last[tid] - self.delay_base[tid]) / (self.t1 - self.t0)
+        return total / (self.t1 - self.t0)

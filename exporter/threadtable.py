@@ -61,10 +61,10 @@ def held_off_cpu(rows: list[ThreadShare]) -> float | None:
     can hold the GIL while running or runnable at most that long, so the rest it held while
     on no CPU. Tighter than the process's bound (score.held_off_cpu), which must also count
     the run delay of threads that only waited. None when a delay was not measured."""
-    if any(r.held and r.cpu is not None and r.run_delay is None for r in rows):
+    held = [r for r in rows if r.tid and r.held and r.cpu is not None]
+    if any(r.run_delay is None for r in held):
         return None
-    return sum(max(0.0, r.held - r.cpu - r.run_delay) for r in rows
-               if r.tid and r.held and r.cpu is not None and r.run_delay is not None)
+    return sum(max(0.0, r.held - r.cpu - r.run_delay) for r in held)
 
 
 def _rank(r: ThreadShare) -> tuple:
@@ -77,7 +77,7 @@ def thread_table(pid: int, attribution: ThreadAttribution | None, book: TaskBook
     """Rows for every thread seen, most GIL time first; with `limit`, the rows past it are
     folded into one row (tid 0, name "other (N threads)")."""
     att = attribution if attribution is not None and attribution.sampled > 0 else None
-    tids = set(book.last)
+    tids = book.tids()
     if att is not None:
         tids |= {t for t in att.held if t} | set(att.waiting)
     rows = []
